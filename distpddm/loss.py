@@ -1,0 +1,174 @@
+"""PDDMLoss: gather with gradient, mine hard quadruplets, double-header hinge loss.
+
+Drop it into any loop the way a pytorch-metric-learning loss is used::
+
+    criterion = PDDMLoss(dim=128)
+    loss, stats = criterion(embeddings, labels)
+
+Its own parameters (the PDDM unit, or the Mahalanobis matrix) belong in the optimiser with the network's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gather import all_gather_no_grad, all_reduce_sum, gather_batch, rank_and_world
+from .metrics import Euclidean, Mahalanobis
+from .mining import MODES, Quadruplets, mine_quadruplets
+from .pddm import PDDM
+
+METRICS = ("pddm", "euclidean", "mahalanobis")
+DISTANCES = ("euclidean", "squared")
+
+
+@dataclass(frozen=True)
+class LossStats:
+    """What one call saw on this worker. Tensors (no gradient), so logging decides when to sync."""
+
+    quadruplets: Tensor  # quadruplets on this worker
+    skipped: Tensor  # anchors of this worker with no positive or no negative in the global pool
+    active_metric: Tensor  # fraction of metric-head hinges (E_m) above zero
+    active_embedding: Tensor  # fraction of embedding-head hinges (E_e) above zero
+    metric_loss: Tensor  # mean E_m over this worker's quadruplets
+    embedding_loss: Tensor  # mean E_e over this worker's quadruplets
+    pos_score: Tensor  # mean S_ij of mined positive pairs
+    neg_score: Tensor  # mean of S_ik and S_jl of mined negative pairs
+    spread: Tensor  # mean distance of this worker's normalised embeddings to their centroid; ~0 = collapse
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items()}
+
+
+def _mean(x: Tensor) -> Tensor:
+    return x.detach().float().mean() if x.numel() else x.new_zeros((), dtype=torch.float32)
+
+
+class PDDMLoss(nn.Module):
+    """Double-header hinge loss on quadruplets mined for this worker's anchors against the global batch.
+
+    ``E_m = [alpha + S_ik - S_ij]_+ + [alpha + S_jl - S_ij]_+`` trains the metric (``metric``: ``"pddm"``,
+    ``"euclidean"`` or ``"mahalanobis"``; the same similarity mines). ``E_e`` is the same hinge on embedding
+    distances with margin ``beta``; the loss is ``E_m + lam * E_e`` averaged over quadruplets.
+
+    ``distance="euclidean"`` (default) uses ``||f_i - f_j||``; ``"squared"`` the paper's squared distance,
+    whose gradient vanishes as embeddings collapse onto one point (see ``docs/collapse.md``).
+
+    Across N workers the returned loss is ``N * sum(local E) / (global count)``, so that the average the
+    data-parallel engine takes over workers equals the mean over every quadruplet of the global batch, even
+    when workers mined different numbers; with one worker it is the plain mean. In ``mode="batch"`` the
+    single hardest quadruplet of the global batch is kept, on the worker that owns its anchor.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        mode: str = "anchor",
+        metric: str = "pddm",
+        alpha: float = 0.5,
+        beta: float = 1.0,
+        lam: float = 0.5,
+        chunk: int | None = None,
+        hidden: int | None = None,
+        distance: str = "euclidean",
+        group=None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        for name, value in (("alpha", alpha), ("beta", beta), ("lam", lam)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.dim, self.mode, self.metric, self.distance = dim, mode, metric, distance
+        self.alpha, self.beta, self.lam, self.chunk, self.group = alpha, beta, lam, chunk, group
+        if metric == "pddm":
+            self.pddm = PDDM(dim, hidden)
+        elif metric == "mahalanobis":
+            self.mahalanobis = Mahalanobis(dim)
+        else:
+            self.euclidean = Euclidean()
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, mode={self.mode!r}, metric={self.metric!r}, distance={self.distance!r}, "
+            f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}"
+        )
+
+    @property
+    def scorer(self) -> nn.Module:
+        """The module scoring pairs: ``scorer(a, b)`` aligned, ``scorer.pairwise(rows, pool)``."""
+        return getattr(self, self.metric)
+
+    def mine(self, pool: Tensor, labels: Tensor, offset: int = 0, count: int | None = None) -> Quadruplets:
+        """Quadruplets for ``pool[offset:offset+count]`` with this loss's metric and mode (no gradient)."""
+        similarity = partial(self.scorer.pairwise, chunk=self.chunk)
+        return mine_quadruplets(similarity, pool.detach(), labels, offset, count, self.mode)
+
+    def _distance(self, a: Tensor, b: Tensor) -> Tensor:
+        sq = (a - b).pow(2).sum(-1)
+        if self.distance == "squared":
+            return sq
+        # Clamped so that identical embeddings get a zero gradient, not the infinite one of sqrt at 0.
+        return sq.clamp_min(1e-12).sqrt()
+
+    def _global_hardest(self, q: Quadruplets) -> Quadruplets:
+        """Batch mode across workers: keep only the globally hardest positive pair (first rank on ties)."""
+        rank, world = rank_and_world(self.group)
+        if world == 1:
+            return q
+        mine = q.score.min().reshape(1) if len(q) else q.score.new_full((1,), float("inf"))
+        winner = int(all_gather_no_grad(mine.float(), self.group).reshape(-1).argmin())
+        return q if rank == winner else q.take(torch.zeros(len(q), dtype=torch.bool, device=q.i.device))
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, LossStats]:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(
+                f"PDDMLoss expects embeddings of shape (n, {self.dim}), got {tuple(embeddings.shape)}"
+            )
+        labels = labels.reshape(-1).to(embeddings.device)
+        feats = F.normalize(embeddings, dim=1)
+        batch = gather_batch(feats, labels, self.group)
+        q = self.mine(batch.features, batch.labels, batch.offset, batch.local_size)
+        if self.mode == "batch":
+            q = self._global_hardest(q)
+
+        pool, n = batch.features, len(q)
+        fi, fj, fk, fl = pool[q.i], pool[q.j], pool[q.k], pool[q.l]
+        # One scorer call for the three pairs of every quadruplet: (i, j), (i, k), (j, l).
+        s = self.scorer(torch.cat([fi, fi, fj]), torch.cat([fj, fk, fl])).reshape(3, n)
+        d = self._distance(torch.cat([fi, fi, fj]), torch.cat([fj, fk, fl])).reshape(3, n)
+        hinge_m = F.relu(self.alpha + s[1:] - s[0])  # (2, n)
+        hinge_e = F.relu(self.beta + d[0] - d[1:])  # (2, n)
+        e_m, e_e = hinge_m.sum(0), hinge_e.sum(0)
+
+        _, world = rank_and_world(self.group)
+        count_dtype = torch.promote_types(feats.dtype, torch.float32)  # exact counts even under bf16
+        n_local = torch.tensor(float(n), dtype=count_dtype, device=feats.device)
+        n_global = all_reduce_sum(n_local, self.group)
+        loss = (e_m + self.lam * e_e).sum() * (world / n_global.clamp_min(1.0))
+
+        with torch.no_grad():
+            spread = (feats - feats.mean(0)).norm(dim=1).mean() if len(feats) else feats.new_zeros(())
+            stats = LossStats(
+                quadruplets=n_local,
+                skipped=q.skipped.float(),
+                active_metric=_mean((hinge_m > 0).float()),
+                active_embedding=_mean((hinge_e > 0).float()),
+                metric_loss=_mean(e_m),
+                embedding_loss=_mean(e_e),
+                pos_score=_mean(s[0]),
+                neg_score=_mean(s[1:]),
+                spread=spread.detach(),
+            )
+        return loss, stats

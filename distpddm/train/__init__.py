@@ -1,0 +1,1 @@
+"""Training loops: an in-memory loop for arrays (tests, CPU demo); the Ray/DeepSpeed trainer."""

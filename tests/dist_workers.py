@@ -1,0 +1,98 @@
+"""Worker bodies for the multi-process tests (spawned; importable by the child processes)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from distpddm import PDDMLoss
+from distpddm.model import SmallCNN
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def problem(metric: str, mode: str, dtype=torch.float64):
+    """A fixed model, criterion and global batch. Labels make ranks mine unequal counts (class 9 has one
+    sample: its anchor is skipped) and put positives on the other rank (classes 0 and 1 straddle)."""
+    torch.manual_seed(0)
+    model = SmallCNN(embed_dim=12, width=8, norm="group").to(dtype)
+    crit = PDDMLoss(12, metric=metric, mode=mode, chunk=5).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 1, 12, 12, generator=g, dtype=dtype)
+    y = torch.tensor([0, 2, 2, 3, 3, 1, 9, 0, 1, 4, 4, 5, 5, 0, 6, 6])
+    return model, crit, x, y
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+
+
+def _finish() -> None:
+    # gloo's threads can abort the interpreter at exit after the work is done: leave without teardown.
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def loss_and_grads(rank: int, world: int, port: int, metric: str, mode: str, out: str) -> None:
+    """One forward/backward on this rank's slice; averages grads as a data-parallel engine would."""
+    _init(rank, world, port)
+    model, crit, x, y = problem(metric, mode)
+    b = len(x) // world
+    mine = slice(rank * b, (rank + 1) * b)
+    loss, stats = crit(model(x[mine]), y[mine])
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    grads = {}
+    for name, p in [*model.named_parameters(), *crit.named_parameters()]:
+        g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g)
+        grads[name] = g / world
+    quads = torch.tensor([float(stats.quadruplets)])
+    dist.all_reduce(quads)
+    if rank == 0:
+        torch.save({"loss": mean_loss / world, "grads": grads, "quadruplets": int(quads)}, out)
+    _finish()
+
+
+def deepspeed_step(rank: int, world: int, port: int, metric: str, out: str) -> None:
+    """One ZeRO stage-1 DeepSpeed step on this rank's slice, with a torch optimiser (no op compile)."""
+    _init(rank, world, port)
+    import deepspeed
+
+    model, crit, x, y = problem(metric, "anchor", dtype=torch.float32)
+    wrapper = torch.nn.ModuleDict({"net": model, "crit": crit})
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.5)
+    b = len(x) // world
+    config = {
+        "train_micro_batch_size_per_gpu": b,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 1},
+        "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 unless told otherwise
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=wrapper, optimizer=optimizer, config=config, dist_init_required=False
+    )
+    mine = slice(rank * b, (rank + 1) * b)
+    loss, _ = engine.module["crit"](engine.module["net"](x[mine]), y[mine])
+    engine.backward(loss)
+    engine.step()
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in wrapper.state_dict().items()}, out)
+    _finish()

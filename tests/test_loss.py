@@ -1,0 +1,127 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distpddm import PDDMLoss
+
+
+def _batch(n_classes=5, k=3, dim=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_classes * k, dim, generator=g, dtype=dtype)
+    y = torch.arange(n_classes).repeat_interleave(k)
+    return x, y
+
+
+def _reference_loss(crit, x, y):
+    """E_m + lam * E_e, written out quadruplet by quadruplet from METHOD.md."""
+    f = F.normalize(x, dim=1)
+    q = crit.mine(f, y)
+    total = 0.0
+    for i, j, k, l in zip(q.i.tolist(), q.j.tolist(), q.k.tolist(), q.l.tolist(), strict=True):
+        S = lambda a, b: crit.scorer(f[a][None], f[b][None])[0]  # noqa: E731
+        D = lambda a, b: (f[a] - f[b]).norm() if crit.distance == "euclidean" else ((f[a] - f[b]) ** 2).sum()  # noqa: E731
+        e_m = F.relu(crit.alpha + S(i, k) - S(i, j)) + F.relu(crit.alpha + S(j, l) - S(i, j))
+        e_e = F.relu(crit.beta + D(i, j) - D(i, k)) + F.relu(crit.beta + D(i, j) - D(j, l))
+        total = total + e_m + crit.lam * e_e
+    return total / len(q)
+
+
+@pytest.mark.parametrize("metric", ["pddm", "euclidean", "mahalanobis"])
+@pytest.mark.parametrize("distance", ["euclidean", "squared"])
+@pytest.mark.parametrize("mode", ["anchor", "batch"])
+def test_loss_equals_written_out_formula(metric, distance, mode):
+    torch.manual_seed(0)
+    crit = PDDMLoss(8, metric=metric, distance=distance, mode=mode).double()
+    x, y = _batch()
+    loss, stats = crit(x, y)
+    torch.testing.assert_close(loss, _reference_loss(crit, x, y), rtol=1e-10, atol=1e-10)
+    assert int(stats.quadruplets) == (15 if mode == "anchor" else 1)
+
+
+@pytest.mark.parametrize("metric", ["pddm", "mahalanobis"])
+def test_gradcheck_through_the_loss(metric):
+    torch.manual_seed(1)
+    crit = PDDMLoss(5, metric=metric, alpha=0.5, beta=1.0, lam=0.5).double()
+    x, y = _batch(n_classes=3, k=2, dim=5, seed=2)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda e: crit(e, y)[0], (x,))
+    names = [n for n, _ in crit.named_parameters()]
+
+    def of_params(*ps):
+        return torch.func.functional_call(crit, dict(zip(names, ps, strict=True)), (x.detach(), y))[0]
+
+    assert torch.autograd.gradcheck(
+        of_params, tuple(p.detach().clone().requires_grad_() for p in crit.parameters())
+    )
+
+
+def test_parameters_reach_an_optimiser_and_change():
+    torch.manual_seed(0)
+    crit = PDDMLoss(8)
+    x, y = _batch(dtype=torch.float32)
+    x.requires_grad_()
+    opt = torch.optim.SGD(list(crit.parameters()) + [x], lr=0.1)
+    before = [p.detach().clone() for p in crit.parameters()]
+    loss, _ = crit(x, y)
+    loss.backward()
+    assert all(p.grad is not None for p in crit.parameters())
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, crit.parameters(), strict=True))
+
+
+def test_no_quadruplets_gives_zero_loss_that_still_backpropagates():
+    crit = PDDMLoss(4)
+    x = torch.randn(4, 4, requires_grad=True)
+    loss, stats = crit(x, torch.zeros(4, dtype=torch.long))  # one class: no negatives
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and int(stats.quadruplets) == 0 and int(stats.skipped) == 4
+    assert x.grad is not None and torch.count_nonzero(x.grad) == 0
+
+
+def test_stats_report_collapse_as_zero_spread():
+    crit = PDDMLoss(4, metric="euclidean")
+    same = torch.ones(8, 4)
+    _, stats = crit(same, torch.arange(4).repeat_interleave(2))
+    assert float(stats.spread) == pytest.approx(0.0, abs=1e-6)
+    _, stats = crit(torch.randn(8, 4), torch.arange(4).repeat_interleave(2))
+    assert float(stats.spread) > 0.3
+    assert set(stats.as_dict()) >= {
+        "quadruplets",
+        "skipped",
+        "active_metric",
+        "active_embedding",
+        "pos_score",
+    }
+
+
+def test_duplicated_embeddings_give_finite_gradients():
+    crit = PDDMLoss(4)
+    x = torch.randn(6, 4)
+    x[1] = x[0]
+    x.requires_grad_()
+    loss, _ = crit(x, torch.tensor([0, 0, 1, 1, 2, 2]))
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "all"}, "mode"),
+        ({"metric": "cosine"}, "metric"),
+        ({"distance": "l1"}, "distance"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"chunk": 0}, "chunk"),
+    ],
+)
+def test_bad_config_is_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PDDMLoss(4, **kwargs)
+
+
+def test_bad_input_is_named():
+    crit = PDDMLoss(4)
+    with pytest.raises(ValueError, match=r"\(n, 4\)"):
+        crit(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        crit(torch.randn(3, 4), torch.zeros(2, dtype=torch.long))

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from distpddm import PDDM, Euclidean, Mahalanobis, mine_quadruplets
+from tests.reference import brute_force_mine, naive_pddm_matrix
+
+METRICS = ["pddm", "euclidean", "mahalanobis"]
+
+
+def _scorer(metric, dim, seed=0):
+    torch.manual_seed(seed)
+    if metric == "pddm":
+        return PDDM(dim, 5).double()
+    if metric == "mahalanobis":
+        m = Mahalanobis(dim).double()
+        with torch.no_grad():
+            m.L.copy_(torch.randn(dim, dim, dtype=torch.float64))
+        return m
+    return Euclidean()
+
+
+def _reference_scores(scorer, pool):
+    if isinstance(scorer, PDDM):
+        return naive_pddm_matrix(scorer, pool, pool)
+    L = scorer.L.detach() if isinstance(scorer, Mahalanobis) else torch.eye(pool.shape[1], dtype=pool.dtype)
+    n = len(pool)
+    return torch.tensor(
+        [[-float(((L @ (pool[a] - pool[b])) ** 2).sum()) for b in range(n)] for a in range(n)]
+    )
+
+
+def _pool(labels, dim=6, seed=1, duplicates=()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(len(labels), dim, generator=g, dtype=torch.float64), dim=1)
+    for src, dst in duplicates:
+        x[dst] = x[src]
+    return x, torch.tensor(labels)
+
+
+def _check(scorer, pool, labels, offset, count, mode, exact=True):
+    got = mine_quadruplets(scorer.pairwise, pool, labels, offset, count, mode)
+    S = _reference_scores(scorer, pool)
+    ref, skipped = brute_force_mine(S, labels, offset, count, mode)
+    assert int(got.skipped) == skipped
+    assert len(got) == len(ref)
+    quads = list(zip(got.i.tolist(), got.j.tolist(), got.k.tolist(), got.l.tolist(), strict=True))
+    for (i, j, k, l), (ri, rj, rk, rl) in zip(quads, ref, strict=True):
+        assert i == ri
+        assert labels[j] == labels[i] and j != i and labels[k] != labels[i] and labels[l] != labels[j]
+        if exact:
+            assert (j, k, l) == (rj, rk, rl)
+        else:  # ties (duplicated embeddings): any index with the extreme score is right
+            assert S[i, j] == pytest.approx(float(S[ri, rj]), abs=1e-9)
+            assert S[i, k] == pytest.approx(float(S[ri, rk]), abs=1e-9)
+            assert S[j, l] == pytest.approx(float(S[rj, rl]), abs=1e-9)
+    return got
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("mode", ["anchor", "batch"])
+def test_matches_brute_force_on_random_batches(metric, mode):
+    scorer = _scorer(metric, 6)
+    labels = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 4, 4, 4]
+    for seed in range(3):
+        pool, y = _pool(labels, seed=seed)
+        got = _check(scorer, pool, y, 0, len(labels), mode)
+        assert len(got) == (len(labels) if mode == "anchor" else 1)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("mode", ["anchor", "batch"])
+def test_anchors_at_an_offset_in_the_pool(metric, mode):
+    """A worker's block in the middle of the global pool; positives may live on other workers."""
+    scorer = _scorer(metric, 6)
+    labels = [0, 1, 2, 3, 0, 1, 2, 3, 4, 4, 0, 1, 2, 3, 4, 5]
+    pool, y = _pool(labels, seed=4)
+    _check(scorer, pool, y, offset=4, count=6, mode=mode)
+    _check(scorer, pool, y, offset=12, count=4, mode=mode)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_single_sample_class_is_skipped_and_counted(metric):
+    scorer = _scorer(metric, 6)
+    labels = [0, 0, 1, 2, 2, 3]  # classes 1 and 3 have one sample each
+    pool, y = _pool(labels, seed=5)
+    got = _check(scorer, pool, y, 0, len(labels), "anchor")
+    assert int(got.skipped) == 2 and len(got) == 4
+    assert set(got.i.tolist()) == {0, 1, 3, 4}
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("mode", ["anchor", "batch"])
+def test_batch_of_one_class_has_no_negatives(metric, mode):
+    scorer = _scorer(metric, 6)
+    pool, y = _pool([7] * 5, seed=6)
+    got = mine_quadruplets(scorer.pairwise, pool, y, mode=mode)
+    assert len(got) == 0 and int(got.skipped) == 5
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_duplicated_embeddings(metric):
+    scorer = _scorer(metric, 6)
+    labels = [0, 0, 0, 1, 1, 1, 2, 2]
+    pool, y = _pool(labels, seed=7, duplicates=[(0, 1), (0, 3), (6, 7)])
+    got = _check(scorer, pool, y, 0, len(labels), "anchor", exact=False)
+    assert (got.i != got.j).all()  # a duplicate of itself is fine, itself is not
+
+
+def test_never_pairs_a_sample_with_itself_when_it_is_most_similar():
+    # Euclidean: every sample is closest to itself (distance 0); the miner must still pick another.
+    pool, y = _pool([0, 0, 1, 1], seed=8)
+    got = mine_quadruplets(Euclidean().pairwise, pool, y)
+    assert (got.i != got.j).all()
+    assert got.j.tolist() == [1, 0, 3, 2]
+
+
+def test_bad_arguments_are_named():
+    pool, y = _pool([0, 0, 1, 1], seed=9)
+    with pytest.raises(ValueError, match="mode"):
+        mine_quadruplets(Euclidean().pairwise, pool, y, mode="hardest")
+    with pytest.raises(ValueError, match="block"):
+        mine_quadruplets(Euclidean().pairwise, pool, y, offset=3, count=2)
+    with pytest.raises(ValueError, match="labels"):
+        mine_quadruplets(Euclidean().pairwise, pool, y[:3])
+
+
+def test_mining_builds_no_graph():
+    unit = PDDM(6)
+    pool = torch.randn(8, 6, requires_grad=True)
+    got = mine_quadruplets(unit.pairwise, pool, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    assert not got.score.requires_grad
