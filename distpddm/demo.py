@@ -61,10 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training {args.steps} steps: SmallCNN from random init + {criterion}")
     start = time.perf_counter()
     result = fit_in_memory(
-        model, criterion, train.images, train.labels, test.images, test.labels,
-        steps=args.steps, classes_per_batch=args.classes_per_batch,
-        images_per_class=args.images_per_class, lr=args.lr, seed=args.seed,
-    )  # fmt: skip
+        model,
+        criterion,
+        train.images,
+        train.labels,
+        test.images,
+        test.labels,
+        steps=args.steps,
+        classes_per_batch=args.classes_per_batch,
+        images_per_class=args.images_per_class,
+        lr=args.lr,
+        seed=args.seed,
+    )
     print(f"untrained network   {_fmt(result.recall_before)}")
     print(f"after {args.steps:>4} steps    {_fmt(result.recall_after)}")
     last = result.history[-1]
@@ -75,8 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "raw": raw, "before": result.recall_before,
-                       "after": result.recall_after, "history": result.history}, f, indent=1)  # fmt: skip
+            json.dump(
+                {
+                    "args": vars(args),
+                    "raw": raw,
+                    "before": result.recall_before,
+                    "after": result.recall_after,
+                    "history": result.history,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

@@ -10,9 +10,7 @@ import torch
 from torch import nn
 
 
-def recall_at_k(
-    embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 2, 4, 8)
-) -> dict[int, float]:
+def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 2, 4, 8)) -> dict[int, float]:
     """Fraction of queries whose K nearest other samples include one of their class (each sample a query)."""
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
     labels = np.asarray(labels).reshape(-1)

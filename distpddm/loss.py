@@ -11,13 +11,12 @@ Its own parameters (the PDDM unit, or the Mahalanobis matrix) belong in the opti
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gather import all_gather_no_grad, all_reduce_sum, gather_batch, rank_and_world
+from .gather import GlobalBatch, all_gather_no_grad, all_reduce_sum, gather_batch, rank_and_world
 from .metrics import Euclidean, Mahalanobis
 from .mining import MODES, Quadruplets, mine_quadruplets
 from .pddm import PDDM
@@ -57,6 +56,8 @@ class PDDMLoss(nn.Module):
 
     ``distance="euclidean"`` (default) uses ``||f_i - f_j||``; ``"squared"`` the paper's squared distance,
     whose gradient vanishes as embeddings collapse onto one point (see ``docs/collapse.md``).
+    ``candidates=c`` mines approximately and cheaper: the metric scores all positives but only the ``c``
+    negatives nearest by dot product (``None``: every pair, exact). ``chunk`` bounds pairs scored at once.
 
     Across N workers the returned loss is ``N * sum(local E) / (global count)``, so that the average the
     data-parallel engine takes over workers equals the mean over every quadruplet of the global batch, even
@@ -74,6 +75,7 @@ class PDDMLoss(nn.Module):
         beta: float = 1.0,
         lam: float = 0.5,
         chunk: int | None = None,
+        candidates: int | None = None,
         hidden: int | None = None,
         distance: str = "euclidean",
         group=None,
@@ -90,8 +92,11 @@ class PDDMLoss(nn.Module):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if candidates is not None and candidates < 1:
+            raise ValueError(f"candidates must be >= 1 or None, got {candidates}")
         self.dim, self.mode, self.metric, self.distance = dim, mode, metric, distance
         self.alpha, self.beta, self.lam, self.chunk, self.group = alpha, beta, lam, chunk, group
+        self.candidates = candidates
         if metric == "pddm":
             self.pddm = PDDM(dim, hidden)
         elif metric == "mahalanobis":
@@ -112,8 +117,16 @@ class PDDMLoss(nn.Module):
 
     def mine(self, pool: Tensor, labels: Tensor, offset: int = 0, count: int | None = None) -> Quadruplets:
         """Quadruplets for ``pool[offset:offset+count]`` with this loss's metric and mode (no gradient)."""
-        similarity = partial(self.scorer.pairwise, chunk=self.chunk)
-        return mine_quadruplets(similarity, pool.detach(), labels, offset, count, self.mode)
+        return mine_quadruplets(
+            self.scorer,
+            pool.detach(),
+            labels,
+            offset,
+            count,
+            self.mode,
+            chunk=self.chunk,
+            candidates=self.candidates,
+        )
 
     def _distance(self, a: Tensor, b: Tensor) -> Tensor:
         sq = (a - b).pow(2).sum(-1)
@@ -133,21 +146,21 @@ class PDDMLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, LossStats]:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
-            raise ValueError(
-                f"PDDMLoss expects embeddings of shape (n, {self.dim}), got {tuple(embeddings.shape)}"
-            )
+            raise ValueError(f"PDDMLoss expects embeddings of shape (n, {self.dim}), got {tuple(embeddings.shape)}")
         labels = labels.reshape(-1).to(embeddings.device)
-        feats = F.normalize(embeddings, dim=1)
-        batch = gather_batch(feats, labels, self.group)
+        return self.pool_loss(gather_batch(F.normalize(embeddings, dim=1), labels, self.group))
+
+    def pool_loss(self, batch: GlobalBatch) -> tuple[Tensor, LossStats]:
+        """The loss for this worker's block of an already gathered, normalised global batch."""
         q = self.mine(batch.features, batch.labels, batch.offset, batch.local_size)
         if self.mode == "batch":
             q = self._global_hardest(q)
-
+        feats = batch.features[batch.offset : batch.offset + batch.local_size]
         pool, n = batch.features, len(q)
-        fi, fj, fk, fl = pool[q.i], pool[q.j], pool[q.k], pool[q.l]
-        # One scorer call for the three pairs of every quadruplet: (i, j), (i, k), (j, l).
-        s = self.scorer(torch.cat([fi, fi, fj]), torch.cat([fj, fk, fl])).reshape(3, n)
-        d = self._distance(torch.cat([fi, fi, fj]), torch.cat([fj, fk, fl])).reshape(3, n)
+        # The three pairs of every quadruplet, (i, j), (i, k), (j, l), scored in one call, with gradient.
+        left, right = pool[torch.cat([q.i, q.i, q.j])], pool[torch.cat([q.j, q.k, q.l])]
+        s = self.scorer(left, right).reshape(3, n)
+        d = self._distance(left, right).reshape(3, n)
         hinge_m = F.relu(self.alpha + s[1:] - s[0])  # (2, n)
         hinge_e = F.relu(self.beta + d[0] - d[1:])  # (2, n)
         e_m, e_e = hinge_m.sum(0), hinge_e.sum(0)

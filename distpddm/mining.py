@@ -7,16 +7,23 @@ picks indices: it runs without gradient, and the loss recomputes the scores of t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-#: ``similarity(rows, pool) -> (len(rows), len(pool))`` scores, higher = more similar.
-Similarity = Callable[[Tensor, Tensor], Tensor]
-
 MODES = ("anchor", "batch")
+
+
+class Scorer(Protocol):
+    """What the miner needs of a metric (PDDM, Euclidean, Mahalanobis): higher score = more similar."""
+
+    def __call__(self, a: Tensor, b: Tensor) -> Tensor:
+        """Scores of aligned pairs, ``(..., dim) x (..., dim) -> (...)``."""
+
+    def pairwise(self, rows: Tensor, pool: Tensor, chunk: int | None = None) -> Tensor:
+        """Scores of every row against every pool member, ``(R, P)``."""
 
 
 @dataclass(frozen=True)
@@ -40,25 +47,48 @@ class Quadruplets:
 
     def take(self, index: Tensor) -> Quadruplets:
         """The quadruplets at ``index`` (a long or bool tensor); ``skipped`` is kept."""
-        return Quadruplets(
-            self.i[index], self.j[index], self.k[index], self.l[index], self.score[index], self.skipped
-        )
+        return Quadruplets(self.i[index], self.j[index], self.k[index], self.l[index], self.score[index], self.skipped)
+
+
+def candidate_scores(
+    scorer: Scorer, rows: Tensor, pool: Tensor, neg_mask: Tensor, candidates: int, chunk: int | None = None
+) -> Tensor:
+    """Scores of every positive of each row and of its ``candidates`` negatives nearest by dot product.
+
+    The other negatives get ``-inf``: they cannot be the hardest. Positives are few (K - 1 per anchor in a
+    P x K batch) and all scored, so the hardest positive is exact; the hardest negative is exact whenever
+    it lies among the dot-product candidates (``bench/mining.py`` reports how often).
+    """
+    dots = (rows @ pool.T).masked_fill_(~neg_mask, float("-inf"))
+    top = dots.topk(min(candidates, pool.shape[0]), dim=1).indices
+    wanted = ~neg_mask
+    wanted.scatter_(1, top, True)  # rows with fewer negatives than candidates re-mark some positives: harmless
+    r, c = wanted.nonzero(as_tuple=True)
+    out = torch.full_like(dots, float("-inf"))
+    step = chunk or 65536
+    out[r, c] = torch.cat([scorer(rows[r[s : s + step]], pool[c[s : s + step]]) for s in range(0, len(r), step)])
+    return out
 
 
 @torch.no_grad()
 def mine_quadruplets(
-    similarity: Similarity,
+    scorer: Scorer,
     pool: Tensor,
     labels: Tensor,
     offset: int = 0,
     count: int | None = None,
     mode: str = "anchor",
+    *,
+    chunk: int | None = None,
+    candidates: int | None = None,
 ) -> Quadruplets:
     """Mine hard quadruplets for anchors ``pool[offset : offset + count]`` against the whole ``pool``.
 
     ``mode="anchor"`` returns one quadruplet per anchor that has a positive and a negative; ``mode="batch"``
     returns the single quadruplet of the paper: the block's hardest positive pair (lowest ``S_ij``; first
     in row-major order on ties), with each member's hardest negative. A sample is never its own positive.
+    ``candidates=c`` scores only all positives and the ``c`` nearest negatives by dot product (cheaper,
+    approximate; see :func:`candidate_scores`); ``None`` scores every pair (exact).
     """
     if mode not in MODES:
         raise ValueError(f"mining mode must be one of {MODES}, got {mode!r}")
@@ -72,10 +102,18 @@ def mine_quadruplets(
     if offset < 0 or count < 0 or offset + count > n_pool:
         raise ValueError(f"anchor block [{offset}, {offset + count}) does not lie inside a pool of {n_pool}")
 
+    if candidates is not None and candidates < 1:
+        raise ValueError(f"candidates must be >= 1 or None, got {candidates}")
+
+    def similarity(rows: Tensor, row_neg_mask: Tensor) -> Tensor:
+        if candidates is None:
+            return scorer.pairwise(rows, pool, chunk=chunk)
+        return candidate_scores(scorer, rows, pool, row_neg_mask, candidates, chunk)
+
     device = pool.device
     anchors = torch.arange(offset, offset + count, device=device)
-    scores = similarity(pool[offset : offset + count], pool)  # (count, n_pool)
     neg_mask = labels[anchors, None] != labels[None, :]
+    scores = similarity(pool[offset : offset + count], neg_mask)  # (count, n_pool)
     pos_mask = ~neg_mask
     pos_mask[torch.arange(count, device=device), anchors] = False
 
@@ -97,6 +135,7 @@ def mine_quadruplets(
     j_scores[inside] = scores[j[inside] - offset]
     if not bool(inside.all()):
         outside_ids, inverse = torch.unique(j[~inside], return_inverse=True)
-        j_scores[~inside] = similarity(pool[outside_ids], pool)[inverse]
+        outside_neg = labels[outside_ids, None] != labels[None, :]
+        j_scores[~inside] = similarity(pool[outside_ids], outside_neg)[inverse]
     l = j_scores.masked_fill(~neg_mask[keep], float("-inf")).argmax(1)
     return Quadruplets(i, j, k, l, pos_score, skipped)

@@ -33,9 +33,13 @@ def problem(metric: str, mode: str, dtype=torch.float64):
 
 def _init(rank: int, world: int, port: int) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-    )  # fmt: skip
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
 
@@ -86,9 +90,7 @@ def deepspeed_step(rank: int, world: int, port: int, metric: str, out: str) -> N
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
-    engine, *_ = deepspeed.initialize(
-        model=wrapper, optimizer=optimizer, config=config, dist_init_required=False
-    )
+    engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=config, dist_init_required=False)
     mine = slice(rank * b, (rank + 1) * b)
     loss, _ = engine.module["crit"](engine.module["net"](x[mine]), y[mine])
     engine.backward(loss)

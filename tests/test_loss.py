@@ -50,9 +50,7 @@ def test_gradcheck_through_the_loss(metric):
     def of_params(*ps):
         return torch.func.functional_call(crit, dict(zip(names, ps, strict=True)), (x.detach(), y))[0]
 
-    assert torch.autograd.gradcheck(
-        of_params, tuple(p.detach().clone().requires_grad_() for p in crit.parameters())
-    )
+    assert torch.autograd.gradcheck(of_params, tuple(p.detach().clone().requires_grad_() for p in crit.parameters()))
 
 
 def test_parameters_reach_an_optimiser_and_change():

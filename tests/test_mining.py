@@ -24,9 +24,7 @@ def _reference_scores(scorer, pool):
         return naive_pddm_matrix(scorer, pool, pool)
     L = scorer.L.detach() if isinstance(scorer, Mahalanobis) else torch.eye(pool.shape[1], dtype=pool.dtype)
     n = len(pool)
-    return torch.tensor(
-        [[-float(((L @ (pool[a] - pool[b])) ** 2).sum()) for b in range(n)] for a in range(n)]
-    )
+    return torch.tensor([[-float(((L @ (pool[a] - pool[b])) ** 2).sum()) for b in range(n)] for a in range(n)])
 
 
 def _pool(labels, dim=6, seed=1, duplicates=()):
@@ -38,7 +36,7 @@ def _pool(labels, dim=6, seed=1, duplicates=()):
 
 
 def _check(scorer, pool, labels, offset, count, mode, exact=True):
-    got = mine_quadruplets(scorer.pairwise, pool, labels, offset, count, mode)
+    got = mine_quadruplets(scorer, pool, labels, offset, count, mode)
     S = _reference_scores(scorer, pool)
     ref, skipped = brute_force_mine(S, labels, offset, count, mode)
     assert int(got.skipped) == skipped
@@ -93,7 +91,7 @@ def test_single_sample_class_is_skipped_and_counted(metric):
 def test_batch_of_one_class_has_no_negatives(metric, mode):
     scorer = _scorer(metric, 6)
     pool, y = _pool([7] * 5, seed=6)
-    got = mine_quadruplets(scorer.pairwise, pool, y, mode=mode)
+    got = mine_quadruplets(scorer, pool, y, mode=mode)
     assert len(got) == 0 and int(got.skipped) == 5
 
 
@@ -109,7 +107,7 @@ def test_duplicated_embeddings(metric):
 def test_never_pairs_a_sample_with_itself_when_it_is_most_similar():
     # Euclidean: every sample is closest to itself (distance 0); the miner must still pick another.
     pool, y = _pool([0, 0, 1, 1], seed=8)
-    got = mine_quadruplets(Euclidean().pairwise, pool, y)
+    got = mine_quadruplets(Euclidean(), pool, y)
     assert (got.i != got.j).all()
     assert got.j.tolist() == [1, 0, 3, 2]
 
@@ -117,15 +115,41 @@ def test_never_pairs_a_sample_with_itself_when_it_is_most_similar():
 def test_bad_arguments_are_named():
     pool, y = _pool([0, 0, 1, 1], seed=9)
     with pytest.raises(ValueError, match="mode"):
-        mine_quadruplets(Euclidean().pairwise, pool, y, mode="hardest")
+        mine_quadruplets(Euclidean(), pool, y, mode="hardest")
     with pytest.raises(ValueError, match="block"):
-        mine_quadruplets(Euclidean().pairwise, pool, y, offset=3, count=2)
+        mine_quadruplets(Euclidean(), pool, y, offset=3, count=2)
     with pytest.raises(ValueError, match="labels"):
-        mine_quadruplets(Euclidean().pairwise, pool, y[:3])
+        mine_quadruplets(Euclidean(), pool, y[:3])
 
 
 def test_mining_builds_no_graph():
     unit = PDDM(6)
     pool = torch.randn(8, 6, requires_grad=True)
-    got = mine_quadruplets(unit.pairwise, pool, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    got = mine_quadruplets(unit, pool, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     assert not got.score.requires_grad
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_candidates_covering_every_negative_is_exact(metric):
+    scorer = _scorer(metric, 6)
+    labels = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 4, 4, 4]
+    pool, y = _pool(labels, seed=11)
+    exact = mine_quadruplets(scorer, pool, y, 2, 9)
+    approx = mine_quadruplets(scorer, pool, y, 2, 9, candidates=len(labels))
+    for a, b in zip((exact.i, exact.j, exact.k, exact.l), (approx.i, approx.j, approx.k, approx.l), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_candidates_are_the_nearest_negatives_by_dot_product():
+    # A scorer that disagrees with the dot product: with one candidate the miner must keep the dot-nearest.
+    pool, y = _pool([0, 0, 1, 1, 2, 2], seed=12)
+    far = Euclidean()
+    dots = pool @ pool.T
+    got = mine_quadruplets(far, pool, y, candidates=1)
+    for i, k in zip(got.i.tolist(), got.k.tolist(), strict=True):
+        negs = [q for q in range(6) if y[q] != y[i]]
+        assert k == max(negs, key=lambda q: float(dots[i, q]))
+    exact = mine_quadruplets(far, pool, y)
+    assert torch.equal(got.j, exact.j)  # positives are always all scored
+    with pytest.raises(ValueError, match="candidates"):
+        mine_quadruplets(far, pool, y, candidates=0)

@@ -25,9 +25,7 @@ def test_forward_matches_naive_reference():
 def test_pairwise_matches_naive_reference():
     unit = _unit()
     rows, pool = _feats(4, 6, 3), _feats(7, 6, 4)
-    torch.testing.assert_close(
-        unit.pairwise(rows, pool), naive_pddm_matrix(unit, rows, pool), rtol=1e-10, atol=1e-12
-    )
+    torch.testing.assert_close(unit.pairwise(rows, pool), naive_pddm_matrix(unit, rows, pool), rtol=1e-10, atol=1e-12)
 
 
 def test_symmetric():
@@ -44,6 +42,24 @@ def test_chunked_equals_unchunked(chunk):
     rows, pool = _feats(5, 6, 7), _feats(11, 6, 8)
     full = unit.pairwise(rows, pool, chunk=10**9)
     torch.testing.assert_close(unit.pairwise(rows, pool, chunk=chunk), full, rtol=1e-12, atol=1e-12)
+
+
+def test_pairwise_without_grad_equals_with_grad():
+    """Mining uses the in-place no-grad kernel; it must agree with the autograd one."""
+    torch.manual_seed(0)
+    unit = PDDM(24, 16)
+    rows, pool = torch.randn(9, 24), torch.randn(70, 24)
+    with torch.no_grad():
+        fast = unit.pairwise(rows, pool, chunk=50)
+    slow = unit.pairwise(rows, pool, chunk=50)
+    assert slow.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-6)
+    unit64 = _unit()
+    r64, p64 = _feats(4, 6, 3), _feats(7, 6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            unit64.pairwise(r64, p64), naive_pddm_matrix(unit64, r64, p64), rtol=1e-10, atol=1e-12
+        )
 
 
 def test_pairwise_equals_forward_on_every_pair_float32():

@@ -60,9 +60,7 @@ def render_font(path: str | os.PathLike, size: int = 32) -> np.ndarray | None:
             return None
         w, h = max(1, right - left), max(1, bottom - top)
         canvas = Image.new("L", (max(size, w), max(size, h)), 0)
-        ImageDraw.Draw(canvas).text(
-            ((canvas.width - w) / 2 - left, (canvas.height - h) / 2 - top), ch, 255, font
-        )
+        ImageDraw.Draw(canvas).text(((canvas.width - w) / 2 - left, (canvas.height - h) / 2 - top), ch, 255, font)
         if canvas.size != (size, size):
             canvas = canvas.resize((size, size), Image.BILINEAR)
         out[n] = np.asarray(canvas)

@@ -17,14 +17,11 @@ class ClassBalancedBatches:
     def __init__(self, labels: np.ndarray, classes_per_batch: int, images_per_class: int, seed: int = 0):
         labels = np.asarray(labels).reshape(-1)
         if images_per_class < 2:
-            raise ValueError(
-                f"images_per_class must be >= 2 so every anchor has a positive, got {images_per_class}"
-            )
+            raise ValueError(f"images_per_class must be >= 2 so every anchor has a positive, got {images_per_class}")
         classes, inverse = np.unique(labels, return_inverse=True)
         if classes_per_batch < 2 or classes_per_batch > len(classes):
             raise ValueError(
-                f"classes_per_batch must be between 2 and the {len(classes)} classes present, "
-                f"got {classes_per_batch}"
+                f"classes_per_batch must be between 2 and the {len(classes)} classes present, got {classes_per_batch}"
             )
         order = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[order], np.arange(len(classes) + 1))

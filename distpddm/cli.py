@@ -1,0 +1,108 @@
+"""``distpddm`` command line: ``shards build``, ``shards verify``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .data.sources import KINDS, SourceError
+
+
+def _size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    t = text.strip().lower().rstrip("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _shards_build(args: argparse.Namespace) -> int:
+    from .data.shards import BuildOptions, build
+    from .data.sources import read_source
+
+    if args.kind != "fonts" and args.src is None:
+        print("error: a source folder SRC is needed for --source " + args.kind, file=sys.stderr)
+        return 2
+    plan = read_source(
+        args.kind, args.src, synsets=args.synsets, fonts=args.fonts, font_size=args.font_size, seed=args.seed
+    )
+    options = BuildOptions(
+        shard_bytes=args.shard_size,
+        max_side=args.max_side,
+        jpeg_quality=args.quality,
+        chunk_size=args.chunk_size,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    indexes = build(plan, args.out, options)
+    for split, index in indexes.items():
+        total = sum(s["bytes"] for s in index["shards"])
+        print(
+            f"{split}: {index['samples']} images, {len(index['classes'])} classes, {len(index['shards'])} shards, "
+            f"{total / 2**20:.1f} MiB -> {Path(args.out) / split}"
+        )
+    return 0
+
+
+def _shards_verify(args: argparse.Namespace) -> int:
+    from .data.shards import verify
+
+    reports = verify(args.out, sample=args.sample, progress=not args.quiet)
+    bad = 0
+    for r in reports:
+        status = "OK" if r.ok else f"{len(r.problems)} PROBLEM(S)"
+        print(f"{r.split_dir}: {r.shards} shards, {r.samples} samples, {r.decoded} decoded: {status}")
+        for p in r.problems[:50]:
+            print(f"  - {p}")
+        if len(r.problems) > 50:
+            print(f"  ... and {len(r.problems) - 50} more")
+        bad += not r.ok
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distpddm", description="Distributed PDDM metric learning")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    shards = sub.add_parser("shards", help="build and verify WebDataset shards").add_subparsers(
+        dest="shards_command", required=True
+    )
+    b = shards.add_parser("build", help="build shards from a dataset folder")
+    b.add_argument("--source", dest="kind", choices=KINDS, required=True, help="source layout")
+    b.add_argument("src", type=Path, nargs="?", help="source folder (fonts: optional extra font folder)")
+    b.add_argument("out", type=Path, help="output folder: OUT/<split>/*.tar + index.json")
+    b.add_argument("--shard-size", type=_size, default="512M", help="target shard size (default 512M)")
+    b.add_argument("--max-side", type=int, help="re-encode as JPEG with the longer side at most N pixels")
+    b.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
+    b.add_argument("--chunk-size", type=int, default=4, help="images of one class stored together (>= K)")
+    b.add_argument("--synsets", type=Path, help="imagenet: file fixing the class order (one wnid per line)")
+    b.add_argument("--fonts", type=Path, nargs="*", help="fonts: more font folders")
+    b.add_argument("--font-size", type=int, default=64, help="fonts: glyph image size")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--workers", type=int, help="parallel processes (default: all cores)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_shards_build)
+
+    v = shards.add_parser("verify", help="check counts, hashes, labels and that images decode")
+    v.add_argument("out", type=Path, help="a build output folder, or one split folder")
+    v.add_argument("--sample", type=float, default=1.0, help="fraction of images to decode (default all)")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=_shards_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SourceError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

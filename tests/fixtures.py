@@ -1,0 +1,122 @@
+"""Small datasets in each real source layout, with real glyph images as the pictures."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from distpddm.data.glyphs import find_fonts, load_glyphs
+
+
+def glyph_images(n_classes: int, per_class: int, cache_dir: Path) -> list[list[np.ndarray]]:
+    """``n_classes`` fonts x ``per_class`` glyph images (uint8 grey, 32 px)."""
+    g = load_glyphs(max_fonts=n_classes + 4, cache_dir=cache_dir)
+    assert len(g.class_names) >= n_classes, "not enough fonts rendered"
+    return [list(g.images[g.labels == c][:per_class]) for c in range(n_classes)]
+
+
+def save(img: np.ndarray, path: Path, fmt: str = "JPEG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).convert("RGB").resize((48, 40)).save(path, format=fmt)
+
+
+def make_folder(root: Path, images, names=None, ext=".jpg") -> dict[str, str]:
+    """``root/<class>/<n>.jpg``; returns relative path -> class name."""
+    truth = {}
+    for c, imgs in enumerate(images):
+        name = names[c] if names else f"class_{c:03d}"
+        for n, img in enumerate(imgs):
+            rel = f"{name}/{n:03d}{ext}"
+            save(img, root / rel, "PNG" if ext == ".png" else "JPEG")
+            truth[rel] = name
+    return truth
+
+
+def make_imagenet(root: Path, images) -> tuple[dict[str, str], Path]:
+    wnids = [f"n{10000000 + 17 * c:08d}" for c in range(len(images))]
+    truth = {f"train/{k}": v for k, v in make_folder(root / "train", images, wnids, ".JPEG").items()}
+    synsets = root / "synsets.txt"
+    synsets.write_text("".join(f"{w} some name\n" for w in reversed(wnids)))  # a class order not sorted
+    return truth, synsets
+
+
+def make_cub(root: Path, images, class_ids) -> dict[str, tuple[str, int]]:
+    """CUB_200_2011 files; returns relative path -> (class name, class id)."""
+    lines_img, lines_lab, truth, n = [], [], {}, 1
+    for imgs, cid in zip(images, class_ids, strict=True):
+        name = f"{cid:03d}.Bird_{cid}"
+        for k, img in enumerate(imgs):
+            rel = f"{name}/{name}_{k}.jpg"
+            save(img, root / "images" / rel)
+            lines_img.append(f"{n} {rel}")
+            lines_lab.append(f"{n} {cid}")
+            truth[f"images/{rel}"] = (name, cid)
+            n += 1
+    (root / "images.txt").write_text("\n".join(lines_img) + "\n")
+    (root / "image_class_labels.txt").write_text("\n".join(lines_lab) + "\n")
+    classes = [f"{c} {c:03d}.Bird_{c}" for c in range(1, 201)]
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return truth
+
+
+def make_cars(root: Path, images, class_ids) -> dict[str, tuple[str, int]]:
+    from scipy.io import savemat
+
+    names = [f"Car Model {c}" for c in range(1, 197)]
+    anns, truth = [], {}
+    for imgs, cid in zip(images, class_ids, strict=True):
+        for k, img in enumerate(imgs):
+            rel = f"car_ims/{cid:03d}{k:03d}.jpg"
+            save(img, root / rel)
+            anns.append((rel, 0, 0, 40, 30, cid, 0))
+            truth[rel] = (names[cid - 1], cid)
+    dt = [
+        ("relative_im_path", "O"),
+        ("bbox_x1", "O"),
+        ("bbox_y1", "O"),
+        ("bbox_x2", "O"),
+        ("bbox_y2", "O"),
+        ("class", "O"),
+        ("test", "O"),
+    ]
+    rec = np.array(anns, dtype=dt)
+    class_names = np.empty((1, len(names)), dtype=object)
+    for i, n in enumerate(names):
+        class_names[0, i] = n
+    savemat(root / "cars_annos.mat", {"annotations": rec.reshape(1, -1), "class_names": class_names})
+    return truth
+
+
+def make_sop(root: Path, train_images, test_images) -> dict[str, tuple[str, str]]:
+    truth = {}
+    for split, images, first in (("train", train_images, 1), ("test", test_images, 1 + len(train_images))):
+        lines, n = ["image_id class_id super_class_id path"], 1
+        for c, imgs in enumerate(images):
+            cid = first + c
+            for k, img in enumerate(imgs):
+                rel = f"bicycle_final/{cid}_{k}.JPG"
+                save(img, root / rel)
+                lines.append(f"{n} {cid} 1 {rel}")
+                truth[rel] = (f"product_{cid:05d}", split)
+                n += 1
+        (root / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    return truth
+
+
+def copy_fonts(dst: Path, n: int) -> list[Path]:
+    dst.mkdir(parents=True, exist_ok=True)
+    out = []
+    for f in find_fonts()[:n]:
+        shutil.copy(f, dst / f.name)
+        out.append(dst / f.name)
+    return out
+
+
+def jpeg_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).convert("RGB").save(buf, format="JPEG")
+    return buf.getvalue()
