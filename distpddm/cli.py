@@ -1,4 +1,4 @@
-"""``distpddm`` command line: ``shards build``, ``shards verify``."""
+"""``distpddm`` command line: ``shards build``, ``shards verify``, ``train``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,31 @@ def _shards_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.local:
+        from .train.launch import train_local
+
+        metrics = train_local(cfg)
+    else:
+        from .train.launch import train_ray
+
+        result = train_ray(cfg, args.address)
+        if result.error:
+            print(f"error: training failed: {result.error}", file=sys.stderr)
+            return 1
+        metrics = result.metrics or {}
+    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("step", "loss", "spread") or k.startswith("val_")}
+    print(f"done: {shown}; output in {cfg.output_dir()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distpddm", description="Distributed PDDM metric learning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,11 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sample", type=float, default=1.0, help="fraction of images to decode (default all)")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=_shards_verify)
+
+    t = sub.add_parser("train", help="train PDDM embeddings (Ray Train + DeepSpeed, or --local)")
+    t.add_argument("config", type=Path, help="a YAML run config (configs/*.yaml)")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 data.images_per_class=4")
+    t.add_argument("--local", action="store_true", help="run in this process (or under torchrun), without Ray")
+    t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    t.set_defaults(func=_train)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -58,6 +58,7 @@ class PDDMLoss(nn.Module):
     whose gradient vanishes as embeddings collapse onto one point (see ``docs/collapse.md``).
     ``candidates=c`` mines approximately and cheaper: the metric scores all positives but only the ``c``
     negatives nearest by dot product (``None``: every pair, exact). ``chunk`` bounds pairs scored at once.
+    ``metric_grad=False`` stops E_m's gradient at the embeddings: the metric head then trains the metric only.
 
     Across N workers the returned loss is ``N * sum(local E) / (global count)``, so that the average the
     data-parallel engine takes over workers equals the mean over every quadruplet of the global batch, even
@@ -78,6 +79,7 @@ class PDDMLoss(nn.Module):
         candidates: int | None = None,
         hidden: int | None = None,
         distance: str = "euclidean",
+        metric_grad: bool = True,
         group=None,
     ):
         super().__init__()
@@ -96,7 +98,7 @@ class PDDMLoss(nn.Module):
             raise ValueError(f"candidates must be >= 1 or None, got {candidates}")
         self.dim, self.mode, self.metric, self.distance = dim, mode, metric, distance
         self.alpha, self.beta, self.lam, self.chunk, self.group = alpha, beta, lam, chunk, group
-        self.candidates = candidates
+        self.candidates, self.metric_grad = candidates, metric_grad
         if metric == "pddm":
             self.pddm = PDDM(dim, hidden)
         elif metric == "mahalanobis":
@@ -159,7 +161,10 @@ class PDDMLoss(nn.Module):
         pool, n = batch.features, len(q)
         # The three pairs of every quadruplet, (i, j), (i, k), (j, l), scored in one call, with gradient.
         left, right = pool[torch.cat([q.i, q.i, q.j])], pool[torch.cat([q.j, q.k, q.l])]
-        s = self.scorer(left, right).reshape(3, n)
+        if self.metric_grad:
+            s = self.scorer(left, right).reshape(3, n)
+        else:  # E_m trains the metric only; the embedding learns from E_e
+            s = self.scorer(left.detach(), right.detach()).reshape(3, n)
         d = self._distance(left, right).reshape(3, n)
         hinge_m = F.relu(self.alpha + s[1:] - s[0])  # (2, n)
         hinge_e = F.relu(self.beta + d[0] - d[1:])  # (2, n)

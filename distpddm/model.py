@@ -1,6 +1,12 @@
-"""Embedding networks. ``SmallCNN`` trains on a laptop CPU; torchvision backbones come with the trainer."""
+"""Embedding networks: a torchvision backbone (by name) or ``SmallCNN``, + an embedding layer + L2 norm.
+
+Weights are never downloaded: pretrained backbone weights come from a state-dict file the user names.
+"""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,3 +48,165 @@ class SmallCNN(nn.Module):
         h = self.features(x)
         pooled = F.adaptive_avg_pool2d(h, 1).flatten(1), F.adaptive_max_pool2d(h, 1).flatten(1)
         return self.embed(torch.cat(pooled, dim=1))
+
+
+POOLINGS = ("avg", "max", "avgmax")
+
+
+class GlobalPool(nn.Module):
+    """Global average, max, or their sum (the usual metric-learning GAP + GMP); keeps (N, C, 1, 1)."""
+
+    def __init__(self, kind: str = "avg"):
+        super().__init__()
+        if kind not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {kind!r}")
+        self.kind = kind
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "avg":
+            return F.adaptive_avg_pool2d(x, 1)
+        if self.kind == "max":
+            return F.adaptive_max_pool2d(x, 1)
+        return F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "small_cnn"  # "small_cnn" or a torchvision model name (resnet50, googlenet, vit_b_16...)
+    embed_dim: int = 128
+    pretrained: str | None = None  # path to a state dict of the torchvision backbone
+    pooling: str = "avg"  # avg | max | avgmax (CNN backbones)
+    freeze_bn: bool = False  # batch norm statistics and affine parameters fixed (small batches)
+    sync_bn: bool = False  # synchronise batch norm across workers (GPU only)
+    small_cnn_width: int = 32
+    in_channels: int = 3
+
+
+def _head_surgery(name: str, net: nn.Module, pooling: str) -> tuple[nn.Module, int]:
+    """Remove the classifier of a torchvision model; returns (feature extractor, feature width)."""
+    if hasattr(net, "fc") and isinstance(net.fc, nn.Linear):  # resnet, resnext, wide_resnet, regnet, googlenet
+        width = net.fc.in_features
+        net.fc = nn.Identity()
+        if hasattr(net, "avgpool"):
+            net.avgpool = GlobalPool(pooling)
+        if hasattr(net, "dropout"):
+            net.dropout = nn.Identity()
+        return net, width
+    if hasattr(net, "classifier") and hasattr(net, "avgpool"):  # efficientnet, mobilenet, convnext
+        linears = [m for m in net.classifier.modules() if isinstance(m, nn.Linear)]
+        width = linears[0].in_features
+        if name.startswith("convnext"):  # classifier = LayerNorm2d, Flatten, Linear: keep the norm
+            net.classifier[-1] = nn.Identity()
+        else:
+            net.classifier = nn.Identity()
+        net.avgpool = GlobalPool(pooling)
+        return net, width
+    if hasattr(net, "heads"):  # vision transformers: class token features
+        width = net.hidden_dim
+        net.heads = nn.Identity()
+        return net, width
+    raise ValueError(f"do not know how to remove the classifier of torchvision model {name!r}")
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights not found: {path} (model.pretrained must be a local file)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    import torchvision
+
+    if cfg.backbone == "small_cnn":
+        net = SmallCNN(embed_dim=1, in_channels=cfg.in_channels, width=cfg.small_cnn_width)
+        width = net.embed.in_features
+        net.embed = nn.Identity()
+        return net, width
+    if cfg.backbone not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(
+            f"model.backbone {cfg.backbone!r} is not a torchvision classification model; "
+            "try resnet50, googlenet, efficientnet_b0, convnext_tiny, vit_b_16 or small_cnn"
+        )
+    kwargs = {"aux_logits": False, "init_weights": True} if cfg.backbone in ("googlenet", "inception_v3") else {}
+    net = torchvision.models.get_model(cfg.backbone, weights=None, **kwargs)
+    if cfg.pretrained:
+        state = load_state_dict_file(cfg.pretrained)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        ignorable = ("fc.", "classifier.", "heads.", "aux")
+        real_missing = [k for k in missing if not k.startswith(ignorable)]
+        if real_missing or len(missing) == len(net.state_dict()):
+            raise ValueError(
+                f"{cfg.pretrained} does not fit {cfg.backbone}: {len(real_missing)} backbone weights missing "
+                f"(first: {real_missing[:3]}), {len(unexpected)} unexpected"
+            )
+    return _head_surgery(cfg.backbone, net, cfg.pooling)
+
+
+class EmbeddingNet(nn.Module):
+    """Backbone features -> linear embedding -> L2 normalisation (unit vectors, as searched at test time)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, width = build_backbone(cfg)
+        self.embed = nn.Linear(width, cfg.embed_dim)
+        if cfg.freeze_bn:
+            freeze_batchnorm(self.backbone)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.embed(torch.flatten(self.backbone(x), 1)), dim=1)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, new-layer parameters): new layers usually train at a higher rate."""
+        back = [p for p in self.backbone.parameters() if p.requires_grad]
+        return back, list(self.embed.parameters())
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by torchvision's FrozenBatchNorm2d (fixed statistics and affine)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+def create_model(cfg: ModelConfig) -> EmbeddingNet:
+    """The embedding network for ``cfg``; synchronised batch norm is applied here (it needs GPUs)."""
+    model = EmbeddingNet(cfg)
+    if cfg.sync_bn:
+        if cfg.freeze_bn:
+            raise ValueError("model.sync_bn and model.freeze_bn exclude each other: frozen statistics need no sync")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def export_model(model: EmbeddingNet, path: str | os.PathLike) -> None:
+    """A plain PyTorch file (config + weights) that :func:`load_exported` rebuilds without DeepSpeed or Ray."""
+    from dataclasses import asdict
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = f"{path}.tmp"
+    torch.save({"format": "distpddm-embedding-v1", "model": asdict(model.cfg), "state_dict": state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_exported(path: str | os.PathLike, map_location="cpu") -> EmbeddingNet:
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    if blob.get("format") != "distpddm-embedding-v1":
+        raise ValueError(f"{path} is not a distpddm exported embedding model")
+    cfg = ModelConfig(**(blob["model"] | {"pretrained": None, "sync_bn": False}))
+    model = EmbeddingNet(cfg)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()

@@ -123,3 +123,22 @@ def test_bad_input_is_named():
         crit(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="labels"):
         crit(torch.randn(3, 4), torch.zeros(2, dtype=torch.long))
+
+
+def test_metric_grad_false_trains_the_metric_but_not_the_embedding_through_it():
+    torch.manual_seed(0)
+    x, y = _batch(dtype=torch.float32)
+    x.requires_grad_()
+    # With lam = 0 only E_m remains: the embedding must get no gradient, the PDDM unit must.
+    crit = PDDMLoss(8, lam=0.0, metric_grad=False)
+    loss, _ = crit(x, y)
+    loss.backward()
+    assert x.grad is None or torch.count_nonzero(x.grad) == 0
+    assert torch.count_nonzero(crit.pddm.wu.weight.grad) > 0
+    x.grad = None
+    joint = PDDMLoss(8, lam=0.0)
+    joint.load_state_dict(crit.state_dict())
+    loss2, _ = joint(x, y)
+    loss2.backward()
+    torch.testing.assert_close(loss2, loss)
+    assert torch.count_nonzero(x.grad) > 0

@@ -155,24 +155,30 @@ def write_shard(
     final = out_dir / shard_name(shard)
     tmp = final.with_suffix(".tar.tmp")
     counts: dict[int, int] = {}
-    with open(tmp, "wb") as f:
-        # Fixed owner and mtime: the same inputs and seed give byte-identical shards.
-        writer = wds.TarWriter(f, user="distpddm", group="distpddm", mtime=0.0, encoder=False)
-        for offset, n in enumerate(members):
-            item = items[n]
-            raw, ext = plan.read(item)
-            data, ext, width, height = encode_image(raw, ext, options.max_side, options.jpeg_quality)
-            meta = {"source": item.source, "class_name": item.class_name, "width": width, "height": height}
-            writer.write(
-                {
-                    "__key__": f"s{first_index + offset:010d}",
-                    ext: data,
-                    "cls": str(item.label).encode(),
-                    "json": json.dumps(meta, sort_keys=True).encode(),
-                }
-            )
-            counts[item.label] = counts.get(item.label, 0) + 1
-        writer.close()
+    try:
+        with open(tmp, "wb") as f:
+            # Fixed owner and mtime: the same inputs and seed give byte-identical shards.
+            writer = wds.TarWriter(f, user="distpddm", group="distpddm", mtime=0.0, encoder=False)
+            try:
+                for offset, n in enumerate(members):
+                    item = items[n]
+                    raw, ext = plan.read(item)
+                    data, ext, width, height = encode_image(raw, ext, options.max_side, options.jpeg_quality)
+                    meta = {"source": item.source, "class_name": item.class_name, "width": width, "height": height}
+                    writer.write(
+                        {
+                            "__key__": f"s{first_index + offset:010d}",
+                            ext: data,
+                            "cls": str(item.label).encode(),
+                            "json": json.dumps(meta, sort_keys=True).encode(),
+                        }
+                    )
+                    counts[item.label] = counts.get(item.label, 0) + 1
+            finally:
+                writer.close()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, final)
     record = {
         "name": final.name,

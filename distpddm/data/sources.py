@@ -143,46 +143,31 @@ def read_folder(root: Path) -> dict[str, SplitPlan]:
 def read_fonts(
     font_dirs: list[Path] | None, size: int = 64, test_fraction: float = 0.5, seed: int = 0
 ) -> tuple[dict[str, SplitPlan], Callable[[SourceItem], tuple[bytes, str]], Path]:
-    """62 glyphs of every font (class = font), class-disjoint train / test; images rendered as PNG."""
-    import numpy as np
-
-    from .glyphs import GLYPHS, find_fonts
+    """62 glyphs of every font that renders (class = font), class-disjoint train / test, stored as PNG."""
+    from .glyphs import GLYPHS, find_fonts, load_glyphs
 
     fonts = find_fonts(font_dirs)
     root = Path(os.path.commonpath([str(f.parent) for f in fonts]))
-    order = np.random.default_rng(seed).permutation(len(fonts))
-    n_test = int(round(len(fonts) * test_fraction))
-    test_ids = set(order[:n_test].tolist())
-    splits = {"train": SplitPlan([]), "test": SplitPlan([])}
-    for n, font in enumerate(fonts):
-        split = splits["test" if n in test_ids else "train"]
-        label = len(split.classes)
-        split.classes.append(font.stem)
-        rel = str(font.relative_to(root))
-        split.items += [SourceItem(f"{rel}#{ch}", label, font.stem) for ch in GLYPHS]
-    return {s: p for s, p in splits.items() if p.items}, _font_reader(root, size), root
-
-
-def _font_reader(root: Path, size: int) -> Callable[[SourceItem], tuple[bytes, str]]:
-    cache: dict[str, object] = {}
+    glyphs = load_glyphs(font_dirs, size=size)  # cached; fonts that do not render are already dropped
+    train, test = glyphs.split(test_fraction, seed=seed)
+    splits = {}
+    for split, part in (("train", train), ("test", test)):
+        items = [
+            SourceItem(f"{name}#{ch}", label, name) for label, name in enumerate(part.class_names) for ch in GLYPHS
+        ]
+        splits[split] = SplitPlan(list(part.class_names), items)
+    position = {name: n for n, name in enumerate(glyphs.class_names)}
 
     def read(item: SourceItem) -> tuple[bytes, str]:
         from PIL import Image
 
-        from .glyphs import GLYPHS, render_font
-
-        rel, ch = item.source.rsplit("#", 1)
-        if rel not in cache:
-            cache.clear()  # glyphs of one font are contiguous in build order; keep one font rendered
-            cache[rel] = render_font(root / rel, size)
-        glyphs = cache[rel]
-        if glyphs is None:
-            raise OSError(f"font {rel} does not render")
+        name, ch = item.source.rsplit("#", 1)
+        image = glyphs.images[position[name] * len(GLYPHS) + GLYPHS.index(ch)]
         buf = io.BytesIO()
-        Image.fromarray(glyphs[GLYPHS.index(ch)]).convert("RGB").save(buf, format="PNG")
+        Image.fromarray(image).convert("RGB").save(buf, format="PNG")
         return buf.getvalue(), "png"
 
-    return read
+    return {s: p for s, p in splits.items() if p.items}, read, root
 
 
 def read_source(

@@ -256,11 +256,15 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         counter = self.counter = SkipCounter(self.max_skip_rate)
         rng = random.Random(hash((self.seed, rank, worker)) & 0xFFFFFFFF)
+        # Resampled: every (rank, worker) draws shards independently with a seed of its own
+        # (webdataset's pytorch_worker_seed), so no node or worker splitting is wanted.
         ds = wds.WebDataset(
             self.urls,
             resampled=True,
             shardshuffle=False,
             seed=self.seed,
+            nodesplitter=None,
+            workersplitter=None,
             handler=_shard_error_handler(counter),
             empty_check=False,
         )

@@ -1,0 +1,362 @@
+"""Run configuration: typed dataclasses, loaded from YAML + ``a.b=value`` overrides, validated before any
+worker starts. Every error names the key and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .loss import DISTANCES, METRICS
+from .mining import MODES
+from .model import POOLINGS, ModelConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_shards: str = ""  # split folder with index.json, an index.json URL, or a webdataset URL pattern
+    val_shards: str | None = None  # held-out split for periodic Recall@K
+    num_classes: int | None = None  # needed only when train_shards is a bare URL pattern (no index)
+    classes_per_batch: int = 16  # P, per worker
+    images_per_class: int = 4  # K
+    batch_size: int | None = None  # local batch; when given it must equal P x K
+    image_size: int = 224
+    loader_workers: int = 2
+    buffer_images: int | None = None  # P x K batch former's buffer (default 8 P K)
+    max_skip_rate: float = 0.01
+    val_max_images: int | None = None  # cap on validation images (None: the whole split)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    mode: str = "anchor"
+    metric: str = "pddm"
+    alpha: float = 0.5
+    beta: float = 1.0
+    lam: float = 0.5
+    distance: str = "euclidean"
+    hidden: int | None = None
+    chunk: int | None = None
+    candidates: int | None = None
+    metric_grad: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4  # backbone
+    head_lr: float | None = None  # embedding layer and PDDM unit (default 10 x lr)
+    weight_decay: float = 1e-4  # gamma ||params||^2 of the method, through AdamW
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01  # cosine decays to lr x this
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    log_every: int = 10
+    val_every: int = 0  # 0: validate only at the end (when val_shards is set)
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    nan_abort_after: int = 20  # consecutive non-finite losses before the run stops
+    seed: int = 0
+    deepspeed: str = "configs/deepspeed/zero1_cpu.json"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 3
+    storage_path: str = "runs"  # local folder or a URI Ray understands (s3://, gs://, ...)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "distpddm"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def local_batch(self) -> int:
+        return self.data.classes_per_batch * self.data.images_per_class
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def output_dir(self) -> Path:
+        return Path(self.ray.storage_path) / self.name
+
+
+# ------------------------------------------------------------------------------------------------- parsing
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(matches, converted value) for the few types configs use."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return True, None
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                ok, v = _type_ok(value, arg)
+                if ok:
+                    return True, v
+        return False, value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            conv = [_type_ok(v, a) for v, a in zip(value, args, strict=True)]
+            return all(ok for ok, _ in conv), tuple(v for _, v in conv)
+        return False, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {where!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{where}.")
+            continue
+        ok, converted = _type_ok(value, tp)
+        if not ok:
+            tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+            raise ConfigError(f"{where} must be {tname}, got {value!r} ({type(value).__name__})")
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | None = None, *, check_paths: bool = True
+) -> RunConfig:
+    """Read, override, type-check and validate. ``check_paths`` also checks that shards and files exist."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections (data, model, loss, optim, train, ray)")
+    for key, value in parse_overrides(overrides or []):
+        _set(tree, key, value)
+    cfg = resolve_paths(_build(RunConfig, tree, ""))
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+def _absolute(path: str | None) -> str | None:
+    if not path or "://" in path or path.startswith("pipe:"):
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Local paths made absolute here, where the command runs: workers start in other directories."""
+    replace = dataclasses.replace
+    return replace(
+        cfg,
+        data=replace(
+            cfg.data, train_shards=_absolute(cfg.data.train_shards) or "", val_shards=_absolute(cfg.data.val_shards)
+        ),
+        model=replace(cfg.model, pretrained=_absolute(cfg.model.pretrained)),
+        train=replace(cfg.train, deepspeed=_absolute(cfg.train.deepspeed) or ""),
+        ray=replace(cfg.ray, storage_path=_absolute(cfg.ray.storage_path) or ""),
+    )
+
+
+def from_dict(tree: dict) -> RunConfig:
+    """A resolved config back from :meth:`RunConfig.to_dict` (as shipped to workers)."""
+    return _build(RunConfig, tree, "")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _shards_exist(spec: str) -> bool:
+    if "://" in spec or spec.startswith("pipe:"):
+        return True  # remote: the reader reports what it cannot open
+    p = Path(spec)
+    if p.is_dir():
+        return (p / "index.json").exists()
+    if "{" in spec:
+        import braceexpand
+
+        return all(Path(u).exists() for u in braceexpand.braceexpand(spec))
+    return p.exists()
+
+
+def validate(cfg: RunConfig, check_paths: bool = True) -> None:
+    d, m, loss, o, t, r = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.ray
+    errors = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(msg)
+
+    need(bool(d.train_shards), "data.train_shards is empty: name the training split's shard folder")
+    need(
+        d.images_per_class >= 2,
+        f"data.images_per_class must be >= 2 (every anchor needs a positive), got {d.images_per_class}",
+    )
+    need(
+        d.classes_per_batch >= 2,
+        f"data.classes_per_batch must be >= 2 (anchors need negatives), got {d.classes_per_batch}",
+    )
+    if d.batch_size is not None:
+        need(
+            d.batch_size == cfg.local_batch,
+            f"data.batch_size={d.batch_size} but data.classes_per_batch x data.images_per_class = "
+            f"{d.classes_per_batch} x {d.images_per_class} = {cfg.local_batch}; drop batch_size or make them agree",
+        )
+    need(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
+    need(d.loader_workers >= 0, f"data.loader_workers must be >= 0, got {d.loader_workers}")
+    need(0 <= d.max_skip_rate <= 1, f"data.max_skip_rate must be in [0, 1], got {d.max_skip_rate}")
+    if d.buffer_images is not None:
+        need(
+            d.buffer_images >= cfg.local_batch,
+            f"data.buffer_images={d.buffer_images} must hold one batch ({cfg.local_batch})",
+        )
+    need(m.embed_dim >= 2, f"model.embed_dim must be >= 2, got {m.embed_dim}")
+    need(m.pooling in POOLINGS, f"model.pooling must be one of {POOLINGS}, got {m.pooling!r}")
+    need(not (m.sync_bn and m.freeze_bn), "model.sync_bn and model.freeze_bn exclude each other")
+    need(
+        not (m.sync_bn and not r.use_gpu),
+        "model.sync_bn needs GPUs (ray.use_gpu: true); on CPU use model.freeze_bn or a norm-free model",
+    )
+    need(loss.mode in MODES, f"loss.mode must be one of {MODES}, got {loss.mode!r}")
+    need(loss.metric in METRICS, f"loss.metric must be one of {METRICS}, got {loss.metric!r}")
+    need(loss.distance in DISTANCES, f"loss.distance must be one of {DISTANCES}, got {loss.distance!r}")
+    for k in ("alpha", "beta", "lam"):
+        need(getattr(loss, k) >= 0, f"loss.{k} must be >= 0, got {getattr(loss, k)}")
+    need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    need(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
+    need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    need(t.val_every >= 0, f"train.val_every must be >= 0, got {t.val_every}")
+    need(not (t.val_every and not d.val_shards), "train.val_every is set but data.val_shards is not")
+    need(r.num_workers >= 1, f"ray.num_workers must be >= 1, got {r.num_workers}")
+    if check_paths:
+        if d.train_shards:
+            need(
+                _shards_exist(d.train_shards),
+                f"data.train_shards: no shards at {d.train_shards!r} (expected a "
+                "folder with index.json, from `distpddm shards build`)",
+            )
+        if d.val_shards:
+            need(_shards_exist(d.val_shards), f"data.val_shards: no shards at {d.val_shards!r}")
+        if m.pretrained:
+            need(
+                Path(m.pretrained).is_file(),
+                f"model.pretrained: no file at {m.pretrained!r} (weights are "
+                "never downloaded; give a local state dict)",
+            )
+        errors += _check_deepspeed(cfg)
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _check_deepspeed(cfg: RunConfig) -> list[str]:
+    path = Path(cfg.train.deepspeed)
+    if not path.is_file():
+        return [f"train.deepspeed: no DeepSpeed config at {path} (see configs/deepspeed/)"]
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return [f"train.deepspeed: {path} is not valid JSON ({e})"]
+    errors = []
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    if micro not in (None, "auto", cfg.local_batch):
+        errors.append(
+            f"{path}: train_micro_batch_size_per_gpu={micro} but the local batch is "
+            f'{cfg.local_batch} (data.classes_per_batch x data.images_per_class); use "auto"'
+        )
+    if "optimizer" in ds:
+        errors.append(
+            f"{path}: remove the 'optimizer' section; distpddm passes a torch AdamW with parameter "
+            "groups (optim.*), which needs no compiled DeepSpeed op"
+        )
+    if ds.get("bf16", {}).get("enabled") and not cfg.ray.use_gpu:
+        errors.append(f"{path}: bf16 is enabled but ray.use_gpu is false; use configs/deepspeed/zero1_cpu.json")
+    return errors
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config file with the batch sizes filled in from the run config."""
+    ds = json.loads(Path(cfg.train.deepspeed).read_text())
+    gas = int(ds.get("gradient_accumulation_steps", 1))
+    ds["train_micro_batch_size_per_gpu"] = cfg.local_batch
+    ds["gradient_accumulation_steps"] = gas
+    ds["train_batch_size"] = cfg.local_batch * gas * world_size
+    ds.setdefault("gradient_clipping", 0.0)  # DeepSpeed 0.19 clips at 1.0 when unset: make it explicit
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,80 @@
+"""Start a training run: on Ray (a local cluster, or the one RAY_ADDRESS / ``address`` names) or in-process.
+
+The output folder is ``<ray.storage_path>/<name>/``: the resolved config, ``metrics.jsonl``, TensorBoard
+curves, checkpoints and the exported ``model.pt``. Rerunning the same command resumes from the last
+checkpoint there and continues the schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ..config import RunConfig, save_config
+from .loop import LocalPersistence, ray_train_loop, run_worker
+
+log = logging.getLogger("distpddm.train")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_local(cfg: RunConfig) -> dict:
+    """One process (or every process of a torchrun launch): no Ray, the same worker code."""
+    out = cfg.output_dir().resolve()
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:  # plain single process: a world of one for DeepSpeed
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                              LOCAL_RANK="0")  # fmt: skip
+        backend = "nccl" if cfg.ray.use_gpu else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    if dist.get_rank() == 0:
+        save_config(cfg, out / "config.yaml")
+    try:
+        return run_worker(cfg, LocalPersistence(out, cfg.train.keep_checkpoints), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_ray(cfg: RunConfig, address: str | None = None):
+    """Ray Train's TorchTrainer with ``ray.num_workers`` workers; restarts failed workers from the last
+    checkpoint up to ``ray.max_failures`` times."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    storage = cfg.ray.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    out = Path(storage) / cfg.name if "://" not in storage else Path(storage.split("://", 1)[1]) / cfg.name
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, cfg.ray.num_workers * cfg.ray.cpus_per_worker),
+                     include_dashboard=False)  # fmt: skip
+    save_config(cfg, out / "config.yaml")
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config={"config": cfg.to_dict(), "output_dir": str(out)},
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+    )  # fmt: skip
+    return trainer.fit()

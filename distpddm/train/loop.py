@@ -1,0 +1,407 @@
+"""The per-worker training function: one code path for a Ray Train worker, a torchrun process, or a single
+process (``distpddm train --local``). Where they differ -- how checkpoints persist and how a run resumes --
+a :class:`Persistence` object decides; everything else is shared.
+
+Per step: P x K batch -> embeddings -> gather (with gradient) -> mine + PDDM loss -> DeepSpeed backward/step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import RunConfig, deepspeed_config, from_dict
+from ..data.stream import EvalDataset, PKBatchDataset, resolve_shards
+from ..evaluate import recall_at_k
+from ..gather import gather_batch, rank_and_world
+from ..loss import PDDMLoss
+from ..model import create_model, export_model
+
+log = logging.getLogger("distpddm.train")
+CLIENT_STATE = "distpddm_state.json"
+TAG = "checkpoint"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainable(nn.Module):
+    """The network and the criterion in one module, so DeepSpeed optimises (and checkpoints) both."""
+
+    def __init__(self, net: nn.Module, criterion: PDDMLoss):
+        super().__init__()
+        self.net, self.criterion = net, criterion
+
+
+# ----------------------------------------------------------------------------------------------- persistence
+
+
+class Persistence:
+    """Where checkpoints go and where a resumed run finds the last one."""
+
+    @contextlib.contextmanager
+    def latest(self) -> Iterator[Path | None]:
+        yield None
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        raise NotImplementedError
+
+
+class LocalPersistence(Persistence):
+    """``<out>/checkpoints/step-<N>/``, written under a temporary name and renamed when every rank is done;
+    ``latest`` (a one-line file) is replaced atomically after that, so it always names a complete checkpoint.
+    """
+
+    def __init__(self, out: Path, keep: int):
+        self.root, self.keep = Path(out) / "checkpoints", keep
+
+    @contextlib.contextmanager
+    def latest(self) -> Iterator[Path | None]:
+        pointer = self.root / "latest"
+        if pointer.exists():
+            path = self.root / pointer.read_text().strip()
+            if path.is_dir():
+                yield path
+                return
+        yield None
+
+    def staging_dir(self, step: int) -> Path:
+        return self.root / f".tmp-step-{step:08d}"
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is None:
+            return
+        rank, _ = rank_and_world()
+        _barrier()
+        if rank == 0:
+            final = self.root / checkpoint_dir.name.replace(".tmp-", "")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(checkpoint_dir, final)
+            tmp = self.root / "latest.tmp"
+            tmp.write_text(final.name)
+            os.replace(tmp, self.root / "latest")
+            done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+            for old in done[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+
+class RayPersistence(Persistence):
+    """``ray.train.report(..., checkpoint=...)``: Ray merges every worker's directory and keeps the last N."""
+
+    @contextlib.contextmanager
+    def latest(self) -> Iterator[Path | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+    def staging_dir(self, step: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"distpddm-step{step}-"))
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` at ``train.steps``."""
+    warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(cfg: RunConfig, net, criterion: PDDMLoss) -> list[dict]:
+    """Backbone at ``optim.lr``; new layers (embedding, PDDM unit) at ``optim.head_lr`` (10 x lr)."""
+    head_lr = cfg.optim.head_lr or 10 * cfg.optim.lr
+    backbone, new = net.param_groups()
+    groups = [{"params": backbone, "lr": cfg.optim.lr, "name": "backbone"},
+              {"params": new + list(criterion.parameters()), "lr": head_lr, "name": "heads"}]  # fmt: skip
+    return [g for g in groups if g["params"]]
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    if cfg.ray.use_gpu and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def validate(cfg: RunConfig, net: nn.Module, device: torch.device, ks=(1, 2, 4, 8)) -> dict[str, float]:
+    """Recall@K on the validation split: each rank embeds its shards, rank 0 searches the whole set."""
+    urls = resolve_shards(cfg.data.val_shards).urls
+    loader = torch.utils.data.DataLoader(EvalDataset(urls, cfg.data.image_size, cfg.data.max_skip_rate),
+                                         batch_size=256, num_workers=min(cfg.data.loader_workers, len(urls)))  # fmt: skip
+    was = net.training
+    net.eval()
+    embs, labels, index = [], [], []
+    for x, y, idx in loader:
+        embs.append(net(x.to(device)).float().cpu())
+        labels.append(y)
+        index.append(idx)
+        if cfg.data.val_max_images and sum(len(i) for i in index) >= cfg.data.val_max_images:
+            break
+    net.train(was)
+    local = (torch.cat(embs).numpy() if embs else np.zeros((0, cfg.model.embed_dim), np.float32),
+             torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
+             torch.cat(index).numpy() if index else np.zeros(0, np.int64))  # fmt: skip
+    rank, world = rank_and_world()
+    parts = [local]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, local)
+    result = [None]
+    if rank == 0:
+        e = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        recall = recall_at_k(e, y, ks) if len(e) > 1 else {k: float("nan") for k in ks}
+        result = [{f"val_recall@{k}": v for k, v in recall.items()} | {"val_images": float(len(e))}]
+    if world > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+class MetricsLog:
+    """Rank 0: a JSONL file, TensorBoard curves and a progress bar with ETA."""
+
+    def __init__(self, out: Path, enabled: bool, total: int, start: int, progress: bool):
+        self.enabled = enabled
+        self.bar = self.tb = self.jsonl = None
+        if not enabled:
+            return
+        from tqdm.auto import tqdm
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a")  # noqa: SIM115 -- lives as long as the run
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self.tb = None
+        self.bar = tqdm(total=total, initial=start, unit="step", desc="train", disable=not progress, dynamic_ncols=True)
+
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k.replace("@", "_at_"), v, step)
+        if self.bar is not None and "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", spread=f"{metrics.get('spread', 0):.2f}",
+                                 img_s=f"{metrics.get('images_per_s', 0):.0f}")  # fmt: skip
+
+    def close(self) -> None:
+        for h in (self.bar, self.tb, self.jsonl):
+            if h is not None:
+                h.close()
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+
+
+def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
+    """Train until ``train.steps``, resuming from the latest checkpoint when there is one. Returns the last
+    metrics (on every rank)."""
+    import deepspeed
+
+    rank, world = rank_and_world()
+    # webdataset's node splitter and the loader workers read the rank from the environment.
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    device = _device(cfg)
+    torch.manual_seed(cfg.train.seed)
+    net = create_model(cfg.model).to(device)
+    lc = cfg.loss
+    criterion = PDDMLoss(cfg.model.embed_dim, mode=lc.mode, metric=lc.metric, alpha=lc.alpha, beta=lc.beta,
+                         lam=lc.lam, chunk=lc.chunk, candidates=lc.candidates, hidden=lc.hidden,
+                         distance=lc.distance, metric_grad=lc.metric_grad).to(device)  # fmt: skip
+    module = Trainable(net, criterion)
+    optimizer = torch.optim.AdamW(param_groups(cfg, net, criterion), lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world),
+        dist_init_required=world > 1 and not dist.is_initialized(),
+    )  # fmt: skip
+
+    start, data_seed = 0, cfg.train.seed
+    with persistence.latest() as ckpt:
+        if ckpt is not None:
+            engine.load_checkpoint(str(ckpt), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+            state = json.loads((ckpt / CLIENT_STATE).read_text())
+            start = state["step"]
+            data_seed = state["data_seed"] + 1  # a fresh stream, not a replay of the one before the stop
+            rng_file = ckpt / f"rng_rank{rank}.pt"
+            if rng_file.exists():
+                _set_rng_state(torch.load(rng_file, weights_only=False))
+            if rank == 0:
+                log.info("resumed from %s at step %d", ckpt, start)
+
+    shard_set = resolve_shards(cfg.data.train_shards)
+    dataset = PKBatchDataset(shard_set.urls, cfg.data.classes_per_batch, cfg.data.images_per_class,
+                             image_size=cfg.data.image_size, buffer_images=cfg.data.buffer_images,
+                             max_skip_rate=cfg.data.max_skip_rate, seed=data_seed)  # fmt: skip
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.loader_workers,
+                                              persistent_workers=cfg.data.loader_workers > 0))  # fmt: skip
+    metrics_log = MetricsLog(out, rank == 0, cfg.train.steps, start, cfg.train.progress)
+    param_dtype = next(engine.module.net.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
+    last: dict = {}
+    nonfinite = skipped_steps = 0
+    step = start
+    try:
+        while step < cfg.train.steps:
+            timed = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+            t0 = time.perf_counter()
+            images, labels = next(loader)
+            images = images.to(device, dtype=param_dtype, non_blocking=True)
+            labels = labels.to(device)
+            t_data = time.perf_counter()
+            emb = engine.module.net(images)
+            if timed:
+                _sync(device)
+            t_fwd = time.perf_counter()
+            batch = gather_batch(emb, labels)
+            if timed:
+                _sync(device)
+            t_comm = time.perf_counter()
+            loss, stats = engine.module.criterion.pool_loss(batch)
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if timed:
+                _sync(device)
+            t_loss = time.perf_counter()
+            if finite.item() < 1:  # every rank skips together, or the collectives would hang
+                nonfinite += 1
+                skipped_steps += 1
+                if rank == 0:
+                    log.warning("step %d: non-finite loss, step skipped (%d in a row)", step + 1, nonfinite)
+                if nonfinite >= cfg.train.nan_abort_after:
+                    raise NonFiniteLossError(
+                        f"{nonfinite} consecutive non-finite losses at step {step + 1}: lower optim.lr, check the "
+                        "data, or raise train.nan_abort_after"
+                    )
+                continue
+            nonfinite = 0
+            engine.backward(loss)
+            engine.step()
+            if timed:
+                _sync(device)
+            t_step = time.perf_counter()
+            step += 1
+            metrics_log.step()
+            if timed:
+                total = t_step - t0
+                last = {"loss": float(loss.detach()), **stats.as_dict(),
+                        "lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[-1]["lr"],
+                        "images_per_s": world * len(labels) / total, "skipped_steps": float(skipped_steps),
+                        "time_data": t_data - t0, "time_forward": t_fwd - t_data, "time_comm": t_comm - t_fwd,
+                        "time_mining_loss": t_loss - t_comm, "time_backward_step": t_step - t_loss,
+                        "time_step": total}  # fmt: skip
+            val_due = cfg.data.val_shards and (
+                (cfg.train.val_every and step % cfg.train.val_every == 0) or step == cfg.train.steps
+            )
+            if val_due:
+                last = last | validate(cfg, engine.module.net, device)
+            ckpt_due = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+            if timed or ckpt_due or val_due:
+                metrics_log.write(step, last)
+            if ckpt_due:
+                staging = _save(engine, persistence, cfg, step, data_seed, rank, last)
+                persistence.report({"step": step, **last}, staging)
+            elif isinstance(persistence, RayPersistence) and timed:
+                persistence.report({"step": step, **last}, None)
+        if rank == 0:
+            export_model(engine.module.net, out / "model.pt")
+    finally:
+        metrics_log.close()
+    return last | {"step": step}
+
+
+def _save(engine, persistence, cfg: RunConfig, step: int, data_seed: int, rank: int, metrics: dict) -> Path:
+    """A complete checkpoint in a staging folder: DeepSpeed state (every rank its partition), client state,
+    per-rank RNG, the resolved config and an exported plain-PyTorch model (rank 0)."""
+    if isinstance(persistence, LocalPersistence):
+        staging = persistence.staging_dir(step)
+        if rank == 0 and staging.exists():
+            shutil.rmtree(staging)
+        _barrier()
+    else:
+        staging = persistence.staging_dir(step)
+    staging.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(staging), tag=TAG, client_state={"step": step})
+    torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
+    if rank == 0:
+        (staging / CLIENT_STATE).write_text(json.dumps({"step": step, "data_seed": data_seed, "metrics": metrics,
+                                                        "config": cfg.to_dict()}))  # fmt: skip
+        export_model(engine.module.net, staging / "model.pt")
+    return staging
+
+
+def ray_train_loop(loop_config: dict) -> None:
+    """Entry point of every Ray Train worker (``TorchTrainer(train_loop_per_worker=...)``)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_worker(from_dict(loop_config["config"]), RayPersistence(), Path(loop_config["output_dir"]))
