@@ -83,8 +83,16 @@ def _train(args: argparse.Namespace) -> int:
             print(f"error: training failed: {result.error}", file=sys.stderr)
             return 1
         metrics = result.metrics or {}
-    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("step", "loss", "spread") or k.startswith("val_")}
-    print(f"done: {shown}; output in {cfg.output_dir()}")
+    print(
+        f"done: step {int(metrics.get('step', 0))}, loss {metrics.get('loss', float('nan')):.3f}, "
+        f"embedding spread {metrics.get('spread', float('nan')):.3f}; output in {cfg.output_dir()}"
+    )
+    ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith("val_recall@"))
+    if ks:
+        before = "  ".join(f"R@{k} {metrics.get(f'val0_recall@{k}', float('nan')):.3f}" for k in ks)
+        after = "  ".join(f"R@{k} {metrics[f'val_recall@{k}']:.3f}" for k in ks)
+        print(f"held-out Recall@K, untrained network: {before}")
+        print(f"held-out Recall@K, after training:    {after}")
     return 0
 
 

@@ -34,6 +34,8 @@ class DataConfig:
     images_per_class: int = 4  # K
     batch_size: int | None = None  # local batch; when given it must equal P x K
     image_size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    hflip: bool = True
     loader_workers: int = 2
     buffer_images: int | None = None  # P x K batch former's buffer (default 8 P K)
     max_skip_rate: float = 0.01
@@ -268,6 +270,9 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
             f"{d.classes_per_batch} x {d.images_per_class} = {cfg.local_batch}; drop batch_size or make them agree",
         )
     need(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
+    need(
+        0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, f"data.crop_scale must be 0 < low <= high <= 1, got {d.crop_scale}"
+    )
     need(d.loader_workers >= 0, f"data.loader_workers must be >= 0, got {d.loader_workers}")
     need(0 <= d.max_skip_rate <= 1, f"data.max_skip_rate must be in [0, 1], got {d.max_skip_rate}")
     if d.buffer_images is not None:

@@ -124,14 +124,14 @@ def decode_image(data: bytes, target: int | None = None):
     return img
 
 
-def train_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def train_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_scale=(0.08, 1.0), hflip: bool = True):
     from torchvision.transforms import v2
 
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.RandomResizedCrop(size, antialias=True),
-            v2.RandomHorizontalFlip(),
+            v2.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True),
+            v2.RandomHorizontalFlip(0.5 if hflip else 0.0),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean, std),
         ]

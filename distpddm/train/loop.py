@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import RunConfig, deepspeed_config, from_dict
-from ..data.stream import EvalDataset, PKBatchDataset, resolve_shards
+from ..data.stream import EvalDataset, PKBatchDataset, resolve_shards, train_transform
 from ..evaluate import recall_at_k
 from ..gather import gather_batch, rank_and_world
 from ..loss import PDDMLoss
@@ -153,8 +153,10 @@ def param_groups(cfg: RunConfig, net, criterion: PDDMLoss) -> list[dict]:
     """Backbone at ``optim.lr``; new layers (embedding, PDDM unit) at ``optim.head_lr`` (10 x lr)."""
     head_lr = cfg.optim.head_lr or 10 * cfg.optim.lr
     backbone, new = net.param_groups()
-    groups = [{"params": backbone, "lr": cfg.optim.lr, "name": "backbone"},
-              {"params": new + list(criterion.parameters()), "lr": head_lr, "name": "heads"}]  # fmt: skip
+    groups = [
+        {"params": backbone, "lr": cfg.optim.lr, "name": "backbone"},
+        {"params": new + list(criterion.parameters()), "lr": head_lr, "name": "heads"},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -185,8 +187,11 @@ def _device(cfg: RunConfig) -> torch.device:
 def validate(cfg: RunConfig, net: nn.Module, device: torch.device, ks=(1, 2, 4, 8)) -> dict[str, float]:
     """Recall@K on the validation split: each rank embeds its shards, rank 0 searches the whole set."""
     urls = resolve_shards(cfg.data.val_shards).urls
-    loader = torch.utils.data.DataLoader(EvalDataset(urls, cfg.data.image_size, cfg.data.max_skip_rate),
-                                         batch_size=256, num_workers=min(cfg.data.loader_workers, len(urls)))  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        EvalDataset(urls, cfg.data.image_size, cfg.data.max_skip_rate),
+        batch_size=256,
+        num_workers=min(cfg.data.loader_workers, len(urls)),
+    )
     was = net.training
     net.eval()
     embs, labels, index = [], [], []
@@ -197,9 +202,11 @@ def validate(cfg: RunConfig, net: nn.Module, device: torch.device, ks=(1, 2, 4, 
         if cfg.data.val_max_images and sum(len(i) for i in index) >= cfg.data.val_max_images:
             break
     net.train(was)
-    local = (torch.cat(embs).numpy() if embs else np.zeros((0, cfg.model.embed_dim), np.float32),
-             torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
-             torch.cat(index).numpy() if index else np.zeros(0, np.int64))  # fmt: skip
+    local = (
+        torch.cat(embs).numpy() if embs else np.zeros((0, cfg.model.embed_dim), np.float32),
+        torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
+        torch.cat(index).numpy() if index else np.zeros(0, np.int64),
+    )
     rank, world = rank_and_world()
     parts = [local]
     if world > 1:
@@ -250,8 +257,11 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k.replace("@", "_at_"), v, step)
         if self.bar is not None and "loss" in metrics:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", spread=f"{metrics.get('spread', 0):.2f}",
-                                 img_s=f"{metrics.get('images_per_s', 0):.0f}")  # fmt: skip
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}",
+                spread=f"{metrics.get('spread', 0):.2f}",
+                img_s=f"{metrics.get('images_per_s', 0):.0f}",
+            )
 
     def close(self) -> None:
         for h in (self.bar, self.tb, self.jsonl):
@@ -275,24 +285,39 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
     torch.manual_seed(cfg.train.seed)
     net = create_model(cfg.model).to(device)
     lc = cfg.loss
-    criterion = PDDMLoss(cfg.model.embed_dim, mode=lc.mode, metric=lc.metric, alpha=lc.alpha, beta=lc.beta,
-                         lam=lc.lam, chunk=lc.chunk, candidates=lc.candidates, hidden=lc.hidden,
-                         distance=lc.distance, metric_grad=lc.metric_grad).to(device)  # fmt: skip
+    criterion = PDDMLoss(
+        cfg.model.embed_dim,
+        mode=lc.mode,
+        metric=lc.metric,
+        alpha=lc.alpha,
+        beta=lc.beta,
+        lam=lc.lam,
+        chunk=lc.chunk,
+        candidates=lc.candidates,
+        hidden=lc.hidden,
+        distance=lc.distance,
+        metric_grad=lc.metric_grad,
+    ).to(device)
     module = Trainable(net, criterion)
-    optimizer = torch.optim.AdamW(param_groups(cfg, net, criterion), lr=cfg.optim.lr,
-                                  weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        param_groups(cfg, net, criterion), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world),
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world),
         dist_init_required=world > 1 and not dist.is_initialized(),
-    )  # fmt: skip
+    )
 
-    start, data_seed = 0, cfg.train.seed
+    start, data_seed, resumed_baseline = 0, cfg.train.seed, {}
     with persistence.latest() as ckpt:
         if ckpt is not None:
             engine.load_checkpoint(str(ckpt), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
             state = json.loads((ckpt / CLIENT_STATE).read_text())
             start = state["step"]
+            resumed_baseline = state.get("baseline", {})
             data_seed = state["data_seed"] + 1  # a fresh stream, not a replay of the one before the stop
             rng_file = ckpt / f"rng_rank{rank}.pt"
             if rng_file.exists():
@@ -301,16 +326,34 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
                 log.info("resumed from %s at step %d", ckpt, start)
 
     shard_set = resolve_shards(cfg.data.train_shards)
-    dataset = PKBatchDataset(shard_set.urls, cfg.data.classes_per_batch, cfg.data.images_per_class,
-                             image_size=cfg.data.image_size, buffer_images=cfg.data.buffer_images,
-                             max_skip_rate=cfg.data.max_skip_rate, seed=data_seed)  # fmt: skip
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.loader_workers,
-                                              persistent_workers=cfg.data.loader_workers > 0))  # fmt: skip
+    dataset = PKBatchDataset(
+        shard_set.urls,
+        cfg.data.classes_per_batch,
+        cfg.data.images_per_class,
+        image_size=cfg.data.image_size,
+        buffer_images=cfg.data.buffer_images,
+        max_skip_rate=cfg.data.max_skip_rate,
+        seed=data_seed,
+        transform=train_transform(cfg.data.image_size, crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip),
+    )
+    loader = iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=cfg.data.loader_workers,
+            persistent_workers=cfg.data.loader_workers > 0,
+        )
+    )
     metrics_log = MetricsLog(out, rank == 0, cfg.train.steps, start, cfg.train.progress)
     param_dtype = next(engine.module.net.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
     last: dict = {}
+    baseline: dict = resumed_baseline  # the untrained network's Recall@K ("val0_*"), beside the current one
     nonfinite = skipped_steps = 0
     step = start
+    if cfg.data.val_shards and start == 0:
+        initial = validate(cfg, engine.module.net, device)
+        metrics_log.write(0, initial)
+        baseline = {k.replace("val_", "val0_"): v for k, v in initial.items()}
     try:
         while step < cfg.train.steps:
             timed = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
@@ -355,12 +398,20 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
             metrics_log.step()
             if timed:
                 total = t_step - t0
-                last = {"loss": float(loss.detach()), **stats.as_dict(),
-                        "lr": optimizer.param_groups[0]["lr"], "head_lr": optimizer.param_groups[-1]["lr"],
-                        "images_per_s": world * len(labels) / total, "skipped_steps": float(skipped_steps),
-                        "time_data": t_data - t0, "time_forward": t_fwd - t_data, "time_comm": t_comm - t_fwd,
-                        "time_mining_loss": t_loss - t_comm, "time_backward_step": t_step - t_loss,
-                        "time_step": total}  # fmt: skip
+                last = {
+                    "loss": float(loss.detach()),
+                    **stats.as_dict(),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "head_lr": optimizer.param_groups[-1]["lr"],
+                    "images_per_s": world * len(labels) / total,
+                    "skipped_steps": float(skipped_steps),
+                    "time_data": t_data - t0,
+                    "time_forward": t_fwd - t_data,
+                    "time_comm": t_comm - t_fwd,
+                    "time_mining_loss": t_loss - t_comm,
+                    "time_backward_step": t_step - t_loss,
+                    "time_step": total,
+                }
             val_due = cfg.data.val_shards and (
                 (cfg.train.val_every and step % cfg.train.val_every == 0) or step == cfg.train.steps
             )
@@ -370,18 +421,20 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
             if timed or ckpt_due or val_due:
                 metrics_log.write(step, last)
             if ckpt_due:
-                staging = _save(engine, persistence, cfg, step, data_seed, rank, last)
-                persistence.report({"step": step, **last}, staging)
+                staging = _save(engine, persistence, cfg, step, data_seed, rank, last, baseline)
+                persistence.report({"step": step, **baseline, **last}, staging)
             elif isinstance(persistence, RayPersistence) and timed:
-                persistence.report({"step": step, **last}, None)
+                persistence.report({"step": step, **baseline, **last}, None)
         if rank == 0:
             export_model(engine.module.net, out / "model.pt")
     finally:
         metrics_log.close()
-    return last | {"step": step}
+    return baseline | last | {"step": step}
 
 
-def _save(engine, persistence, cfg: RunConfig, step: int, data_seed: int, rank: int, metrics: dict) -> Path:
+def _save(
+    engine, persistence, cfg: RunConfig, step: int, data_seed: int, rank: int, metrics: dict, baseline: dict
+) -> Path:
     """A complete checkpoint in a staging folder: DeepSpeed state (every rank its partition), client state,
     per-rank RNG, the resolved config and an exported plain-PyTorch model (rank 0)."""
     if isinstance(persistence, LocalPersistence):
@@ -395,8 +448,17 @@ def _save(engine, persistence, cfg: RunConfig, step: int, data_seed: int, rank: 
     engine.save_checkpoint(str(staging), tag=TAG, client_state={"step": step})
     torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
     if rank == 0:
-        (staging / CLIENT_STATE).write_text(json.dumps({"step": step, "data_seed": data_seed, "metrics": metrics,
-                                                        "config": cfg.to_dict()}))  # fmt: skip
+        (staging / CLIENT_STATE).write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "data_seed": data_seed,
+                    "metrics": metrics,
+                    "baseline": baseline,
+                    "config": cfg.to_dict(),
+                }
+            )
+        )
         export_model(engine.module.net, staging / "model.pt")
     return staging
 

@@ -1,0 +1,85 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distpddm.config import ConfigError, deepspeed_config, from_dict, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    d = tmp_path / "shards" / "train"
+    d.mkdir(parents=True)
+    (d / "index.json").write_text(json.dumps({"shards": [], "classes": [], "samples": 0}))
+    return d
+
+
+@pytest.fixture
+def config_file(tmp_path, shards):
+    def write(**sections):
+        tree = {
+            "data": {"train_shards": str(shards)},
+            "train": {"deepspeed": str(REPO / "configs/deepspeed/zero1_cpu.json")},
+        }
+        for k, v in sections.items():
+            tree.setdefault(k, {}).update(v)
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        return path
+
+    return write
+
+
+def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path):
+    cfg = load_config(config_file(), ["train.steps=7", "data.images_per_class=3", "loss.alpha=0.25", "name=x"])
+    assert (cfg.train.steps, cfg.data.images_per_class, cfg.loss.alpha, cfg.name) == (7, 3, 0.25, "x")
+    assert cfg.local_batch == 16 * 3
+    assert Path(cfg.data.train_shards).is_absolute() and Path(cfg.train.deepspeed).is_absolute()
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert from_dict(yaml.safe_load((tmp_path / "saved.yaml").read_text())) == cfg
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 48 and ds["train_batch_size"] == 192
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.clases_per_batch=4"], r"unknown key 'data.clases_per_batch'; did you mean data.classes_per_batch"),
+        (["optimizer.lr=1"], r"unknown key 'optimizer'; did you mean optim"),
+        (["train.steps=ten"], r"train.steps must be int, got 'ten'"),
+        (["model.freeze_bn=1"], r"model.freeze_bn must be bool"),
+        (["data.images_per_class=1"], r"data.images_per_class must be >= 2"),
+        (
+            ["data.batch_size=10"],
+            r"data.batch_size=10 but data.classes_per_batch x data.images_per_class = 16 x 4 = 64",
+        ),
+        (["data.train_shards=/nonexistent/shards"], r"data.train_shards: no shards at '/nonexistent/shards'"),
+        (["model.sync_bn=true"], r"model.sync_bn needs GPUs"),
+        (["loss.metric=cosine"], r"loss.metric must be one of"),
+        (["train.val_every=10"], r"train.val_every is set but data.val_shards is not"),
+        (["model.pretrained=/no/weights.pt"], r"model.pretrained: no file at"),
+        (["train.deepspeed=/no/ds.json"], r"train.deepspeed: no DeepSpeed config"),
+        (["steps"], r"override 'steps' must look like section.key=value"),
+    ],
+)
+def test_bad_config_names_the_key_and_the_fix(config_file, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_file(), overrides)
+
+
+def test_deepspeed_file_disagreeing_with_the_batch_is_named(config_file, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32, "optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=32 but the local batch is 64") as e:
+        load_config(config_file(), [f"train.deepspeed={ds}"])
+    assert "remove the 'optimizer' section" in str(e.value)  # every problem is listed at once
+
+
+def test_shipped_configs_parse(tmp_path):
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path, check_paths=False)
+        assert cfg.local_batch == cfg.data.classes_per_batch * cfg.data.images_per_class, path
+        assert Path(cfg.train.deepspeed).is_file(), path

@@ -1,0 +1,128 @@
+"""End-to-end training: real glyph shards -> DeepSpeed -> PDDMLoss -> checkpoints, on --local and on Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from distpddm.data.shards import BuildOptions, build
+from distpddm.data.sources import read_source
+from distpddm.data.stream import EvalDataset, resolve_shards
+from distpddm.model import ModelConfig, create_model, load_exported
+from tests import fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def font_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    fixtures.copy_fonts(root / "fonts", 60)
+    os.environ.setdefault("DISTPDDM_CACHE", str(root / "cache"))
+    plan = read_source("fonts", None, fonts=[root / "fonts"], font_size=32)
+    build(plan, root / "shards", BuildOptions(shard_bytes=1_500_000, progress=False))
+    return root / "shards"
+
+
+def _cli(args, env=None, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "distpddm.cli", *args], cwd=REPO, env=env or os.environ.copy(),
+                          capture_output=True, text=True, timeout=timeout, **kw)  # fmt: skip
+
+
+def _overrides(font_shards, out, name, steps, extra=()):
+    return [f"name={name}", f"ray.storage_path={out}", f"data.train_shards={font_shards / 'train'}",
+            f"data.val_shards={font_shards / 'test'}", f"train.steps={steps}", "train.progress=false",
+            "data.classes_per_batch=8", "data.loader_workers=1", *extra]  # fmt: skip
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_local_run_resumes_and_exports_the_trained_model(font_shards, tmp_path):
+    args = _overrides(font_shards, tmp_path, "local", 12, ["train.checkpoint_every=6", "train.log_every=3"])
+    first = _cli(["train", "--local", "configs/smoke.yaml", *args])
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "local"
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000012"
+    assert "held-out Recall@K, untrained network" in first.stdout
+
+    second = _cli(["train", "--local", "configs/smoke.yaml", *args[:-1], "train.steps=18", "train.log_every=3"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "at step 12" in second.stderr
+    steps = [m["step"] for m in _metrics(run) if "loss" in m]
+    assert steps == [3, 6, 9, 12, 15, 18]  # continued, not restarted
+    state = json.loads((run / "checkpoints" / "step-00000018" / "distpddm_state.json").read_text())
+    assert state["step"] == 18 and state["config"]["train"]["steps"] == 18
+
+    # The exported plain-PyTorch model gives the embeddings of the DeepSpeed checkpoint's weights.
+    exported = load_exported(run / "model.pt")
+    blob = torch.load(run / "checkpoints" / "step-00000018" / "checkpoint" / "mp_rank_00_model_states.pt",
+                      map_location="cpu", weights_only=False)  # fmt: skip
+    net = create_model(ModelConfig(**state["config"]["model"]))
+    net.load_state_dict({k[len("net.") :]: v for k, v in blob["module"].items() if k.startswith("net.")})
+    net.eval()
+    images = torch.stack([x for x, _, _ in list(EvalDataset(resolve_shards(font_shards / "test").urls, 32))[:16]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(images), net(images), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(exported(images), create_model(exported.cfg).eval()(images), atol=1e-3)
+
+
+def _ray_workers() -> list[psutil.Process]:
+    """The Ray Train worker actors (not their forked data-loader processes, which share the command line)."""
+    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "ray::RayTrainWorker"]
+
+
+def test_ray_two_workers_learn_survive_a_sigkill_and_resume(font_shards, tmp_path):
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    steps, every = 120, 30
+    extra = [f"train.checkpoint_every={every}", "train.log_every=5", "train.keep_checkpoints=2", "ray.num_workers=2",
+             "ray.max_failures=2", "optim.warmup_steps=5", "optim.min_lr_ratio=1.0"]  # fmt: skip
+    args = _overrides(font_shards, tmp_path, "ray", steps, extra)
+    run = tmp_path / "ray"
+    proc = subprocess.Popen([sys.executable, "-m", "distpddm.cli", "train", "configs/fonts.yaml", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    killed = None
+    try:
+        deadline = time.time() + 500
+        while proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+            if killed is None and (run / "metrics.jsonl").exists():
+                done = [m.get("step", 0) for m in _metrics(run)]
+                if max(done, default=0) >= 50:
+                    workers = _ray_workers()
+                    assert len(workers) == 2, workers
+                    killed = workers[-1].pid
+                    os.kill(killed, signal.SIGKILL)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    assert killed is not None, "the run ended before a worker could be killed"
+    logged = [m["step"] for m in _metrics(run) if "loss" in m]
+    assert logged[-1] == steps
+    restart = next(i for i in range(1, len(logged)) if logged[i] <= logged[i - 1])
+    resumed_from = logged[restart] - 5
+    assert resumed_from % every == 0 and every <= resumed_from < logged[restart - 1]  # from a checkpoint
+    assert len([p for p in run.glob("checkpoint_*") if p.is_dir()]) == 2  # keep_checkpoints
+    losses = [m["loss"] for m in _metrics(run) if "loss" in m]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    final = _metrics(run)[-1]
+    first_val = next(m for m in _metrics(run) if m["step"] == 0)
+    assert final["val_recall@1"] > first_val["val_recall@1"] + 0.02, (first_val, final)
+
+    # Rerunning the same command with more steps continues from the last checkpoint.
+    again = _cli(["train", "configs/fonts.yaml", *args, "train.steps=130"], env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    logged = [m["step"] for m in _metrics(run) if "loss" in m]
+    assert logged[-3:] == [120, 125, 130]
