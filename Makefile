@@ -8,7 +8,7 @@ FONTS_DIR := /usr/share/fonts/truetype/aenigma
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install fonts test test-fast demo lint format bench-mining bench-losses clean
+.PHONY: install fonts test test-fast demo demo-core shards-fonts lint format bench-mining bench-losses clean
 
 install: $(STAMP) fonts
 
@@ -37,8 +37,17 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: install
+# The main job end to end: glyph shards -> Ray Train (2 workers) + DeepSpeed -> held-out Recall@K.
+demo: shards-fonts
+	rm -rf runs/fonts-demo
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m distpddm.cli train configs/fonts.yaml name=fonts-demo
+
+# The core alone (PDDMLoss in a plain in-memory loop, no Ray / DeepSpeed / shards).
+demo-core: install
 	$(PY) -m distpddm.demo
+
+shards-fonts: install
+	$(PY) -m distpddm.cli shards build --source fonts shards/out/fonts --font-size 32 --shard-size 8M
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -35,6 +35,10 @@ VARIANTS: dict[str, tuple[str, dict | str]] = {
     "pddm_squared_b02": ("squared distance, beta .2", {"distance": "squared", "beta": 0.2}),
     "pddm_a01_b02": ("PDDMLoss alpha .1, beta .2", {"alpha": 0.1, "beta": 0.2}),
     "pddm_detach": ("defaults, metric head not back-propagated into the embedding", {"metric_grad": False}),
+    "pddm_scratch": (
+        "from-scratch settings of configs/fonts.yaml (alpha .1, beta .2, metric_grad off)",
+        {"alpha": 0.1, "beta": 0.2, "metric_grad": False},
+    ),
     "pddm_batch": ("defaults, mode=batch (one quadruplet per batch, the paper's form)", {"mode": "batch"}),
     "euclidean": ("PDDMLoss defaults, metric=euclidean (the paper's baseline miner)", {"metric": "euclidean"}),
     "mahalanobis": ("PDDMLoss defaults, metric=mahalanobis", {"metric": "mahalanobis"}),

@@ -53,7 +53,11 @@ def _timed(fn, device: str, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def case_distpddm(dim, pool, device, reps, count=ANCHORS, candidates=None, metric="pddm"):
+def case_distpddm(dim, pool, device, reps, count=ANCHORS, candidates=None, metric="pddm", functional=False):
+    if functional:  # the straightforward chunked version: the autograd kernel, also for mining
+        from distpddm.pddm import PDDM
+
+        PDDM._block_no_grad = PDDM._block
     torch.manual_seed(0)
     crit = PDDMLoss(dim, metric=metric, candidates=candidates).to(device)
     feats, labels = _pool(pool, dim, device)
@@ -160,6 +164,7 @@ def main() -> None:
                 "local": local,
                 "dense": dense,
                 "pml": pml,
+                "functional": run("distpddm", dim=dim, pool=pool, device=dev, reps=args.reps, functional=True),
             }
             if args.candidates:
                 row["cand"] = run(
@@ -173,7 +178,7 @@ def main() -> None:
 
     header = (
         "| dim | pool (world) | distpddm ms | % of ResNet-50 | us/anchor | peak MiB | dense ms | dense / local "
-        "| PML BatchHard+Triplet ms |"
+        "| PML BatchHard+Triplet ms | functional kernel ms (% of ResNet-50) |"
     )
     if args.candidates:
         header += f" candidates={args.candidates} ms | % of ResNet-50 | exact hardest neg / quadruplet |"
@@ -183,7 +188,8 @@ def main() -> None:
         line = (
             f"| {r['dim']} | {r['pool']} ({r['world']}) | {ms(loc)} | {100 * loc['seconds'] / resnet['seconds']:.2f}% "
             f"| {loc['seconds'] / ANCHORS * 1e6:.0f} | {loc['peak_mib']:.0f} | {ms(r['dense'])} "
-            f"| {r['dense']['seconds'] / loc['seconds']:.0f}x | {ms(r['pml'])} |"
+            f"| {r['dense']['seconds'] / loc['seconds']:.0f}x | {ms(r['pml'])} "
+            f"| {ms(r['functional'])} ({100 * r['functional']['seconds'] / resnet['seconds']:.2f}%) |"
         )
         if args.candidates:
             c = r["cand"]

@@ -72,9 +72,15 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.local:
+        from .data.stream import BadDataError
         from .train.launch import train_local
+        from .train.loop import NonFiniteLossError
 
-        metrics = train_local(cfg)
+        try:
+            metrics = train_local(cfg)
+        except (NonFiniteLossError, BadDataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     else:
         from .train.launch import train_ray
 

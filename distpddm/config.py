@@ -44,6 +44,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    """The keyword arguments of :class:`distpddm.loss.PDDMLoss`, one for one."""
+
     mode: str = "anchor"
     metric: str = "pddm"
     alpha: float = 0.5

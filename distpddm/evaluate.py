@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
-import faiss
 import numpy as np
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = 
         raise ValueError(f"embeddings {x.shape} and labels {labels.shape} do not match")
     if len(x) < 2:
         raise ValueError("Recall@K needs at least two samples")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every ISA it tries at INFO
+    import faiss
+
     ks = sorted(set(int(k) for k in ks))
     kmax = min(max(ks), len(x) - 1)
     index = faiss.IndexFlatL2(x.shape[1])

@@ -83,3 +83,15 @@ def test_shipped_configs_parse(tmp_path):
         cfg = load_config(path, check_paths=False)
         assert cfg.local_batch == cfg.data.classes_per_batch * cfg.data.images_per_class, path
         assert Path(cfg.train.deepspeed).is_file(), path
+
+
+def test_loss_config_mirrors_pddmloss_keywords():
+    import dataclasses
+    import inspect
+
+    from distpddm.config import LossConfig
+    from distpddm.loss import PDDMLoss
+
+    params = inspect.signature(PDDMLoss).parameters
+    for f in dataclasses.fields(LossConfig):
+        assert f.name in params and params[f.name].default == f.default, f.name

@@ -34,14 +34,29 @@ def font_shards(tmp_path_factory):
 
 
 def _cli(args, env=None, timeout=600, **kw):
-    return subprocess.run([sys.executable, "-m", "distpddm.cli", *args], cwd=REPO, env=env or os.environ.copy(),
-                          capture_output=True, text=True, timeout=timeout, **kw)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "distpddm.cli", *args],
+        cwd=REPO,
+        env=env or os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def _overrides(font_shards, out, name, steps, extra=()):
-    return [f"name={name}", f"ray.storage_path={out}", f"data.train_shards={font_shards / 'train'}",
-            f"data.val_shards={font_shards / 'test'}", f"train.steps={steps}", "train.progress=false",
-            "data.classes_per_batch=8", "data.loader_workers=1", *extra]  # fmt: skip
+    return [
+        f"name={name}",
+        f"ray.storage_path={out}",
+        f"data.train_shards={font_shards / 'train'}",
+        f"data.val_shards={font_shards / 'test'}",
+        f"train.steps={steps}",
+        "train.progress=false",
+        "data.classes_per_batch=8",
+        "data.loader_workers=1",
+        *extra,
+    ]
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -66,8 +81,11 @@ def test_local_run_resumes_and_exports_the_trained_model(font_shards, tmp_path):
 
     # The exported plain-PyTorch model gives the embeddings of the DeepSpeed checkpoint's weights.
     exported = load_exported(run / "model.pt")
-    blob = torch.load(run / "checkpoints" / "step-00000018" / "checkpoint" / "mp_rank_00_model_states.pt",
-                      map_location="cpu", weights_only=False)  # fmt: skip
+    blob = torch.load(
+        run / "checkpoints" / "step-00000018" / "checkpoint" / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=False,
+    )
     net = create_model(ModelConfig(**state["config"]["model"]))
     net.load_state_dict({k[len("net.") :]: v for k, v in blob["module"].items() if k.startswith("net.")})
     net.eval()
@@ -85,12 +103,25 @@ def _ray_workers() -> list[psutil.Process]:
 def test_ray_two_workers_learn_survive_a_sigkill_and_resume(font_shards, tmp_path):
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     steps, every = 120, 30
-    extra = [f"train.checkpoint_every={every}", "train.log_every=5", "train.keep_checkpoints=2", "ray.num_workers=2",
-             "ray.max_failures=2", "optim.warmup_steps=5", "optim.min_lr_ratio=1.0"]  # fmt: skip
+    extra = [
+        f"train.checkpoint_every={every}",
+        "train.log_every=5",
+        "train.keep_checkpoints=2",
+        "ray.num_workers=2",
+        "ray.max_failures=2",
+        "optim.warmup_steps=5",
+        "optim.min_lr_ratio=1.0",
+    ]
     args = _overrides(font_shards, tmp_path, "ray", steps, extra)
     run = tmp_path / "ray"
-    proc = subprocess.Popen([sys.executable, "-m", "distpddm.cli", "train", "configs/fonts.yaml", *args], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distpddm.cli", "train", "configs/fonts.yaml", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     killed = None
     try:
         deadline = time.time() + 500
@@ -126,3 +157,24 @@ def test_ray_two_workers_learn_survive_a_sigkill_and_resume(font_shards, tmp_pat
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     logged = [m["step"] for m in _metrics(run) if "loss" in m]
     assert logged[-3:] == [120, 125, 130]
+
+
+def test_non_finite_losses_are_skipped_then_abort_the_run(font_shards, tmp_path):
+    # An absurd learning rate turns the weights to inf after one step: every later loss is NaN.
+    args = _overrides(
+        font_shards,
+        tmp_path,
+        "nan",
+        40,
+        [
+            "optim.lr=1e39",
+            "optim.warmup_steps=0",
+            "train.nan_abort_after=4",
+            "train.log_every=1",
+            "data.val_shards=null",
+        ],
+    )
+    result = _cli(["train", "--local", "configs/smoke.yaml", *args])
+    assert result.returncode != 0
+    assert "4 consecutive non-finite losses" in result.stderr
+    assert result.stderr.count("non-finite loss, step skipped") == 4

@@ -56,7 +56,8 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     if "://" not in storage:
         storage = str(Path(storage).resolve())
     out = Path(storage) / cfg.name if "://" not in storage else Path(storage.split("://", 1)[1]) / cfg.name
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()
+    if started_here:
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
@@ -77,4 +78,8 @@ def train_ray(cfg: RunConfig, address: str | None = None):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )  # fmt: skip
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        if started_here:  # leave no local cluster (or a recovered run's leftovers) waiting at exit
+            ray.shutdown()

@@ -8,6 +8,7 @@ Per step: P x K batch -> embeddings -> gather (with gradient) -> mine + PDDM los
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -58,6 +59,10 @@ class Persistence:
     def latest(self) -> Iterator[Path | None]:
         yield None
 
+    def staging_dir(self, step: int) -> Path:
+        """An empty folder for this rank to write the step's checkpoint into."""
+        raise NotImplementedError
+
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         raise NotImplementedError
 
@@ -81,7 +86,12 @@ class LocalPersistence(Persistence):
         yield None
 
     def staging_dir(self, step: int) -> Path:
-        return self.root / f".tmp-step-{step:08d}"
+        staging = self.root / f".tmp-step-{step:08d}"  # shared by every rank
+        if rank_and_world()[0] == 0 and staging.exists():  # left by a crash while writing
+            shutil.rmtree(staging)
+        _barrier()
+        staging.mkdir(parents=True, exist_ok=True)
+        return staging
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is None:
@@ -284,20 +294,7 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
     device = _device(cfg)
     torch.manual_seed(cfg.train.seed)
     net = create_model(cfg.model).to(device)
-    lc = cfg.loss
-    criterion = PDDMLoss(
-        cfg.model.embed_dim,
-        mode=lc.mode,
-        metric=lc.metric,
-        alpha=lc.alpha,
-        beta=lc.beta,
-        lam=lc.lam,
-        chunk=lc.chunk,
-        candidates=lc.candidates,
-        hidden=lc.hidden,
-        distance=lc.distance,
-        metric_grad=lc.metric_grad,
-    ).to(device)
+    criterion = PDDMLoss(cfg.model.embed_dim, **dataclasses.asdict(cfg.loss)).to(device)  # LossConfig mirrors it
     module = Trainable(net, criterion)
     optimizer = torch.optim.AdamW(
         param_groups(cfg, net, criterion), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
@@ -350,6 +347,12 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
     baseline: dict = resumed_baseline  # the untrained network's Recall@K ("val0_*"), beside the current one
     nonfinite = skipped_steps = 0
     step = start
+    if start >= cfg.train.steps:  # a finished run asked again: report where it stands
+        if rank == 0:
+            log.info("already at step %d of %d; raise train.steps to train further", start, cfg.train.steps)
+        final = validate(cfg, engine.module.net, device) if cfg.data.val_shards else {}
+        metrics_log.close()
+        return resumed_baseline | final | {"step": start}
     if cfg.data.val_shards and start == 0:
         initial = validate(cfg, engine.module.net, device)
         metrics_log.write(0, initial)
@@ -423,7 +426,7 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
             if ckpt_due:
                 staging = _save(engine, persistence, cfg, step, data_seed, rank, last, baseline)
                 persistence.report({"step": step, **baseline, **last}, staging)
-            elif isinstance(persistence, RayPersistence) and timed:
+            elif timed:  # metrics only (Ray tracks them; the local run has its JSONL)
                 persistence.report({"step": step, **baseline, **last}, None)
         if rank == 0:
             export_model(engine.module.net, out / "model.pt")
@@ -437,14 +440,7 @@ def _save(
 ) -> Path:
     """A complete checkpoint in a staging folder: DeepSpeed state (every rank its partition), client state,
     per-rank RNG, the resolved config and an exported plain-PyTorch model (rank 0)."""
-    if isinstance(persistence, LocalPersistence):
-        staging = persistence.staging_dir(step)
-        if rank == 0 and staging.exists():
-            shutil.rmtree(staging)
-        _barrier()
-    else:
-        staging = persistence.staging_dir(step)
-    staging.mkdir(parents=True, exist_ok=True)
+    staging = persistence.staging_dir(step)
     engine.save_checkpoint(str(staging), tag=TAG, client_state={"step": step})
     torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
     if rank == 0:
