@@ -34,8 +34,11 @@ def config_file(tmp_path, shards):
 
 
 def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path):
-    cfg = load_config(config_file(), ["train.steps=7", "data.images_per_class=3", "loss.alpha=0.25", "name=x"])
+    cfg = load_config(
+        config_file(), ["train.steps=7", "data.images_per_class=3", "loss.alpha=0.25", "name=x", "optim.lr=1e-3"]
+    )
     assert (cfg.train.steps, cfg.data.images_per_class, cfg.loss.alpha, cfg.name) == (7, 3, 0.25, "x")
+    assert cfg.optim.lr == 0.001  # YAML 1.1 reads 1e-3 as a string; float keys accept it
     assert cfg.local_batch == 16 * 3
     assert Path(cfg.data.train_shards).is_absolute() and Path(cfg.train.deepspeed).is_absolute()
     save_config(cfg, tmp_path / "saved.yaml")
@@ -50,6 +53,7 @@ def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path
         (["data.clases_per_batch=4"], r"unknown key 'data.clases_per_batch'; did you mean data.classes_per_batch"),
         (["optimizer.lr=1"], r"unknown key 'optimizer'; did you mean optim"),
         (["train.steps=ten"], r"train.steps must be int, got 'ten'"),
+        (["optim.lr=fast"], r"optim.lr must be float, got 'fast'"),
         (["model.freeze_bn=1"], r"model.freeze_bn must be bool"),
         (["data.images_per_class=1"], r"data.images_per_class must be >= 2"),
         (

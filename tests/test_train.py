@@ -167,7 +167,7 @@ def test_non_finite_losses_are_skipped_then_abort_the_run(font_shards, tmp_path)
         "nan",
         40,
         [
-            "optim.lr=1e39",
+            "optim.lr=1e30",
             "optim.warmup_steps=0",
             "train.nan_abort_after=4",
             "train.log_every=1",

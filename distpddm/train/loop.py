@@ -322,6 +322,12 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
             if rank == 0:
                 log.info("resumed from %s at step %d", ckpt, start)
 
+    if start >= cfg.train.steps:  # a finished run asked again: report where it stands
+        if rank == 0:
+            log.info("already at step %d of %d; raise train.steps to train further", start, cfg.train.steps)
+        final = validate(cfg, engine.module.net, device) if cfg.data.val_shards else {}
+        return resumed_baseline | final | {"step": start}
+
     shard_set = resolve_shards(cfg.data.train_shards)
     dataset = PKBatchDataset(
         shard_set.urls,
@@ -347,12 +353,6 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
     baseline: dict = resumed_baseline  # the untrained network's Recall@K ("val0_*"), beside the current one
     nonfinite = skipped_steps = 0
     step = start
-    if start >= cfg.train.steps:  # a finished run asked again: report where it stands
-        if rank == 0:
-            log.info("already at step %d of %d; raise train.steps to train further", start, cfg.train.steps)
-        final = validate(cfg, engine.module.net, device) if cfg.data.val_shards else {}
-        metrics_log.close()
-        return resumed_baseline | final | {"step": start}
     if cfg.data.val_shards and start == 0:
         initial = validate(cfg, engine.module.net, device)
         metrics_log.write(0, initial)
