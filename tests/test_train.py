@@ -71,9 +71,13 @@ def test_local_run_resumes_and_exports_the_trained_model(font_shards, tmp_path):
     assert (run / "checkpoints" / "latest").read_text() == "step-00000012"
     assert "held-out Recall@K, untrained network" in first.stdout
 
+    # A crash while writing the next checkpoint leaves a staging folder: never mistaken for "latest".
+    (run / "checkpoints" / ".tmp-step-00000015").mkdir()
+    (run / "checkpoints" / ".tmp-step-00000015" / "garbage").write_text("partial")
     second = _cli(["train", "--local", "configs/smoke.yaml", *args[:-1], "train.steps=18", "train.log_every=3"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "at step 12" in second.stderr
+    assert not list((run / "checkpoints").glob(".tmp-step-*"))  # cleared when the next checkpoint committed
     steps = [m["step"] for m in _metrics(run) if "loss" in m]
     assert steps == [3, 6, 9, 12, 15, 18]  # continued, not restarted
     state = json.loads((run / "checkpoints" / "step-00000018" / "distpddm_state.json").read_text())

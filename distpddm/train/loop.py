@@ -107,7 +107,7 @@ class LocalPersistence(Persistence):
             tmp.write_text(final.name)
             os.replace(tmp, self.root / "latest")
             done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
-            for old in done[: -self.keep]:
+            for old in done[: -self.keep] + list(self.root.glob(".tmp-step-*")):  # + leftovers of crashes
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
 
