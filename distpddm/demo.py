@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", choices=METRICS, default="pddm")
     p.add_argument("--mode", choices=MODES, default="anchor")
     p.add_argument("--distance", choices=DISTANCES, default="euclidean")
+    # From random initialisation: small margins, metric head not steering the embedding (docs/collapse.md).
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--beta", type=float, default=0.2)
+    p.add_argument("--lam", type=float, default=0.5)
+    p.add_argument("--metric-grad", action="store_true", help="back-propagate E_m into the embedding too")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the result here")
@@ -57,8 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw pixels          {_fmt(raw)}")
 
     model = SmallCNN(args.embed_dim)
-    criterion = PDDMLoss(args.embed_dim, metric=args.metric, mode=args.mode, distance=args.distance)
-    print(f"training {args.steps} steps: SmallCNN from random init + {criterion}")
+    criterion = PDDMLoss(
+        args.embed_dim,
+        metric=args.metric,
+        mode=args.mode,
+        distance=args.distance,
+        alpha=args.alpha,
+        beta=args.beta,
+        lam=args.lam,
+        metric_grad=args.metric_grad,
+    )
+    print(f"training {args.steps} steps: SmallCNN from random init + PDDMLoss({criterion.extra_repr()})")
     start = time.perf_counter()
     result = fit_in_memory(
         model,

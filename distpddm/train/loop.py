@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -251,7 +252,18 @@ class MetricsLog:
             self.tb = SummaryWriter(str(out / "tensorboard"))
         except ImportError:  # tensorboard is optional
             self.tb = None
-        self.bar = tqdm(total=total, initial=start, unit="step", desc="train", disable=not progress, dynamic_ncols=True)
+        # Under Ray (or any log file) each refresh becomes a line: refresh every 10 s there, not 10 times a second.
+        interval = 0.1 if sys.stderr.isatty() else 10.0
+        self.bar = tqdm(
+            total=total,
+            initial=start,
+            unit="step",
+            desc="train",
+            disable=not progress,
+            dynamic_ncols=True,
+            mininterval=interval,
+            maxinterval=max(10.0, interval),
+        )
 
     def step(self, n: int = 1) -> None:
         if self.bar is not None:
