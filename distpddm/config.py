@@ -29,7 +29,6 @@ class ConfigError(ValueError):
 class DataConfig:
     train_shards: str = ""  # split folder with index.json, an index.json URL, or a webdataset URL pattern
     val_shards: str | None = None  # held-out split for periodic Recall@K
-    num_classes: int | None = None  # needed only when train_shards is a bare URL pattern (no index)
     classes_per_batch: int = 16  # P, per worker
     images_per_class: int = 4  # K
     batch_size: int | None = None  # local batch; when given it must equal P x K

@@ -40,10 +40,6 @@ class ShardSet:
     classes: list[str] | None
     samples: int | None
 
-    @property
-    def num_classes(self) -> int | None:
-        return None if self.classes is None else len(self.classes)
-
 
 def resolve_shards(spec: str | Path) -> ShardSet:
     """A split folder (or its ``index.json``, local or any fsspec URL), or a webdataset URL pattern."""
@@ -266,13 +262,12 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
         self.max_skip_rate, self.seed = max_skip_rate, seed
         self.transform = transform or train_transform(image_size)
         self.decode_target = decode_target if decode_target is not None else image_size
-        self.counter: SkipCounter | None = None
 
     def __iter__(self):
         import webdataset as wds
 
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
-        counter = self.counter = SkipCounter(self.max_skip_rate)
+        counter = SkipCounter(self.max_skip_rate)
         rng = random.Random(hash((self.seed, rank, worker)) & 0xFFFFFFFF)
         # Resampled: every (rank, worker) draws shards independently with a seed of its own
         # (webdataset's pytorch_worker_seed), so no node or worker splitting is wanted.
