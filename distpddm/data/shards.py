@@ -131,6 +131,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class _HashingReader:
+    """A read-only file wrapper that hashes everything read through it (tarfile's stream mode reads it)."""
+
+    def __init__(self, raw):
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Hash what the reader left unread (tar padding, or everything after a parse error)."""
+        while self.read(1 << 20):
+            pass
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
 def _plan_digest(plan: SourcePlan, split: str, members: Sequence[int], options: BuildOptions) -> str:
     items = plan.splits[split].items
     h = hashlib.sha256(json.dumps([options.max_side, options.jpeg_quality]).encode())
@@ -319,16 +339,22 @@ def verify_split(split_dir: Path, sample: float = 1.0, seed: int = 0, progress: 
         if not path.exists():
             problems.append(f"{shard['name']}: missing")
             continue
-        if _sha256(path) != shard["sha256"]:
-            problems.append(f"{shard['name']}: sha256 does not match the index (corrupt or replaced)")
         samples: dict[str, dict[str, bytes]] = {}
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    key, _, field = member.name.partition(".")
-                    samples.setdefault(key, {})[field] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            problems.append(f"{shard['name']}: unreadable tar ({e})")
+        unreadable = None
+        with open(path, "rb") as raw:
+            hashed = _HashingReader(raw)  # one read of the shard serves both the hash and the samples
+            try:
+                with tarfile.open(fileobj=hashed, mode="r|") as tar:
+                    for member in tar:
+                        key, _, field = member.name.partition(".")
+                        samples.setdefault(key, {})[field] = tar.extractfile(member).read()
+            except (tarfile.TarError, OSError, EOFError) as e:
+                unreadable = e
+            hashed.drain()
+        if hashed.hexdigest() != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 does not match the index (corrupt or replaced)")
+        if unreadable is not None:
+            problems.append(f"{shard['name']}: unreadable tar ({unreadable})")
             continue
         if len(samples) != shard["samples"]:
             problems.append(f"{shard['name']}: {len(samples)} samples, index says {shard['samples']}")
