@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -11,12 +10,6 @@ import torch.distributed as dist
 
 from distpddm import PDDMLoss
 from distpddm.model import SmallCNN
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def problem(metric: str, mode: str, dtype=torch.float64):

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.dist_workers import deepspeed_step, free_port, loss_and_grads, problem
+from distpddm.train.launch import free_port
+from tests.dist_workers import deepspeed_step, loss_and_grads, problem
 
 WORLD = 2
 

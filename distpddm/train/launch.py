@@ -21,7 +21,8 @@ from .loop import LocalPersistence, ray_train_loop, run_worker
 log = logging.getLogger("distpddm.train")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a single-host process group)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -32,7 +33,7 @@ def train_local(cfg: RunConfig) -> dict:
     out = cfg.output_dir().resolve()
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:  # plain single process: a world of one for DeepSpeed
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                               LOCAL_RANK="0")  # fmt: skip
         backend = "nccl" if cfg.ray.use_gpu else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
