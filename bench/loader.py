@@ -3,12 +3,14 @@
 Images: crops of the real photographs that scikit-learn ships (``load_sample_images``), saved as
 ImageNet-sized JPEGs (about 500 x 375, quality 90) in class folders. The same work for every reader:
 decode + RandomResizedCrop(224) + horizontal flip + normalise, batches of 64, 1 and 2 loader workers.
-ImageFolder uses the usual torchvision v2 recipe on each PIL image; distpddm's reader its own path
-(reduced-size JPEG decoding, crop + resize in PIL, one normalisation per batch).
+ImageFolder uses the usual torchvision v2 recipe on each PIL image, normalised in its workers; distpddm's
+reader its own path (crop drawn from the header, reduced-size JPEG decoding when the crop allows, uint8
+resize, uint8 batches between processes), normalised per batch in the consuming process -- on the CPU here,
+inside the timed loop (a trainer does it on the GPU).
 Readers: ``PKBatchDataset`` on shards of the original bytes, on ``--max-side 320`` shards, and
 ``ImageFolder`` + ``DataLoader`` on the folder. Also reports bytes per image and shard build throughput::
 
-    python bench/loader.py [--images 1200] [--batches 40]
+    python bench/loader.py [--images 1200] [--batches 40] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distpddm.data.shards import BuildOptions, build  # noqa: E402
 from distpddm.data.sources import read_source  # noqa: E402
-from distpddm.data.stream import IMAGENET_MEAN, IMAGENET_STD, PKBatchDataset, resolve_shards  # noqa: E402
+from distpddm.data.stream import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PKBatchDataset,
+    normalize_batch,
+    resolve_shards,
+)
 
 
 def make_images(root: Path, n: int, classes: int = 40, seed: int = 0) -> None:
@@ -45,13 +53,17 @@ def make_images(root: Path, n: int, classes: int = 40, seed: int = 0) -> None:
 
 
 def throughput(loader, batches: int) -> float:
+    """Images/s arriving as normalised float batches in the consuming process (the trainer's view)."""
     it = iter(loader)
     next(it)  # workers started, first batch ready
     start = time.perf_counter()
-    n = 0
+    n, buffer = 0, None
     for _ in range(batches):
         x, _ = next(it)[:2]
+        if x.dtype == torch.uint8:  # distpddm normalises on the training device; here, the CPU, counted,
+            x = buffer = normalize_batch(x, out=buffer)  # into one reused buffer, as a GPU's allocator would
         n += len(x)
+    del it  # stop the workers before the next reader starts
     return n / (time.perf_counter() - start)
 
 
@@ -87,6 +99,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1200)
     p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,14 +120,22 @@ def main() -> None:
                 f"shards ({name}): {r['bytes_per_image'] / 1024:.1f} KiB per image (with tar headers), "
                 f"built at {r['build_img_s']:.0f} images/s"
             )
-        print("\n| reader | loader workers | images/s | vs ImageFolder |")
+        readers = {"torchvision ImageFolder + DataLoader": lambda w: folder_loader(tmp / "src", w)}
+        for name in rows:
+            readers[f"distpddm PKBatchDataset, {name} shards"] = lambda w, d=tmp / name / "train": shard_loader(d, w)
+        print(f"\nmedian of {args.repeats} runs, readers interleaved within each run")
+        print("\n| reader | loader workers | images/s (runs) | vs ImageFolder |")
         print("|---|---|---|---|")
         for workers in (1, 2):
-            base = throughput(folder_loader(tmp / "src", workers), args.batches)
-            print(f"| torchvision ImageFolder + DataLoader | {workers} | {base:.0f} | 1.00x |")
-            for name in rows:
-                ips = throughput(shard_loader(tmp / name / "train", workers), args.batches)
-                print(f"| distpddm PKBatchDataset, {name} shards | {workers} | {ips:.0f} | {ips / base:.2f}x |")
+            runs = {name: [] for name in readers}
+            for _ in range(args.repeats):
+                for name, make in readers.items():
+                    runs[name].append(throughput(make(workers), args.batches))
+            base = float(np.median(runs["torchvision ImageFolder + DataLoader"]))
+            for name, r in runs.items():
+                med = float(np.median(r))
+                each = ", ".join(f"{v:.0f}" for v in r)
+                print(f"| {name} | {workers} | {med:.0f} ({each}) | {med / base:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ def test_chunks_are_class_contiguous_and_deterministic(tmp_path, images):
     runs = [labels[i : i + 3] for i in range(0, len(labels), 3)]
     assert all(len(set(r)) == 1 for r in runs)  # every chunk of 3 is one class
     assert labels != sorted(labels)  # and chunk order is shuffled
+    with tarfile.open(tmp_path / "a" / "train" / "shard-000000.tar") as tar:  # plain ustar headers: no PAX
+        assert not any(m.pax_headers for m in tar.getmembers())  # records that readers parse in Python
 
 
 def test_resume_rebuilds_only_unfinished_shards(tmp_path, images):

@@ -15,7 +15,7 @@ import torch
 
 from distpddm.data.shards import BuildOptions, build
 from distpddm.data.sources import read_source
-from distpddm.data.stream import EvalDataset, resolve_shards
+from distpddm.data.stream import EvalDataset, normalize_batch, resolve_shards
 from distpddm.model import ModelConfig, create_model, load_exported
 from tests import fixtures
 
@@ -93,7 +93,8 @@ def test_local_run_resumes_and_exports_the_trained_model(font_shards, tmp_path):
     net = create_model(ModelConfig(**state["config"]["model"]))
     net.load_state_dict({k[len("net.") :]: v for k, v in blob["module"].items() if k.startswith("net.")})
     net.eval()
-    images = torch.stack([x for x, _, _ in list(EvalDataset(resolve_shards(font_shards / "test").urls, 32))[:16]])
+    test_urls = resolve_shards(font_shards / "test").urls
+    images = normalize_batch(torch.stack([x for x, _, _ in list(EvalDataset(test_urls, 32))[:16]]))
     with torch.no_grad():
         torch.testing.assert_close(exported(images), net(images), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(exported(images), create_model(exported.cfg).eval()(images), atol=1e-3)

@@ -177,8 +177,9 @@ def write_shard(
     counts: dict[int, int] = {}
     try:
         with open(tmp, "wb") as f:
-            # Fixed owner and mtime: the same inputs and seed give byte-identical shards.
-            writer = wds.TarWriter(f, user="distpddm", group="distpddm", mtime=0.0, encoder=False)
+            # Fixed owner and mtime: the same inputs and seed give byte-identical shards. An integer mtime: a
+            # float one costs every member an extra PAX header block, which readers parse in Python.
+            writer = wds.TarWriter(f, user="distpddm", group="distpddm", mtime=0, encoder=False)
             try:
                 for offset, n in enumerate(members):
                     item = items[n]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -120,50 +121,120 @@ def decode_image(data: bytes, target: int | None = None):
     return img
 
 
+def decode_tensor(data: bytes) -> torch.Tensor:
+    """``uint8`` (3, H, W) with channels-last memory (what libjpeg-turbo writes, and what the antialiased
+    uint8 resize is fastest on). TorchCodec's decoders (JPEG, PNG, WebP, GIF; torchvision's successors)
+    first; PIL for what they refuse (BMP, TIFF) and for a clearer error on a broken file."""
+    from torchcodec.decoders import decode_image as codec_decode
+
+    try:
+        return codec_decode(data, mode="RGB")
+    except (RuntimeError, ValueError):
+        return _pil_to_tensor(decode_image(data))
+
+
+def _pil_to_tensor(img) -> torch.Tensor:
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def crop_box(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng=random) -> tuple[int, ...]:
+    """``(top, left, h, w)`` of a RandomResizedCrop: torchvision's ``get_params`` algorithm (ten tries of a
+    uniform area fraction x log-uniform aspect, then a central crop clamped to ``ratio``) drawn with Python's
+    ``random``, which DataLoader seeds per worker -- a dozen tiny torch ops per image cost more than the draw.
+    """
+    area, log_lo, log_hi = width * height, math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    if width / height < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class TrainCrop:
-    """RandomResizedCrop + horizontal flip done by PIL on the decoded image -- crop and antialiased resize in
-    one C call -- returning a ``uint8`` (3, S, S) tensor; :func:`normalize_batch` then converts a whole batch
-    at once. Same distribution of crops as torchvision's ``RandomResizedCrop`` (its ``get_params``), several
-    times cheaper than converting the full image to a tensor first.
+    """Encoded image -> RandomResizedCrop + horizontal flip, a ``uint8`` (3, S, S) tensor.
+
+    The crop box is drawn from the header's size alone (:func:`crop_box`), before decoding: when the box is at
+    least twice the output size a JPEG is decoded at 1/2 .. 1/8 scale (libjpeg DCT scaling) -- the box still
+    covers >= S pixels, so nothing the output could show is lost. Resizing works on uint8 channels-last
+    tensors (antialiased bilinear); :func:`normalize_batch` converts a whole batch at once, on the device.
     """
 
     def __init__(self, size: int, crop_scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True):
         self.size, self.scale, self.ratio, self.hflip = size, tuple(crop_scale), tuple(ratio), hflip
 
-    def __call__(self, img) -> torch.Tensor:
+    def __call__(self, data: bytes) -> torch.Tensor:
         from PIL import Image
-        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms.v2 import functional as F
 
-        top, left, h, w = RandomResizedCrop.get_params(img, self.scale, self.ratio)
-        img = img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
-        if self.hflip and torch.rand(()) < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        width, height = img.size
+        top, left, h, w = crop_box(width, height, self.scale, self.ratio)
+        factor = 1
+        if img.format == "JPEG":
+            while factor < 8 and min(h, w) >= 2 * factor * self.size:
+                factor *= 2
+        if factor > 1:
+            img.draft("RGB", (-(-width // factor), -(-height // factor)))  # largest scale keeping these sides
+            img = img.convert("RGB")
+            sx, sy = img.width / width, img.height / height
+            x = _pil_to_tensor(img)
+            bottom, right = min(x.shape[1], round((top + h) * sy)), min(x.shape[2], round((left + w) * sx))
+            top, left = min(round(top * sy), bottom - 1), min(round(left * sx), right - 1)
+            h, w = bottom - top, right - left
+        else:
+            x = decode_tensor(data)
+        x = F.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
+        if self.hflip and random.random() < 0.5:
+            x = F.horizontal_flip(x)
+        return x
 
 
-def normalize_batch(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """``uint8`` (N, 3, H, W) -> float, ``(x / 255 - mean) / std`` in one pass."""
-    scale = 1.0 / (255.0 * torch.tensor(std))
-    shift = torch.tensor(mean) / torch.tensor(std)
-    return x.float().mul_(scale[:, None, None]).sub_(shift[:, None, None])
+def normalize_batch(
+    x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``uint8`` (N, 3, H, W) -> ``(x / 255 - mean) / std`` in ``dtype``, on ``x``'s device. ``out``: a
+    float buffer to reuse (on the CPU a fresh 38 MB batch costs more in page faults than the arithmetic)."""
+    std_t = torch.tensor(std, device=x.device)
+    scale = (1.0 / (255.0 * std_t))[:, None, None]
+    shift = (torch.tensor(mean, device=x.device) / std_t)[:, None, None]
+    if out is None or out.shape != x.shape or out.dtype != torch.float32 or out.device != x.device:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    return out.copy_(x).mul_(scale).sub_(shift).to(dtype)
 
 
 def train_transform(size: int, crop_scale=(0.08, 1.0), hflip: bool = True) -> TrainCrop:
     return TrainCrop(size, crop_scale=crop_scale, hflip=hflip)
 
 
-def eval_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_ratio: float = 256 / 224):
-    from torchvision.transforms import v2
+class EvalCrop:
+    """Encoded image -> shorter side resized to ``size * resize_ratio``, centre crop ``size``: the usual
+    evaluation view, as a ``uint8`` (3, S, S) tensor. JPEGs at least twice that are decoded at reduced scale."""
 
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(int(round(size * resize_ratio)), antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
+    def __init__(self, size: int, resize_ratio: float = 256 / 224):
+        self.size, self.short = size, int(round(size * resize_ratio))
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as F
+
+        img = Image.open(io.BytesIO(data))  # reads the header only
+        if img.format == "JPEG" and min(img.size) >= 2 * self.short:
+            x = _pil_to_tensor(decode_image(data, self.short))
+        else:
+            x = decode_tensor(data)
+        return F.center_crop(F.resize(x, self.short, antialias=True), [self.size, self.size])
+
+
+def eval_transform(size: int, resize_ratio: float = 256 / 224) -> EvalCrop:
+    return EvalCrop(size, resize_ratio)
 
 
 def _label(sample: dict) -> int:
@@ -234,10 +305,12 @@ def pk_batches(
 
 
 class PKBatchDataset(torch.utils.data.IterableDataset):
-    """Endless P x K training batches ``(images (P*K, 3, S, S), labels (P*K,))`` from shards.
+    """Endless P x K training batches ``(images (P*K, 3, S, S) uint8, labels (P*K,))`` from shards.
 
-    Shards are resampled with a per-rank, per-worker seed (epochs via resampling), so every rank and worker
-    streams differently without coordination. Use with ``DataLoader(ds, batch_size=None, num_workers=n)``.
+    Images stay ``uint8`` until :func:`normalize_batch` on the training device: a quarter of the bytes to
+    pass between processes and to copy to the GPU. Shards are resampled with a per-rank, per-worker seed
+    (epochs via resampling), so every rank and worker streams differently without coordination. Use with
+    ``DataLoader(ds, batch_size=None, num_workers=n)``. ``transform`` maps encoded bytes to an image tensor.
     """
 
     def __init__(
@@ -249,8 +322,7 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
         buffer_images: int | None = None,
         max_skip_rate: float = 0.01,
         seed: int = 0,
-        transform: Callable | None = None,
-        decode_target: int | None = None,
+        transform: Callable[[bytes], torch.Tensor] | None = None,
     ):
         super().__init__()
         if images_per_class < 2:
@@ -261,7 +333,6 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
         self.buffer_images = buffer_images or 8 * classes_per_batch * images_per_class
         self.max_skip_rate, self.seed = max_skip_rate, seed
         self.transform = transform or train_transform(image_size)
-        self.decode_target = decode_target if decode_target is not None else image_size
 
     def __iter__(self):
         import webdataset as wds
@@ -290,7 +361,7 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
         images, labels, good_by_class = [], [], {}
         for sample in batch:
             try:
-                img = self.transform(decode_image(_image_bytes(sample), self.decode_target))
+                img = self.transform(_image_bytes(sample))
             except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad sample
                 counter.skip(_where(sample), f"image does not decode ({type(e).__name__}: {e})")
                 img = None
@@ -304,15 +375,24 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
                 if not same:
                     return None
                 images[n] = same[n % len(same)]
-        x = torch.stack(images)
-        return (normalize_batch(x) if x.dtype == torch.uint8 else x), torch.tensor(labels, dtype=torch.long)
+        return _stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stacked straight into shared memory inside a DataLoader worker (as ``default_collate`` does), so the
+    batch is not copied again to cross to the main process."""
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype).share_memory_()
+    return torch.stack(images, out=out)
 
 
 class EvalDataset(torch.utils.data.IterableDataset):
-    """Every sample exactly once across ranks and workers: ``(image, label, index)`` per sample.
+    """Every sample exactly once across ranks and workers: ``(image uint8 (3, S, S), label, index)``.
 
-    Shards are split by node then by worker, never shuffled; ``index`` is the sample's position in the split
-    (from its key), so gathered results can be put back in order (:func:`restore_order`).
+    Images are normalised by the consumer (:func:`normalize_batch`), as for training. Shards are split by
+    node then by worker, never shuffled; ``index`` is the sample's position in the split (from its key), so
+    gathered results can be put back in order (:func:`restore_order`).
     """
 
     def __init__(
@@ -320,13 +400,11 @@ class EvalDataset(torch.utils.data.IterableDataset):
         urls: list[str],
         image_size: int = 224,
         max_skip_rate: float = 0.01,
-        transform: Callable | None = None,
-        decode_target: int | None = None,
+        transform: Callable[[bytes], torch.Tensor] | None = None,
     ):
         super().__init__()
         self.urls, self.max_skip_rate = list(urls), max_skip_rate
         self.transform = transform or eval_transform(image_size)
-        self.decode_target = decode_target if decode_target is not None else image_size
 
     def __iter__(self):
         import webdataset as wds
@@ -343,7 +421,7 @@ class EvalDataset(torch.utils.data.IterableDataset):
         for sample in ds:
             try:
                 label, index = _label(sample), int(sample["__key__"].lstrip("s"))
-                img = self.transform(decode_image(_image_bytes(sample), self.decode_target))
+                img = self.transform(_image_bytes(sample))
             except Exception as e:  # noqa: BLE001
                 counter.skip(_where(sample), f"{type(e).__name__}: {e}")
                 continue

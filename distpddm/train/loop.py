@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import RunConfig, deepspeed_config, from_dict
-from ..data.stream import EvalDataset, PKBatchDataset, resolve_shards, train_transform
+from ..data.stream import EvalDataset, PKBatchDataset, normalize_batch, resolve_shards, train_transform
 from ..evaluate import recall_at_k
 from ..gather import gather_batch, rank_and_world
 from ..loss import PDDMLoss
@@ -205,9 +205,10 @@ def validate(cfg: RunConfig, net: nn.Module, device: torch.device, ks=(1, 2, 4, 
     )
     was = net.training
     net.eval()
+    dtype = next(net.parameters()).dtype
     embs, labels, index = [], [], []
     for x, y, idx in loader:
-        embs.append(net(x.to(device)).float().cpu())
+        embs.append(net(normalize_batch(x.to(device), dtype=dtype)).float().cpu())
         labels.append(y)
         index.append(idx)
         if cfg.data.val_max_images and sum(len(i) for i in index) >= cfg.data.val_max_images:
@@ -374,7 +375,7 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
             timed = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
             t0 = time.perf_counter()
             images, labels = next(loader)
-            images = images.to(device, dtype=param_dtype, non_blocking=True)
+            images = normalize_batch(images.to(device, non_blocking=True), dtype=param_dtype)
             labels = labels.to(device)
             t_data = time.perf_counter()
             emb = engine.module.net(images)
