@@ -28,6 +28,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def quiet_local_ray() -> None:
+    """Worker setup on a local cluster. With no dashboard there is no state API, and Ray Train's
+    placement-group cleaner warns that it cannot reach it every second of the run; each worker also logs every
+    report's whole metrics dict (from a logger named after its file, outside the ``ray`` hierarchy)."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its INFO lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_local(cfg: RunConfig) -> dict:
     """One process (or every process of a torchrun launch): no Ray, the same worker code."""
     out = cfg.output_dir().resolve()
@@ -63,8 +75,13 @@ def train_ray(cfg: RunConfig, address: str | None = None):
         if address:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, cfg.ray.num_workers * cfg.ray.cpus_per_worker),
-                     include_dashboard=False)  # fmt: skip
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, cfg.ray.num_workers * cfg.ray.cpus_per_worker),
+                include_dashboard=False,
+                # Ray's INFO lines (every report's whole metrics dict) drown the progress bar; warnings stay.
+                logging_config=ray.LoggingConfig(log_level="WARNING"),
+                runtime_env={"worker_process_setup_hook": "distpddm.train.launch.quiet_local_ray"},
+            )
     save_config(cfg, out / "config.yaml")
     resources = {"CPU": cfg.ray.cpus_per_worker}
     trainer = TorchTrainer(

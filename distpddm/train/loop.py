@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -300,6 +301,8 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
     metrics (on every rank)."""
     import deepspeed
 
+    # DeepSpeed 0.19's ZeRO all-gather calls a torch.distributed API that torch 2.14 deprecates: once per step.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
     rank, world = rank_and_world()
     # webdataset's node splitter and the loader workers read the rank from the environment.
     os.environ.setdefault("RANK", str(rank))
@@ -472,7 +475,20 @@ def _save(
     return staging
 
 
+def own_log_handler() -> None:
+    """distpddm's INFO messages on stderr through a handler of its own, whatever level Ray gives the root
+    logger of its workers (a local cluster quiets Ray's own INFO lines)."""
+    top = logging.getLogger("distpddm")
+    if not any(getattr(h, "_distpddm", False) for h in top.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._distpddm = True
+        top.addHandler(handler)
+    top.setLevel(logging.INFO)
+    top.propagate = False
+
+
 def ray_train_loop(loop_config: dict) -> None:
     """Entry point of every Ray Train worker (``TorchTrainer(train_loop_per_worker=...)``)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    own_log_handler()
     run_worker(from_dict(loop_config["config"]), RayPersistence(), Path(loop_config["output_dir"]))
