@@ -91,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
         metrics = result.metrics or {}
     print(
         f"done: step {int(metrics.get('step', 0))}, loss {metrics.get('loss', float('nan')):.3f}, "
-        f"embedding spread {metrics.get('spread', float('nan')):.3f}; output in {cfg.output_dir()}"
+        f"embedding spread {metrics.get('spread', float('nan')):.3f}; output in {cfg.output_location()}"
     )
     ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith("val_recall@"))
     if ks:

@@ -106,8 +106,11 @@ class RunConfig:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def output_dir(self) -> Path:
-        return Path(self.ray.storage_path) / self.name
+    def output_location(self) -> str:
+        """``<ray.storage_path>/<name>``: a local folder, or a URL on remote storage."""
+        from .train.outputs import run_location
+
+        return run_location(self.ray.storage_path, self.name)
 
 
 # ------------------------------------------------------------------------------------------------- parsing

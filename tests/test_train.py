@@ -183,3 +183,45 @@ def test_non_finite_losses_are_skipped_then_abort_the_run(font_shards, tmp_path)
     assert result.returncode != 0
     assert "4 consecutive non-finite losses" in result.stderr
     assert result.stderr.count("non-finite loss, step skipped") == 4
+
+
+_REMOTE_RUN = r"""
+import dataclasses, json, os, sys
+import fsspec
+import torch.distributed as dist
+from distpddm.config import load_config
+from distpddm.train.launch import free_port
+from distpddm.train.loop import LocalPersistence, run_worker
+from distpddm.train.outputs import RunOutput
+
+cfg = load_config("configs/smoke.yaml", json.loads(sys.argv[1]))
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo")
+for steps in (6, 9):  # a run, then a rerun that resumes it with a fresh local mirror (as on another node)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    run_worker(cfg, LocalPersistence(sys.argv[2], 2), RunOutput("memory://bucket/runs/remote"))
+fs = fsspec.filesystem("memory")
+found = sorted(fs.find("/bucket/runs/remote"))
+print(json.dumps({"files": found, "metrics": fs.cat("/bucket/runs/remote/metrics.jsonl").decode()}))
+sys.stdout.flush()
+dist.barrier()
+dist.destroy_process_group()
+os._exit(0)
+"""
+
+
+def test_remote_storage_receives_metrics_curves_and_model_and_a_rerun_appends(font_shards, tmp_path):
+    overrides = _overrides(font_shards, tmp_path, "remote", 6, ["train.checkpoint_every=3", "train.log_every=3"])
+    proc = subprocess.run(
+        [sys.executable, "-c", _REMOTE_RUN, json.dumps(overrides), str(tmp_path / "ckpt")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    names = [f.split("/bucket/runs/remote/", 1)[1] for f in result["files"]]
+    assert "model.pt" in names and any(n.startswith("tensorboard/events") for n in names)
+    steps = [json.loads(line)["step"] for line in result["metrics"].splitlines() if "loss" in json.loads(line)]
+    assert steps == [3, 6, 9]  # the second attempt appended to the first one's lines

@@ -1,7 +1,8 @@
 """Start a training run: on Ray (a local cluster, or the one RAY_ADDRESS / ``address`` names) or in-process.
 
-The output folder is ``<ray.storage_path>/<name>/``: the resolved config, ``metrics.jsonl``, TensorBoard
-curves, checkpoints and the exported ``model.pt``. Rerunning the same command resumes from the last
+The output folder is ``<ray.storage_path>/<name>/`` (local, shared, or remote through fsspec; see
+:mod:`.outputs`): the resolved config, ``metrics.jsonl``, TensorBoard curves, checkpoints and the exported
+``model.pt``. Rerunning the same command resumes from the last
 checkpoint there and continues the schedule.
 """
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig, save_config
 from .loop import LocalPersistence, ray_train_loop, run_worker
+from .outputs import RunOutput, is_remote, run_location
 
 log = logging.getLogger("distpddm.train")
 
@@ -42,7 +44,12 @@ def quiet_local_ray() -> None:
 
 def train_local(cfg: RunConfig) -> dict:
     """One process (or every process of a torchrun launch): no Ray, the same worker code."""
-    out = cfg.output_dir().resolve()
+    if is_remote(cfg.ray.storage_path):
+        raise ValueError(
+            f"ray.storage_path={cfg.ray.storage_path!r} is remote: --local keeps checkpoints in a local or shared "
+            "folder. Train through Ray for remote storage, or give a local path."
+        )
+    out = RunOutput(cfg.output_location())
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:  # plain single process: a world of one for DeepSpeed
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
@@ -50,9 +57,9 @@ def train_local(cfg: RunConfig) -> dict:
         backend = "nccl" if cfg.ray.use_gpu else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     if dist.get_rank() == 0:
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out.local / "config.yaml")
     try:
-        return run_worker(cfg, LocalPersistence(out, cfg.train.keep_checkpoints), out)
+        return run_worker(cfg, LocalPersistence(out.local, cfg.train.keep_checkpoints), out)
     finally:
         dist.destroy_process_group()
 
@@ -68,7 +75,6 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     storage = cfg.ray.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    out = Path(storage) / cfg.name if "://" not in storage else Path(storage.split("://", 1)[1]) / cfg.name
     started_here = not ray.is_initialized()
     if started_here:
         address = address or os.environ.get("RAY_ADDRESS")
@@ -82,11 +88,14 @@ def train_ray(cfg: RunConfig, address: str | None = None):
                 logging_config=ray.LoggingConfig(log_level="WARNING"),
                 runtime_env={"worker_process_setup_hook": "distpddm.train.launch.quiet_local_ray"},
             )
-    save_config(cfg, out / "config.yaml")
+    out = RunOutput(run_location(storage, cfg.name))
+    save_config(cfg, out.local / "config.yaml")
+    out.push()
+    out.close()
     resources = {"CPU": cfg.ray.cpus_per_worker}
     trainer = TorchTrainer(
         ray_train_loop,
-        train_loop_config={"config": cfg.to_dict(), "output_dir": str(out)},
+        train_loop_config={"config": cfg.to_dict(), "output": out.location},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                                resources_per_worker=resources),

@@ -33,6 +33,7 @@ from ..evaluate import recall_at_k
 from ..gather import gather_batch, rank_and_world
 from ..loss import PDDMLoss
 from ..model import create_model, export_model
+from .outputs import RunOutput
 
 log = logging.getLogger("distpddm.train")
 CLIENT_STATE = "distpddm_state.json"
@@ -287,6 +288,11 @@ class MetricsLog:
                 img_s=f"{metrics.get('images_per_s', 0):.0f}",
             )
 
+    def flush(self) -> None:
+        for h in (self.tb, self.jsonl):
+            if h is not None:
+                h.flush()
+
     def close(self) -> None:
         for h in (self.bar, self.tb, self.jsonl):
             if h is not None:
@@ -296,9 +302,10 @@ class MetricsLog:
 # ---------------------------------------------------------------------------------------------------- loop
 
 
-def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
+def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict:
     """Train until ``train.steps``, resuming from the latest checkpoint when there is one. Returns the last
-    metrics (on every rank)."""
+    metrics (on every rank). Rank 0 writes the run's files to ``out`` (copied up at each checkpoint and at
+    the end when the storage is remote)."""
     import deepspeed
 
     # DeepSpeed 0.19's ZeRO all-gather calls a torch.distributed API that torch 2.14 deprecates: once per step.
@@ -363,7 +370,9 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
             persistent_workers=cfg.data.loader_workers > 0,
         )
     )
-    metrics_log = MetricsLog(out, rank == 0, cfg.train.steps, start, cfg.train.progress)
+    if rank == 0:
+        out.pull("metrics.jsonl")  # a resumed run appends to the lines of the attempts before it
+    metrics_log = MetricsLog(out.local, rank == 0, cfg.train.steps, start, cfg.train.progress)
     param_dtype = next(engine.module.net.parameters()).dtype  # bf16 under DeepSpeed's bf16 mode
     last: dict = {}
     baseline: dict = resumed_baseline  # the untrained network's Recall@K ("val0_*"), beside the current one
@@ -442,12 +451,18 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: Path) -> dict:
             if ckpt_due:
                 staging = _save(engine, persistence, cfg, step, data_seed, rank, last, baseline)
                 persistence.report({"step": step, **baseline, **last}, staging)
+                if rank == 0:
+                    metrics_log.flush()
+                    out.push()
             elif timed:  # metrics only (Ray tracks them; the local run has its JSONL)
                 persistence.report({"step": step, **baseline, **last}, None)
         if rank == 0:
-            export_model(engine.module.net, out / "model.pt")
+            export_model(engine.module.net, out.local / "model.pt")
     finally:
         metrics_log.close()
+        if rank == 0:
+            out.push()
+        out.close()
     return baseline | last | {"step": step}
 
 
@@ -491,4 +506,4 @@ def own_log_handler() -> None:
 def ray_train_loop(loop_config: dict) -> None:
     """Entry point of every Ray Train worker (``TorchTrainer(train_loop_per_worker=...)``)."""
     own_log_handler()
-    run_worker(from_dict(loop_config["config"]), RayPersistence(), Path(loop_config["output_dir"]))
+    run_worker(from_dict(loop_config["config"]), RayPersistence(), RunOutput(loop_config["output"]))

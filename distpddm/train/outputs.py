@@ -1,0 +1,76 @@
+"""Where a run's own files live -- the resolved config, ``metrics.jsonl``, TensorBoard curves, the exported
+``model.pt`` -- beside the checkpoints Ray keeps: ``<ray.storage_path>/<name>/``.
+
+A local (or shared-filesystem) storage path is written in place. A remote one (``s3://``, ``gs://``, any
+fsspec URL) is mirrored: the writer works in a local folder and copies it up (:meth:`RunOutput.push`) at
+each checkpoint and at the end, after fetching what an earlier attempt left there (:meth:`RunOutput.pull`),
+so a resumed run -- on whatever node -- appends to the same ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("distpddm.train")
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def run_location(storage_path: str, name: str) -> str:
+    """The run folder: a local path, or a URL for a remote storage path."""
+    if is_remote(storage_path):
+        return f"{storage_path.rstrip('/')}/{name}"
+    return str(Path(storage_path.removeprefix("file://")) / name)
+
+
+class RunOutput:
+    """A run folder; :attr:`local` is where to write. ``push`` / ``pull`` copy to / from remote storage and
+    do nothing for a local one."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self.remote = is_remote(location)
+        if self.remote:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(location)
+            self.local = Path(tempfile.mkdtemp(prefix="distpddm-run-"))
+        else:
+            self.fs, self.root = None, location
+            self.local = Path(location)
+            self.local.mkdir(parents=True, exist_ok=True)
+
+    def pull(self, *names: str) -> None:
+        """Fetch these files from the remote run folder, where they exist."""
+        if not self.remote:
+            return
+        for name in names:
+            remote = f"{self.root}/{name}"
+            if self.fs.exists(remote):
+                (self.local / name).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(remote, str(self.local / name))
+
+    def push(self) -> None:
+        """Copy every file of the local mirror up (the whole file: metrics.jsonl holds earlier attempts' lines
+        too, after :meth:`pull`)."""
+        if not self.remote:
+            return
+        files = [p for p in sorted(self.local.rglob("*")) if p.is_file() and not p.name.endswith(".tmp")]
+        for path in files:
+            remote = f"{self.root}/{path.relative_to(self.local).as_posix()}"
+            self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(path), remote)
+        log.debug("copied %d files to %s", len(files), self.location)
+
+    def close(self) -> None:
+        """Remove the local mirror of a remote run folder (after a last :meth:`push`)."""
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def __str__(self) -> str:
+        return self.location
