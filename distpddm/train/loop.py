@@ -249,12 +249,9 @@ class MetricsLog:
 
         out.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(out / "metrics.jsonl", "a")  # noqa: SIM115 -- lives as long as the run
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            self.tb = None
+        self.tb = SummaryWriter(str(out / "tensorboard"))
         # Under Ray (or any log file) each refresh becomes a line: refresh every 10 s there, not 10 times a second.
         interval = 0.1 if sys.stderr.isatty() else 10.0
         self.bar = tqdm(
