@@ -285,3 +285,66 @@ def test_eval_crop_is_the_usual_resize_and_centre_crop():
         ref = recipe(Image.open(io.BytesIO(data)).convert("RGB"))
         assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
         assert (out.float() - ref.float()).abs().mean() < 3, (width, height)
+
+
+def _rotated_jpeg(width, height):
+    """A JPEG stored ``width`` x ``height`` whose EXIF says: shown turned 90 degrees (orientation 6)."""
+    from PIL import Image
+
+    arr = np.zeros((height, width, 3), dtype=np.uint8)
+    arr[:, : width // 2] = 255  # stored: left half white
+    arr[: height // 4, :, 0] = 200  # and a red-ish top band, so every rotation looks different
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def _upright_reference(data, size):
+    from PIL import Image, ImageOps
+    from torchvision.transforms.v2 import functional as F
+
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    return F.resize(x, [size, size], antialias=True)
+
+
+@pytest.mark.parametrize("stored", [(160, 80), (1600, 800)])  # full decode by TorchCodec; 1/4-scale decode by PIL
+def test_train_crop_shows_exif_rotated_jpegs_upright(stored):
+    from distpddm.data.stream import TrainCrop
+
+    data = _rotated_jpeg(*stored)
+    shown_ratio = stored[1] / stored[0]  # width / height as displayed
+    crop = TrainCrop(32, crop_scale=(1.0, 1.0), ratio=(shown_ratio, shown_ratio), hflip=False)
+    out = crop(data)  # the whole picture, squeezed to 32 x 32
+    ref = _upright_reference(data, 32)
+    assert (out.float() - ref.float()).abs().mean() < 6
+    from PIL import Image
+
+    stored_img = Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.BILINEAR)  # EXIF ignored
+    stored_view = torch.from_numpy(np.array(stored_img)).permute(2, 0, 1)
+    assert (out.float() - stored_view.float()).abs().mean() > 60  # ... which is far from upright
+
+
+def test_eval_crop_and_resized_shards_show_exif_rotated_jpegs_upright():
+    from PIL import Image
+
+    from distpddm.data.shards import encode_image
+    from distpddm.data.stream import EvalCrop
+
+    data = _rotated_jpeg(1600, 800)
+    out = EvalCrop(64)(data)
+    top = out[:, :8].float().mean(dim=(1, 2))  # upright: the white half is on top
+    bottom = out[:, -8:].float().mean(dim=(1, 2))
+    assert top.mean() > 200 and bottom.mean() < 100
+
+    kept, _, w, h = encode_image(data, "jpg", None, 90)
+    assert kept == data and (w, h) == (800, 1600)  # bytes kept (with their EXIF), size as displayed
+    small, ext, w, h = encode_image(data, "jpg", 320, 90)
+    img = Image.open(io.BytesIO(small))
+    assert ext == "jpg" and (w, h) == img.size == (160, 320)
+    assert 0x0112 not in img.getexif()  # upright pixels, no orientation left to apply
+    ref = _upright_reference(data, 64).float()
+    got = torch.from_numpy(np.array(img.convert("RGB").resize((64, 64), Image.BILINEAR))).permute(2, 0, 1).float()
+    assert (got - ref).abs().mean() < 8

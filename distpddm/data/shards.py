@@ -99,24 +99,28 @@ def plan_shards(plan: SourcePlan, split: str, options: BuildOptions) -> list[lis
 
 
 def encode_image(data: bytes, ext: str, max_side: int | None, quality: int) -> tuple[bytes, str, int, int]:
-    """Image bytes as stored (as they are, or a JPEG whose longer side is at most ``max_side``) + size."""
-    from PIL import Image
+    """Image bytes as stored (as they are, or a JPEG whose longer side is at most ``max_side``) + the size as
+    displayed. Re-encoding applies the EXIF orientation (the new JPEG carries none) and decodes large JPEGs
+    at reduced scale first; kept bytes keep their EXIF, which the readers apply."""
+    from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()  # decode fully now: a truncated file fails the build, not a training run
-        width, height = img.size
+    from .images import upright_size
+
+    with Image.open(io.BytesIO(data)) as opened:
+        width, height = upright_size(opened)
+        scale = 1.0 if max_side is None else min(1.0, max_side / max(width, height))
+        if scale < 1 and opened.format == "JPEG":  # DCT scaling to no less than the target size
+            opened.draft("RGB", (max(1, int(opened.width * scale)), max(1, int(opened.height * scale))))
+        opened.load()  # decode fully now: a truncated file fails the build, not a training run
         if max_side is None:
             return data, ext, width, height
-        scale = max_side / max(width, height)
-        if scale < 1:
-            img.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
-            img = img.convert("RGB")
-            img = img.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
-        elif img.mode != "RGB":
-            img = img.convert("RGB")
+        img = ImageOps.exif_transpose(opened).convert("RGB")
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if img.size != size:
+            img = img.resize(size, Image.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=quality)
-        return buf.getvalue(), "jpg", img.size[0], img.size[1]
+        return buf.getvalue(), "jpg", size[0], size[1]
 
 
 def shard_name(n: int) -> str:

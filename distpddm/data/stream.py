@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .images import decode_image, decode_tensor, pil_to_tensor, upright_size
 from .shards import INDEX
 
 log = logging.getLogger("distpddm.data")
@@ -109,34 +110,6 @@ def _shard_error_handler(counter: SkipCounter) -> Callable[[Exception], bool]:
 # ------------------------------------------------------------------------------------------------ decoding
 
 
-def decode_image(data: bytes, target: int | None = None):
-    """PIL RGB image; JPEGs much larger than ``target`` are decoded at a reduced scale (1/2 .. 1/8)."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
-    if target is not None and img.format == "JPEG":
-        img.draft("RGB", (target, target))  # keeps both sides >= target
-    img = img.convert("RGB")
-    img.load()
-    return img
-
-
-def decode_tensor(data: bytes) -> torch.Tensor:
-    """``uint8`` (3, H, W) with channels-last memory (what libjpeg-turbo writes, and what the antialiased
-    uint8 resize is fastest on). TorchCodec's decoders (JPEG, PNG, WebP, GIF; torchvision's successors)
-    first; PIL for what they refuse (BMP, TIFF) and for a clearer error on a broken file."""
-    from torchcodec.decoders import decode_image as codec_decode
-
-    try:
-        return codec_decode(data, mode="RGB")
-    except (RuntimeError, ValueError):
-        return _pil_to_tensor(decode_image(data))
-
-
-def _pil_to_tensor(img) -> torch.Tensor:
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-
-
 def crop_box(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng=random) -> tuple[int, ...]:
     """``(top, left, h, w)`` of a RandomResizedCrop: torchvision's ``get_params`` algorithm (ten tries of a
     uniform area fraction x log-uniform aspect, then a central crop clamped to ``ratio``) drawn with Python's
@@ -171,26 +144,28 @@ class TrainCrop:
         self.size, self.scale, self.ratio, self.hflip = size, tuple(crop_scale), tuple(ratio), hflip
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        from PIL import Image
+        from PIL import Image, ImageOps
         from torchvision.transforms.v2 import functional as F
 
         img = Image.open(io.BytesIO(data))  # reads the header only
-        width, height = img.size
+        width, height = upright_size(img)
         top, left, h, w = crop_box(width, height, self.scale, self.ratio)
         factor = 1
         if img.format == "JPEG":
             while factor < 8 and min(h, w) >= 2 * factor * self.size:
                 factor *= 2
         if factor > 1:
-            img.draft("RGB", (-(-width // factor), -(-height // factor)))  # largest scale keeping these sides
-            img = img.convert("RGB")
-            sx, sy = img.width / width, img.height / height
-            x = _pil_to_tensor(img)
+            stored_w, stored_h = img.size
+            img.draft("RGB", (-(-stored_w // factor), -(-stored_h // factor)))  # the largest scale keeping these
+            x = pil_to_tensor(ImageOps.exif_transpose(img).convert("RGB"))
+            sx, sy = x.shape[2] / width, x.shape[1] / height
             bottom, right = min(x.shape[1], round((top + h) * sy)), min(x.shape[2], round((left + w) * sx))
             top, left = min(round(top * sy), bottom - 1), min(round(left * sx), right - 1)
             h, w = bottom - top, right - left
         else:
             x = decode_tensor(data)
+            if tuple(x.shape[1:]) != (height, width):  # a decoder that oriented otherwise than the EXIF said
+                top, left, h, w = crop_box(x.shape[2], x.shape[1], self.scale, self.ratio)
         x = F.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
         if self.hflip and random.random() < 0.5:
             x = F.horizontal_flip(x)
@@ -227,7 +202,7 @@ class EvalCrop:
 
         img = Image.open(io.BytesIO(data))  # reads the header only
         if img.format == "JPEG" and min(img.size) >= 2 * self.short:
-            x = _pil_to_tensor(decode_image(data, self.short))
+            x = pil_to_tensor(decode_image(data, self.short))
         else:
             x = decode_tensor(data)
         return F.center_crop(F.resize(x, self.short, antialias=True), [self.size, self.size])
