@@ -32,9 +32,14 @@ def free_port() -> int:
 
 def quiet_local_ray() -> None:
     """Worker setup on a local cluster. With no dashboard there is no state API, and Ray Train's
-    placement-group cleaner warns that it cannot reach it every second of the run; each worker also logs every
-    report's whole metrics dict (from a logger named after its file, outside the ``ray`` hierarchy)."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    placement-group cleaner warns that it cannot reach it every second of the run; with no autoscaler, the
+    controller's resource request times out with a traceback while the workers start; each worker also logs
+    every report's whole metrics dict (from a logger named after its file, outside the ``ray`` hierarchy)."""
+    for name in (
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+        "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+    ):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: its INFO lines stay
