@@ -71,6 +71,3 @@ class RunOutput:
         """Remove the local mirror of a remote run folder (after a last :meth:`push`)."""
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
-
-    def __str__(self) -> str:
-        return self.location
