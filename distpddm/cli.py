@@ -20,14 +20,11 @@ def _size(text: str) -> int:
 
 def _shards_build(args: argparse.Namespace) -> int:
     from .data.shards import BuildOptions, build
-    from .data.sources import read_source
+    from .data.sources import carve, listed_source, parse_holdout
 
     if args.kind != "fonts" and args.src is None:
         print("error: a source folder SRC is needed for --source " + args.kind, file=sys.stderr)
         return 2
-    plan = read_source(
-        args.kind, args.src, synsets=args.synsets, fonts=args.fonts, font_size=args.font_size, seed=args.seed
-    )
     options = BuildOptions(
         shard_bytes=args.shard_size,
         max_side=args.max_side,
@@ -36,7 +33,22 @@ def _shards_build(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         progress=not args.quiet,
+        skip_bad=args.skip_bad,
+        max_bad=args.max_bad,
     )
+    holdout = parse_holdout(args.holdout_classes)
+    listed, _ = listed_source(
+        args.kind,
+        args.src,
+        args.out,
+        synsets=args.synsets,
+        fonts=args.fonts,
+        font_size=args.font_size,
+        seed=args.seed,
+        rescan=args.rescan,
+        progress=not args.quiet,
+    )
+    plan = carve(listed, args.val_per_class, holdout, seed=args.seed)
     indexes = build(plan, args.out, options)
     for split, index in indexes.items():
         total = sum(s["bytes"] for s in index["shards"])
@@ -44,6 +56,13 @@ def _shards_build(args: argparse.Namespace) -> int:
             f"{split}: {index['samples']} images, {len(index['classes'])} classes, {len(index['shards'])} shards, "
             f"{total / 2**20:.1f} MiB -> {Path(args.out) / split}"
         )
+        bad = index["bad_files"]
+        if bad:
+            print(f"  {len(bad)} source file(s) left out (unreadable; listed in index.json 'bad_files'):")
+            for b in bad[:10]:
+                print(f"    {b['source']}: {b['error']}")
+            if len(bad) > 10:
+                print(f"    ... and {len(bad) - 10} more")
     return 0
 
 
@@ -120,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--synsets", type=Path, help="imagenet: file fixing the class order (one wnid per line)")
     b.add_argument("--fonts", type=Path, nargs="*", help="fonts: more font folders")
     b.add_argument("--font-size", type=int, default=64, help="fonts: glyph image size")
+    b.add_argument("--val-per-class", type=int, help="carve a val split: N images of each train class (seeded)")
+    b.add_argument(
+        "--holdout-classes",
+        metavar="FRACTION|LIST",
+        help="carve a 'holdout' split of whole classes never trained on: a fraction of the classes (seeded), "
+        "a file with one class name per line, or comma-separated names",
+    )
+    b.add_argument("--skip-bad", action="store_true", help="leave out source images that do not decode (listed)")
+    b.add_argument(
+        "--max-bad", type=float, default=0.001, help="with --skip-bad: most bad files (a count, or a fraction < 1)"
+    )
+    b.add_argument("--rescan", action="store_true", help="list the source again instead of reusing OUT/plan.tsv.gz")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--workers", type=int, help="parallel processes (default: all cores)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")

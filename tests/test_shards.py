@@ -207,3 +207,166 @@ def test_build_options_are_validated():
     with pytest.raises(ValueError, match="chunk"):
         BuildOptions(chunk_size=0)
     assert os.cpu_count()
+
+
+def _cli_build(*args):
+    return cli(["shards", "build", *map(str, args), "--quiet", "--shard-size", "20k"])
+
+
+def test_imagenet_splits_are_carved_by_class_and_per_class(tmp_path, images):
+    fixtures.make_imagenet(tmp_path / "src", images)  # 12 classes x 6 images, train/ only
+    wnids = [f"n{10000000 + 17 * c:08d}" for c in range(12)]
+    (tmp_path / "held.txt").write_text(f"{wnids[5]}\n{wnids[2]}\n")
+    cases = {"fraction": "0.25", "file": str(tmp_path / "held.txt"), "names": f"{wnids[8]},{wnids[7]}"}
+    for name, holdout in cases.items():
+        out = tmp_path / name
+        assert (
+            _cli_build(
+                "--source", "imagenet", tmp_path / "src", out, "--val-per-class", 2, "--holdout-classes", holdout
+            )
+            == 0
+        )
+        train, val, held = (json.loads((out / s / "index.json").read_text()) for s in ("train", "val", "holdout"))
+        n_held = len(held["classes"])
+        assert n_held == (3 if name == "fraction" else 2) and not set(held["classes"]) & set(train["classes"])
+        assert held["class_counts"] == [6] * n_held  # every image of a held-out class
+        assert val["classes"] == train["classes"] and len(train["classes"]) == 12 - n_held
+        assert val["class_counts"] == [2] * len(val["classes"]) and train["class_counts"] == [4] * len(train["classes"])
+        assert train["carving"] == val["carving"] == held["carving"]
+        assert train["carving"]["val_per_class"] == 2 and train["carving"]["holdout_classes"] == n_held
+        sources = [set(sources_of(out / s)) for s in ("train", "val", "holdout")]
+        assert sum(len(s) for s in sources) == 72 and not (sources[0] & sources[1] or sources[0] & sources[2])
+    classes = {name: json.loads((tmp_path / name / "holdout" / "index.json").read_text())["classes"] for name in cases}
+    assert classes["file"] == [wnids[2], wnids[5]] and classes["names"] == [wnids[7], wnids[8]]
+    _cli_build(
+        "--source", "imagenet", tmp_path / "src", tmp_path / "again", "--val-per-class", 2, "--holdout-classes", "0.25"
+    )
+    again = json.loads((tmp_path / "again" / "holdout" / "index.json").read_text())["classes"]
+    assert again == classes["fraction"]  # seeded: the same carve
+    assert set(sources_of(tmp_path / "again" / "val")) == set(sources_of(tmp_path / "fraction" / "val"))
+
+
+def test_carving_refuses_what_makes_no_sense(tmp_path, images, capsys):
+    fixtures.make_imagenet(tmp_path / "src", images[:4])
+    assert _cli_build("--source", "imagenet", tmp_path / "src", tmp_path / "o1", "--holdout-classes", "nope,n99") == 2
+    assert "does not have: nope, n99" in capsys.readouterr().err
+    assert _cli_build("--source", "imagenet", tmp_path / "src", tmp_path / "o2", "--holdout-classes", "0.05") == 2
+    assert "holds out 0" in capsys.readouterr().err
+    fixtures.make_folder(tmp_path / "src" / "val", images[:4], [f"n{10000000 + 17 * c:08d}" for c in range(4)])
+    assert _cli_build("--source", "imagenet", tmp_path / "src", tmp_path / "o3", "--val-per-class", 1) == 2
+    assert "already has a val split" in capsys.readouterr().err
+
+
+def test_small_classes_keep_training_images_when_val_is_carved(tmp_path, images):
+    from distpddm.data.sources import carve
+
+    fixtures.make_folder(tmp_path / "src", [images[0][:1], images[1][:3], images[2][:6]])
+    plan = carve(read_source("folder", tmp_path / "src"), val_per_class=5, seed=0)
+    assert plan.splits["val"].class_counts() == [0, 1, 3] and plan.splits["train"].class_counts() == [1, 2, 3]
+
+
+def test_a_corrupt_source_file_is_named_or_skipped_and_listed(tmp_path, images, capsys):
+    fixtures.make_folder(tmp_path / "src", images)
+    bad = tmp_path / "src" / "class_003" / "002.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated, as some ImageNet files are
+    assert _cli_build("--source", "folder", tmp_path / "src", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "--skip-bad" in err and "Traceback" not in err
+    finished = list((tmp_path / "out" / "train").glob("shard-*.tar"))
+    assert finished  # the shards written before it are kept (a rerun does not redo them)
+
+    assert _cli_build("--source", "folder", tmp_path / "src", tmp_path / "out", "--skip-bad") == 0
+    out = capsys.readouterr().out
+    assert "1 source file(s) left out" in out and "class_003/002.jpg" in out
+    index = json.loads((tmp_path / "out" / "train" / "index.json").read_text())
+    assert [b["source"] for b in index["bad_files"]] == ["class_003/002.jpg"]
+    assert index["samples"] == 71 and index["class_counts"][3] == 5
+    assert "class_003/002.jpg" not in sources_of(tmp_path / "out" / "train")
+    assert cli(["shards", "verify", str(tmp_path / "out"), "--quiet"]) == 0
+
+    for name in ("000.jpg", "001.jpg"):
+        (tmp_path / "src" / "class_005" / name).write_bytes(b"not an image")
+    assert _cli_build("--source", "folder", tmp_path / "src", tmp_path / "o2", "--skip-bad", "--max-bad", 2) == 2
+    assert "3 source files of split 'train' do not read or decode, more than --max-bad allows (2 of 72)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_rerun_reuses_the_source_listing(tmp_path, images, monkeypatch):
+    from distpddm.data import sources
+
+    fixtures.make_imagenet(tmp_path / "src", images[:5])
+    assert _cli_build("--source", "imagenet", tmp_path / "src", tmp_path / "out") == 0
+    assert (tmp_path / "out" / "plan.tsv.gz").exists()
+    first = json.loads((tmp_path / "out" / "train" / "index.json").read_text())
+
+    def no_scan(*a, **k):
+        raise AssertionError("the source was listed again")
+
+    monkeypatch.setattr(sources, "read_source", no_scan)
+    assert _cli_build("--source", "imagenet", tmp_path / "src", tmp_path / "out", "--val-per-class", 1) == 0
+    train = json.loads((tmp_path / "out" / "train" / "index.json").read_text())
+    assert train["samples"] == first["samples"] - 5  # carved from the reused listing
+    with pytest.raises(AssertionError, match="listed again"):
+        _cli_build("--source", "imagenet", tmp_path / "src", tmp_path / "out", "--rescan")
+
+
+def test_listing_records_every_image_and_its_size(tmp_path, images):
+    from distpddm.data.sources import folder_split, load_plan, save_plan
+
+    truth = fixtures.make_folder(tmp_path / "src", images, ext=".png")
+    (tmp_path / "src" / "class_000" / "notes.txt").write_text("not an image")
+    split = folder_split(tmp_path / "src")
+    assert sorted(split.sources) == sorted(truth) and split.sources == sorted(split.sources)
+    assert split.sizes.tolist() == [(tmp_path / "src" / s).stat().st_size for s in split.sources]
+    assert [split.classes[label] for label in split.labels] == [truth[s] for s in split.sources]
+    plan = read_source("folder", tmp_path / "src")
+    save_plan(plan, tmp_path / "plan.tsv.gz", {"k": 1})
+    back = load_plan(tmp_path / "plan.tsv.gz", {"k": 1}, tmp_path / "src")
+    assert back.splits["train"].sources == split.sources and back.splits["train"].classes == split.classes
+    assert (back.splits["train"].labels == split.labels).all() and (back.splits["train"].sizes == split.sizes).all()
+    assert load_plan(tmp_path / "plan.tsv.gz", {"k": 2}, tmp_path / "src") is None  # made for another source
+
+
+def test_a_shard_writer_receives_only_its_own_samples(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from distpddm.data.shards import shard_tasks
+    from distpddm.data.sources import SourcePlan, SplitPlan
+
+    def task_bytes(n_images):
+        split = SplitPlan([f"c{c}" for c in range(100)], [f"c{n % 100}/{n}.jpg" for n in range(n_images)],
+                          np.arange(n_images) % 100, np.full(n_images, 1000))  # fmt: skip
+        plan = SourcePlan("folder", tmp_path, {"train": split})
+        tasks = list(shard_tasks(plan, "train", tmp_path, BuildOptions(shard_bytes=100_000, progress=False)))
+        return len(tasks), max(len(pickle.dumps(t)) for t in tasks)
+
+    small, large = task_bytes(1_000), task_bytes(100_000)
+    assert large[0] == 100 * small[0]  # 100 x the shards, each of the same size
+    assert large[1] < 1.2 * small[1]  # and what crosses to a worker does not grow with the plan
+
+
+def test_shard_indexes_give_every_samples_offset_and_label(tmp_path, images):
+    import tarfile
+
+    from distpddm.data.tarindex import load_shard_index, parse_sample
+
+    fixtures.make_folder(tmp_path / "src", images)
+    index = build(read_source("folder", tmp_path / "src"), tmp_path / "out", OPTS)["train"]
+    split = tmp_path / "out" / "train"
+    for shard in index["shards"]:
+        idx = load_shard_index(str(split / shard["name"].replace(".tar", ".idx.npz")))
+        data = (split / shard["name"]).read_bytes()
+        assert len(idx) == shard["samples"] and idx.offsets[-1] <= len(data)
+        for n in range(len(idx)):
+            sample = parse_sample(data[idx.offsets[n] : idx.offsets[n + 1]])
+            assert int(sample["cls"]) == idx.labels[n] and sample["__key__"] == f"s{shard['first_index'] + n:010d}"
+    victim = split / index["shards"][0]["name"].replace(".tar", ".idx.npz")
+    victim.unlink()
+    assert cli(["shards", "verify", str(tmp_path / "out"), "--quiet"]) == 1
+    build(read_source("folder", tmp_path / "src"), tmp_path / "out", OPTS)  # a rerun writes it again
+    assert cli(["shards", "verify", str(tmp_path / "out"), "--quiet"]) == 0
+    with tarfile.open(split / index["shards"][0]["name"]) as tar:
+        assert len(tar.getmembers()) == 3 * index["shards"][0]["samples"]

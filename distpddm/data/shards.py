@@ -3,11 +3,17 @@
 Layout (see ``shards/README.md``): each split's samples are cut into class-contiguous *chunks* of
 ``chunk_size`` images of one class; chunk order is shuffled once at build time (seeded), and shards are
 consecutive runs of chunks. A reader that keeps a small buffer of chunks can then form P classes x K images
-batches from a stream without ever holding the dataset, whatever the number of classes.
+batches from a stream without ever holding the dataset, whatever the number of classes. Beside every shard
+an index of its samples' byte offsets and labels (:mod:`.tarindex`) lets readers start anywhere in it.
 
 Building is resumable: every shard is planned up front (which samples, in which order), written to a
-temporary name and renamed when complete, with a sidecar ``.json`` (count, bytes, sha256, class counts).
-A rerun skips shards whose sidecar matches the plan; ``index.json`` is written last.
+temporary name and renamed when complete, with its index and a sidecar ``.json`` (count, bytes, sha256,
+class counts, files left out). A rerun skips shards whose sidecar matches the plan; ``index.json`` is
+written last. Worker processes receive only their shard's samples, never the whole plan.
+
+A source file that does not read or decode stops the build with an error naming it; with ``skip_bad`` it
+is left out, listed in the sidecar, ``index.json`` and the summary, and the build stops only past
+``max_bad`` such files.
 """
 
 from __future__ import annotations
@@ -15,20 +21,27 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import random
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from .sources import SourceItem, SourcePlan, SplitPlan
+from .sources import SourcePlan, SplitPlan
+from .tarindex import idx_name, index_tar, load_shard_index, save_index
 
 INDEX = "index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 DEFAULT_SHARD_BYTES = 512 * 2**20
+
+
+class BadSourceError(ValueError):
+    """A source image does not read or decode (or too many do, with ``skip_bad``)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,8 @@ class BuildOptions:
     seed: int = 0
     workers: int | None = None
     progress: bool = True
+    skip_bad: bool = False  # leave out source files that do not decode (listed) instead of stopping
+    max_bad: float = 0.001  # with skip_bad: stop past this many bad files (a count, or a fraction if < 1)
 
     def __post_init__(self):
         if self.shard_bytes < 1:
@@ -50,48 +65,51 @@ class BuildOptions:
             raise ValueError(f"chunk size must be >= 1, got {self.chunk_size}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"JPEG quality must be in 1..100, got {self.jpeg_quality}")
+        if self.max_bad < 0:
+            raise ValueError(f"--max-bad must be >= 0, got {self.max_bad}")
+
+    def bad_allowed(self, total: int) -> int:
+        return int(self.max_bad) if self.max_bad >= 1 else math.ceil(self.max_bad * total)
 
 
 # ----------------------------------------------------------------------------------------------- planning
 
 
-def plan_order(split: SplitPlan, chunk_size: int, seed: int) -> list[int]:
+def plan_order(split: SplitPlan, chunk_size: int, seed: int) -> np.ndarray:
     """Sample order: per class shuffled and cut into chunks of ``chunk_size``; chunk order shuffled."""
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for n, item in enumerate(split.items):
-        by_class.setdefault(item.label, []).append(n)
-    chunks = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        rng.shuffle(members)
-        chunks += [members[s : s + chunk_size] for s in range(0, len(members), chunk_size)]
-    rng.shuffle(chunks)
-    return [n for chunk in chunks for n in chunk]
+    rng = np.random.default_rng(seed)
+    n = len(split)
+    by_class = np.lexsort((rng.random(n), split.labels))  # each class's samples together, shuffled
+    labels = split.labels[by_class]
+    class_start = np.searchsorted(labels, labels, side="left")
+    chunk = (np.arange(n) - class_start) // chunk_size  # chunk number within the class
+    new_chunk = np.ones(n, dtype=bool)
+    new_chunk[1:] = (labels[1:] != labels[:-1]) | (chunk[1:] != chunk[:-1])
+    chunk_id = np.cumsum(new_chunk) - 1
+    chunk_rank = rng.permutation(int(chunk_id[-1]) + 1 if n else 0)  # a shuffled order of the chunks
+    return by_class[np.argsort(chunk_rank[chunk_id], kind="stable")]
 
 
-def _estimated_bytes(plan: SourcePlan, item: SourceItem, max_side: int | None) -> int:
-    if plan.reader is not None:
-        return 4096 if max_side is None else min(4096, max_side * max_side // 4)
-    size = os.path.getsize(plan.root / item.source)
+def estimated_bytes(plan: SourcePlan, split: SplitPlan, max_side: int | None) -> np.ndarray:
+    """Bytes each sample will take in a shard (to cut shards at about the target size)."""
+    if plan.reader is not None or split.sizes is None:
+        return np.full(len(split), 4096 if max_side is None else min(4096, max_side * max_side // 4), np.int64)
+    if max_side is None:
+        return split.sizes
     # A re-encoded JPEG at quality 90 costs about 0.25 bytes per pixel of its 3:4 frame.
-    return size if max_side is None else min(size, int(max_side * max_side * 0.75 * 0.25) + 1024)
+    return np.minimum(split.sizes, int(max_side * max_side * 0.75 * 0.25) + 1024)
 
 
-def plan_shards(plan: SourcePlan, split: str, options: BuildOptions) -> list[list[int]]:
+def plan_shards(plan: SourcePlan, split: str, options: BuildOptions) -> list[np.ndarray]:
     """Consecutive runs of the sample order, cut where the estimated bytes reach the shard size."""
     sp = plan.splits[split]
     order = plan_order(sp, options.chunk_size, options.seed)
-    shards, current, size = [], [], 0
-    for n in order:
-        est = _estimated_bytes(plan, sp.items[n], options.max_side)
-        if current and size + est > options.shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(n)
-        size += est
-    if current:
-        shards.append(current)
+    ends = np.cumsum(estimated_bytes(plan, sp, options.max_side)[order])
+    shards, start, base = [], 0, 0
+    while start < len(order):
+        stop = max(int(np.searchsorted(ends, base + options.shard_bytes, side="right")), start + 1)
+        shards.append(order[start:stop])
+        base, start = int(ends[stop - 1]), stop
     return shards
 
 
@@ -155,64 +173,99 @@ class _HashingReader:
         return self.digest.hexdigest()
 
 
-def _plan_digest(plan: SourcePlan, split: str, members: Sequence[int], options: BuildOptions) -> str:
-    items = plan.splits[split].items
-    h = hashlib.sha256(json.dumps([options.max_side, options.jpeg_quality]).encode())
-    for n in members:
-        h.update(f"{items[n].source}\t{items[n].label}\n".encode())
-    return h.hexdigest()[:16]
+@dataclass
+class ShardTask:
+    """Everything one shard's writer needs, and nothing more: what crosses to a worker process."""
+
+    shard: int
+    first_index: int
+    sources: list[str]
+    labels: list[int]
+    class_names: dict[int, str]  # the names of the labels in this shard
+    root: Path
+    out_dir: Path
+    options: BuildOptions
+
+    def digest(self) -> str:
+        h = hashlib.sha256(json.dumps([self.options.max_side, self.options.jpeg_quality]).encode())
+        for source, label in zip(self.sources, self.labels, strict=True):
+            h.update(f"{source}\t{label}\n".encode())
+        return h.hexdigest()[:16]
 
 
-def write_shard(
-    plan: SourcePlan,
-    split: str,
-    shard: int,
-    members: Sequence[int],
-    out_dir: Path,
-    options: BuildOptions,
-    first_index: int,
-) -> dict:
-    """Write one shard (atomically) and its sidecar; returns the sidecar's record."""
+def shard_tasks(plan: SourcePlan, split: str, out_dir: Path, options: BuildOptions) -> Iterator[ShardTask]:
+    sp = plan.splits[split]
+    first = 0
+    for n, members in enumerate(plan_shards(plan, split, options)):
+        labels = sp.labels[members].tolist()
+        names = {label: sp.classes[label] for label in set(labels)}
+        yield ShardTask(n, first, [sp.sources[i] for i in members], labels, names, plan.root, out_dir, options)
+        first += len(members)
+
+
+def _read_file(root: Path, source: str) -> tuple[bytes, str]:
+    path = root / source
+    return path.read_bytes(), path.suffix.lower().lstrip(".")
+
+
+def write_shard(task: ShardTask, reader: Callable[[str], tuple[bytes, str]] | None = None) -> dict:
+    """Write one shard (atomically), its index and its sidecar; returns the sidecar's record."""
     import webdataset as wds
 
-    items = plan.splits[split].items
-    final = out_dir / shard_name(shard)
+    final = task.out_dir / shard_name(task.shard)
     tmp = final.with_suffix(".tar.tmp")
     counts: dict[int, int] = {}
+    bad: list[dict] = []
+    options = task.options
     try:
         with open(tmp, "wb") as f:
             # Fixed owner and mtime: the same inputs and seed give byte-identical shards. An integer mtime: a
             # float one costs every member an extra PAX header block, which readers parse in Python.
             writer = wds.TarWriter(f, user="distpddm", group="distpddm", mtime=0, encoder=False)
             try:
-                for offset, n in enumerate(members):
-                    item = items[n]
-                    raw, ext = plan.read(item)
-                    data, ext, width, height = encode_image(raw, ext, options.max_side, options.jpeg_quality)
-                    meta = {"source": item.source, "class_name": item.class_name, "width": width, "height": height}
+                for offset, (source, label) in enumerate(zip(task.sources, task.labels, strict=True)):
+                    try:
+                        raw, ext = reader(source) if reader is not None else _read_file(task.root, source)
+                        data, ext, width, height = encode_image(raw, ext, options.max_side, options.jpeg_quality)
+                    except Exception as e:  # noqa: BLE001 -- whatever PIL or the file system raises
+                        why = f"{type(e).__name__}: {e}"
+                        if not options.skip_bad:
+                            raise BadSourceError(
+                                f"{task.root / source}: cannot read or decode it ({why}). Remove or replace the "
+                                "file, or rerun with --skip-bad to leave such files out (they are listed in "
+                                "index.json); finished shards are kept and not rebuilt."
+                            ) from None
+                        bad.append({"source": source, "error": why})
+                        continue
+                    meta = {"source": source, "class_name": task.class_names[label], "width": width, "height": height}
                     writer.write(
                         {
-                            "__key__": f"s{first_index + offset:010d}",
+                            "__key__": f"s{task.first_index + offset:010d}",
                             ext: data,
-                            "cls": str(item.label).encode(),
+                            "cls": str(label).encode(),
                             "json": json.dumps(meta, sort_keys=True).encode(),
                         }
                     )
-                    counts[item.label] = counts.get(item.label, 0) + 1
+                    counts[label] = counts.get(label, 0) + 1
             finally:
                 writer.close()
+        index, _ = index_tar(tmp)
+        if len(index) != len(task.sources) - len(bad):
+            raise RuntimeError(f"{tmp}: wrote {len(task.sources) - len(bad)} samples, the tar holds {len(index)}")
+        save_index(index, task.out_dir / idx_name(final.name))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, final)
     record = {
         "name": final.name,
-        "samples": len(members),
-        "first_index": first_index,
+        "samples": len(task.sources) - len(bad),
+        "first_index": task.first_index,
         "bytes": final.stat().st_size,
         "sha256": _sha256(final),
         "class_counts": {str(k): v for k, v in sorted(counts.items())},
-        "plan": _plan_digest(plan, split, members, options),
+        "bad": bad,
+        "plan": task.digest(),
     }
     sidecar = final.with_suffix(".json")
     sidecar.with_suffix(".json.tmp").write_text(json.dumps(record))
@@ -220,74 +273,105 @@ def write_shard(
     return record
 
 
-def _finished(out_dir: Path, shard: int, digest: str) -> dict | None:
-    sidecar = out_dir / shard_name(shard).replace(".tar", ".json")
-    tar = out_dir / shard_name(shard)
+def _finished(task: ShardTask) -> dict | None:
+    """The sidecar of a shard already built from this plan (its index rebuilt from the tar if missing)."""
+    tar = task.out_dir / shard_name(task.shard)
+    sidecar = tar.with_suffix(".json")
     if not (sidecar.exists() and tar.exists()):
         return None
     try:
         record = json.loads(sidecar.read_text())
     except json.JSONDecodeError:
         return None
-    if record.get("plan") != digest or record.get("bytes") != tar.stat().st_size:
+    if record.get("plan") != task.digest() or record.get("bytes") != tar.stat().st_size or "bad" not in record:
         return None
+    idx = task.out_dir / idx_name(tar.name)
+    if not idx.exists():
+        save_index(index_tar(tar)[0], idx)
     return record
+
+
+def _run_tasks(plan: SourcePlan, tasks: list[ShardTask], options: BuildOptions) -> Iterator[dict]:
+    """Sidecar records as shards finish: in worker processes (at most two tasks queued per worker, so the
+    parent never holds every shard's pickled task), or here for in-process sources (rendered fonts)."""
+    workers = options.workers or min(len(tasks), os.cpu_count() or 1) or 1
+    if workers <= 1 or plan.reader is not None:
+        for task in tasks:
+            yield write_shard(task, plan.reader)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        todo = iter(tasks)
+        running = set()
+        try:
+            while True:
+                for task in todo:
+                    running.add(pool.submit(write_shard, task))
+                    if len(running) >= 2 * workers:
+                        break
+                if not running:
+                    return
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield fut.result()
+        finally:
+            for fut in running:
+                fut.cancel()
 
 
 def build_split(plan: SourcePlan, split: str, out: Path, options: BuildOptions) -> dict:
     """Build (or finish building) one split's shards and write its index; returns the index."""
     out_dir = Path(out) / split
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = plan_shards(plan, split, options)
-    starts = [0]
-    for members in shards[:-1]:
-        starts.append(starts[-1] + len(members))
+    tasks = list(shard_tasks(plan, split, out_dir, options))
     records: dict[int, dict] = {}
     todo = []
-    for n, members in enumerate(shards):
-        done = _finished(out_dir, n, _plan_digest(plan, split, members, options))
+    for task in tasks:
+        done = _finished(task)
         if done is not None:
-            records[n] = done
+            records[task.shard] = done
         else:
-            todo.append(n)
-    total = sum(len(m) for m in shards)
+            todo.append(task)
+    total = sum(len(t.sources) for t in tasks)
+    allowed = options.bad_allowed(total)
     bar = tqdm(total=total, disable=not options.progress, unit="img", desc=f"build {split}")
-    bar.update(sum(r["samples"] for r in records.values()))
-    workers = options.workers or min(len(todo), os.cpu_count() or 1) or 1
-    if todo and workers > 1 and plan.reader is None:
-        with ProcessPoolExecutor(workers) as pool:
-            futures = {
-                pool.submit(write_shard, plan, split, n, shards[n], out_dir, options, starts[n]): n for n in todo
-            }
-            for fut in as_completed(futures):
-                records[futures[fut]] = fut.result()
-                bar.update(len(shards[futures[fut]]))
-    else:  # in-process sources (rendered fonts) hold a reader that is cheaper to run here than to ship
-        for n in todo:
-            records[n] = write_shard(plan, split, n, shards[n], out_dir, options, starts[n])
-            bar.update(len(shards[n]))
+    bar.update(sum(len(t.sources) for t in tasks if t.shard in records))
+    bad = [b for r in records.values() for b in r["bad"]]
+    for record in _run_tasks(plan, todo, options):
+        records[int(record["name"][6:12])] = record
+        bad += record["bad"]
+        bar.update(record["samples"] + len(record["bad"]))
+        if len(bad) > allowed:
+            bar.close()
+            raise BadSourceError(
+                f"{len(bad)} source files of split {split!r} do not read or decode, more than --max-bad allows "
+                f"({allowed} of {total}); first: "
+                + "; ".join(f"{b['source']} ({b['error']})" for b in bad[:5])
+                + ". Finished shards are kept: fix the files or raise --max-bad, and rerun."
+            )
     bar.close()
     for stale in out_dir.glob("shard-*.tar"):  # shards of an older, larger plan
-        if int(stale.stem.split("-")[1]) >= len(shards):
-            stale.unlink()
-            stale.with_suffix(".json").unlink(missing_ok=True)
-    sp = plan.splits[split]
-    class_counts = [0] * len(sp.classes)
-    for item in sp.items:
-        class_counts[item.label] += 1
+        if int(stale.stem.split("-")[1]) >= len(tasks):
+            for path in (stale, stale.with_suffix(".json"), out_dir / idx_name(stale.name)):
+                path.unlink(missing_ok=True)
+    class_counts = [0] * len(plan.splits[split].classes)
+    for record in records.values():
+        for label, count in record["class_counts"].items():
+            class_counts[int(label)] += count
+    bad.sort(key=lambda b: b["source"])
     index = {
         "version": INDEX_VERSION,
         "split": split,
         "source_kind": plan.kind,
-        "samples": total,
-        "classes": sp.classes,
+        "samples": sum(r["samples"] for r in records.values()),
+        "classes": plan.splits[split].classes,
         "class_counts": class_counts,
         "chunk_size": options.chunk_size,
         "seed": options.seed,
         "max_side": options.max_side,
+        "carving": plan.carving,
+        "bad_files": bad,
         "shards": [
-            {k: records[n][k] for k in ("name", "samples", "first_index", "bytes", "sha256")}
-            for n in range(len(shards))
+            {k: records[n][k] for k in ("name", "samples", "first_index", "bytes", "sha256")} for n in range(len(tasks))
         ],
         "options": asdict(options) | {"progress": None, "workers": None},
     }
@@ -345,6 +429,7 @@ def verify_split(split_dir: Path, sample: float = 1.0, seed: int = 0, progress: 
             problems.append(f"{shard['name']}: missing")
             continue
         samples: dict[str, dict[str, bytes]] = {}
+        starts: list[int] = []  # where each sample's first header is, for the shard index
         unreadable = None
         with open(path, "rb") as raw:
             hashed = _HashingReader(raw)  # one read of the shard serves both the hash and the samples
@@ -352,6 +437,8 @@ def verify_split(split_dir: Path, sample: float = 1.0, seed: int = 0, progress: 
                 with tarfile.open(fileobj=hashed, mode="r|") as tar:
                     for member in tar:
                         key, _, field = member.name.partition(".")
+                        if key not in samples:
+                            starts.append(member.offset)
                         samples.setdefault(key, {})[field] = tar.extractfile(member).read()
             except (tarfile.TarError, OSError, EOFError) as e:
                 unreadable = e
@@ -363,6 +450,7 @@ def verify_split(split_dir: Path, sample: float = 1.0, seed: int = 0, progress: 
             continue
         if len(samples) != shard["samples"]:
             problems.append(f"{shard['name']}: {len(samples)} samples, index says {shard['samples']}")
+        problems += _check_shard_index(split_dir / idx_name(shard["name"]), starts, samples)
         for key, fields in samples.items():
             report.samples += 1
             bar.update(1)
@@ -396,6 +484,25 @@ def verify_split(split_dir: Path, sample: float = 1.0, seed: int = 0, progress: 
         diff = [n for n, (a, b) in enumerate(zip(counts, index["class_counts"], strict=True)) if a != b]
         problems.append(f"per-class counts differ from the index for {len(diff)} classes (first: {diff[:5]})")
     return report
+
+
+def _check_shard_index(path: Path, starts: list[int], samples: dict[str, dict[str, bytes]]) -> list[str]:
+    """The per-shard index must give every sample's offset and label, in order (readers seek with it)."""
+    try:
+        index = load_shard_index(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        return [f"{path.name}: missing or unreadable shard index ({type(e).__name__}: {e}); rerun the build"]
+    try:
+        labels = [int(fields["cls"]) for fields in samples.values()]
+    except (KeyError, ValueError):
+        labels = None  # reported per sample
+    if (
+        len(index) != len(starts)
+        or index.offsets[:-1].tolist() != starts
+        or (labels and index.labels.tolist() != labels)
+    ):
+        return [f"{path.name}: does not match its shard (offsets or labels differ); rerun the build to rewrite it"]
+    return []
 
 
 def verify(out: Path, sample: float = 1.0, progress: bool = True) -> list[VerifyReport]:

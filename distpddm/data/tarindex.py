@@ -1,0 +1,132 @@
+"""Random access into WebDataset tar shards: a per-shard index of sample offsets and labels.
+
+Beside each ``shard-N.tar`` the builder writes ``shard-N.idx.npz``: ``offsets`` (n + 1 byte offsets: where
+each sample's first tar header starts, then where the last sample ends) and ``labels`` (n). With it a reader
+can start anywhere in a shard (disjoint sample ranges for more readers than shards), plan batches from
+labels alone (a resumed stream replays its batches without reading images), and fetch single samples.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 512
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's rule: key = path up to the basename's first dot
+
+
+def idx_name(tar_name: str) -> str:
+    return tar_name[: -len(".tar")] + ".idx.npz" if tar_name.endswith(".tar") else tar_name + ".idx.npz"
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    offsets: np.ndarray  # int64 (n + 1,)
+    labels: np.ndarray  # int64 (n,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def index_tar(path: str | Path) -> tuple[ShardIndex, list[str]]:
+    """Scan a tar's headers (seeking past the data) -> its sample offsets, labels (``cls``) and keys."""
+    offsets: list[int] = []
+    labels: list[int] = []
+    keys: list[str] = []
+    end = 0
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            match = _KEY.match(member.name)
+            if match is None:
+                raise ValueError(f"{path}: member {member.name!r} has no key.extension name")
+            key, ext = match.groups()
+            if not keys or keys[-1] != key:
+                offsets.append(member.offset)
+                keys.append(key)
+                labels.append(-1)
+            if ext == "cls":
+                labels[-1] = int(tar.extractfile(member).read())
+            end = member.offset_data + -(-member.size // BLOCK) * BLOCK
+    if any(label < 0 for label in labels):
+        raise ValueError(f"{path}: sample {keys[labels.index(-1)]!r} has no .cls member")
+    return ShardIndex(np.array(offsets + [end], dtype=np.int64), np.array(labels, dtype=np.int64)), keys
+
+
+def save_index(index: ShardIndex, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, offsets=index.offsets, labels=index.labels)
+    tmp.replace(path)
+
+
+def load_shard_index(url: str) -> ShardIndex:
+    """A shard's ``.idx.npz`` from a local path or any fsspec URL."""
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        data = np.load(io.BytesIO(f.read()))
+        return ShardIndex(data["offsets"].astype(np.int64), data["labels"].astype(np.int64))
+
+
+def parse_sample(blob: bytes) -> dict[str, bytes]:
+    """One sample's tar members (their bytes, end to end) -> ``{"__key__": key, ext: data, ...}``.
+
+    Plain ustar headers (what the builder writes) are read with ``TarInfo.frombuf`` directly; anything else
+    (PAX or GNU long-name records) goes through :mod:`tarfile`'s own reader."""
+    sample: dict[str, bytes] = {}
+    view = memoryview(blob)
+    pos = 0
+    while pos + BLOCK <= len(view):
+        header = bytes(view[pos : pos + BLOCK])
+        if not header.strip(b"\0"):
+            break
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            return _parse_with_tarfile(blob)
+        _add(sample, info.name, bytes(view[pos + BLOCK : pos + BLOCK + info.size]))
+        pos += BLOCK + -(-info.size // BLOCK) * BLOCK
+    return sample
+
+
+def _parse_with_tarfile(blob: bytes) -> dict[str, bytes]:
+    sample: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                _add(sample, member.name, tar.extractfile(member).read())
+    return sample
+
+
+def _add(sample: dict, name: str, data: bytes) -> None:
+    match = _KEY.match(name)
+    if match is None:
+        raise ValueError(f"tar member {name!r} has no key.extension name")
+    key, ext = match.groups()
+    if sample.setdefault("__key__", key) != key:
+        raise ValueError(f"sample holds members of two keys ({sample['__key__']!r}, {key!r}): stale index?")
+    sample[ext] = data
+
+
+def read_range(f, index: ShardIndex, lo: int, hi: int) -> Iterator[tuple[int, dict | Exception]]:
+    """Samples ``lo .. hi - 1`` of an open, seekable shard: ``(n, sample)``, or ``(n, exception)`` for a sample
+    that does not parse (the next one is still found, from the index)."""
+    f.seek(int(index.offsets[lo]))
+    for n in range(lo, hi):
+        size = int(index.offsets[n + 1] - index.offsets[n])
+        blob = f.read(size)
+        try:
+            if len(blob) != size:
+                raise EOFError(f"shard ends {size - len(blob)} bytes early")
+            yield n, parse_sample(blob)
+        except (tarfile.TarError, ValueError, EOFError, UnicodeError) as e:
+            yield n, e
+            f.seek(int(index.offsets[n + 1]))
