@@ -27,13 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distpddm.data.shards import BuildOptions, build  # noqa: E402
 from distpddm.data.sources import read_source  # noqa: E402
-from distpddm.data.stream import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PKBatchDataset,
-    normalize_batch,
-    resolve_shards,
-)
+from distpddm.data.stream import PKBatchDataset  # noqa: E402
+from distpddm.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch  # noqa: E402
 
 
 def make_images(root: Path, n: int, classes: int = 40, seed: int = 0) -> None:
@@ -69,7 +64,7 @@ def throughput(loader, batches: int) -> float:
 
 def shard_loader(split_dir: Path, workers: int):
     ds = PKBatchDataset(
-        resolve_shards(split_dir).urls,
+        split_dir,
         classes_per_batch=16,
         images_per_class=4,
         image_size=224,

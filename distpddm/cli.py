@@ -91,13 +91,13 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.local:
-        from .data.stream import BadDataError
+        from .data.stream import BadDataError, CannotBatchError
         from .train.launch import train_local
         from .train.loop import NonFiniteLossError
 
         try:
             metrics = train_local(cfg)
-        except (NonFiniteLossError, BadDataError) as e:
+        except (NonFiniteLossError, BadDataError, CannotBatchError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     else:

@@ -311,13 +311,17 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     need(t.val_every >= 0, f"train.val_every must be >= 0, got {t.val_every}")
     need(not (t.val_every and not d.val_shards), "train.val_every is set but data.val_shards is not")
     need(r.num_workers >= 1, f"ray.num_workers must be >= 1, got {r.num_workers}")
+    need(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
     if check_paths:
         if d.train_shards:
+            exists = _shards_exist(d.train_shards)
             need(
-                _shards_exist(d.train_shards),
+                exists,
                 f"data.train_shards: no shards at {d.train_shards!r} (expected a "
                 "folder with index.json, from `distpddm shards build`)",
             )
+            if exists:
+                errors += _check_batchable(cfg)
         if d.val_shards:
             need(_shards_exist(d.val_shards), f"data.val_shards: no shards at {d.val_shards!r}")
         if m.pretrained:
@@ -329,6 +333,22 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         errors += _check_deepspeed(cfg)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _check_batchable(cfg: RunConfig) -> list[str]:
+    """P x K batches need at least P classes with K images: known from a local split's index.json."""
+    index = Path(cfg.data.train_shards) / "index.json"
+    if not index.is_file():
+        return []
+    counts = json.loads(index.read_text()).get("class_counts") or []
+    d = cfg.data
+    full = sum(1 for n in counts if n >= d.images_per_class)
+    if full >= d.classes_per_batch:
+        return []
+    return [
+        f"data.train_shards: only {full} of its {len(counts)} classes have >= {d.images_per_class} images "
+        f"(data.images_per_class), and a batch needs {d.classes_per_batch} such classes (data.classes_per_batch)"
+    ]
 
 
 def _check_deepspeed(cfg: RunConfig) -> list[str]:

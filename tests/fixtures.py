@@ -120,3 +120,29 @@ def jpeg_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).convert("RGB").save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def write_shards(split_dir: Path, samples: list[tuple[int, bytes]], per_shard: int, ext: str = "jpg") -> None:
+    """A split laid out as the builder lays it out (tars, per-shard indexes, index.json) from ``(label, image
+    bytes)`` pairs in the given order: for bytes the builder would refuse (corrupt images)."""
+    import json
+
+    import webdataset as wds
+
+    from distpddm.data.tarindex import idx_name, index_tar, save_index
+
+    split_dir.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for first in range(0, len(samples), per_shard):
+        name = f"shard-{first // per_shard:06d}.tar"
+        with open(split_dir / name, "wb") as f:
+            writer = wds.TarWriter(f, encoder=False)
+            for n, (label, data) in enumerate(samples[first : first + per_shard], start=first):
+                writer.write({"__key__": f"s{n:010d}", ext: data, "cls": str(label).encode()})
+            writer.close()
+        save_index(index_tar(split_dir / name)[0], split_dir / idx_name(name))
+        shards.append({"name": name, "samples": len(samples[first : first + per_shard]), "first_index": first})
+    n_classes = max(label for label, _ in samples) + 1
+    counts = [sum(1 for label, _ in samples if label == c) for c in range(n_classes)]
+    index = {"classes": [str(c) for c in range(n_classes)], "class_counts": counts, "samples": len(samples)}
+    (split_dir / "index.json").write_text(json.dumps(index | {"shards": shards, "chunk_size": 4}))

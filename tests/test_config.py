@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 def shards(tmp_path):
     d = tmp_path / "shards" / "train"
     d.mkdir(parents=True)
-    (d / "index.json").write_text(json.dumps({"shards": [], "classes": [], "samples": 0}))
+    counts = [10] * 17 + [3] * 20  # 17 classes can fill a group of K = 4 (and 37 one of K = 3)
+    index = {"shards": [], "classes": [str(c) for c in range(37)], "samples": sum(counts), "class_counts": counts}
+    (d / "index.json").write_text(json.dumps(index))
     return d
 
 
@@ -56,6 +58,8 @@ def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path
         (["optim.lr=fast"], r"optim.lr must be float, got 'fast'"),
         (["model.freeze_bn=1"], r"model.freeze_bn must be bool"),
         (["data.images_per_class=1"], r"data.images_per_class must be >= 2"),
+        (["data.classes_per_batch=18"], r"only 17 of its 37 classes have >= 4 images .* needs 18 such classes"),
+        (["train.seed=-1"], r"train.seed must be >= 0"),
         (
             ["data.batch_size=10"],
             r"data.batch_size=10 but data.classes_per_batch x data.images_per_class = 16 x 4 = 64",

@@ -1,7 +1,7 @@
-import io
-import json
+"""The shard readers: P x K training streams (never stalling, reproducible, rank-disjoint, resumable) and
+exactly-once evaluation, on shards the builder made from real glyph images."""
+
 import logging
-import random
 from collections import Counter
 
 import numpy as np
@@ -9,14 +9,17 @@ import pytest
 import torch
 import webdataset as wds
 
+from distpddm.data import stream
+from distpddm.data.epochs import reader_ranges
 from distpddm.data.shards import BuildOptions, build
 from distpddm.data.sources import read_source
 from distpddm.data.stream import (
     BadDataError,
+    CannotBatchError,
     EvalDataset,
     PKBatchDataset,
     SkipCounter,
-    pk_batches,
+    StreamState,
     resolve_shards,
     restore_order,
 )
@@ -32,16 +35,215 @@ def shards(tmp_path_factory):
     return root / "out" / "train"
 
 
+@pytest.fixture(scope="module")
+def longtail(tmp_path_factory):
+    """40 fonts' glyphs with long-tailed class sizes, 4 .. 60 images (as real data sets are), ~20 shards."""
+    root = tmp_path_factory.mktemp("longtail")
+    sizes = [int(4 * 15 ** (c / 39)) for c in range(40)]
+    images = fixtures.glyph_images(40, 62, root / "cache")
+    fixtures.make_folder(root / "src", [imgs[:n] for imgs, n in zip(images, sizes, strict=True)])
+    build(read_source("folder", root / "src"), root / "out", BuildOptions(shard_bytes=40_000, progress=False))
+    return root / "out" / "train"
+
+
+def _loader(ds, workers=2):
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+
+
+def _as_rank(monkeypatch, rank, world):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+
+
+def _take(ds, n, workers=2):
+    out = []
+    for batch in _loader(ds, workers):
+        out.append(batch)
+        if len(out) == n:
+            return out
+    raise AssertionError("the stream ended")
+
+
+def _same(a, b):
+    return (
+        torch.equal(a.images, b.images)
+        and torch.equal(a.labels, b.labels)
+        and torch.equal(a.keys, b.keys)
+        and a.info == b.info
+    )
+
+
+def _epoch_reader(ds, epoch, reader, readers):
+    return stream._EpochReader(ds, epoch, reader, readers, reader % 2, SkipCounter())
+
+
 def test_training_batches_are_p_classes_by_k_images(shards):
-    ds = PKBatchDataset(resolve_shards(shards).urls, classes_per_batch=4, images_per_class=3, image_size=32)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    for n, (x, y) in enumerate(loader):
+    ds = PKBatchDataset(shards, classes_per_batch=4, images_per_class=3, image_size=32)
+    for x, y, keys, info in _take(ds, 20):
         assert x.shape == (12, 3, 32, 32) and x.dtype == torch.uint8  # normalised on the device
         counts = Counter(y.tolist())
         assert len(counts) == 4 and set(counts.values()) == {3}
-        assert y.tolist() == sorted(y.tolist(), key=lambda v: y.tolist().index(v))  # classes are contiguous
-        if n == 20:
-            break
+        assert y.tolist() == sorted(y.tolist(), key=y.tolist().index)  # classes are contiguous
+        assert len(set(keys.tolist())) == 12 and info.worker in (0, 1)
+
+
+def test_long_tailed_shards_stream_without_stalling(longtail):
+    # The issue's stall: long-tailed classes, P x K = 8 x 4, many epochs through 2 loader workers.
+    index = resolve_shards(longtail)
+    assert min(index.class_counts) == 4 and max(index.class_counts) == 60
+    ds = PKBatchDataset(longtail, classes_per_batch=8, images_per_class=4, image_size=16)
+    batches = _take(ds, 60)
+    seen: dict[tuple[int, int], set] = {}
+    for batch in batches:
+        assert len(set(batch.labels.tolist())) == 8 and set(Counter(batch.labels.tolist()).values()) == {4}
+        keys = seen.setdefault((batch.info.worker, batch.info.epoch), set())
+        assert not keys & set(batch.keys.tolist())  # no sample twice within a reader's epoch
+        keys |= set(batch.keys.tolist())
+    assert max(b.info.epoch for b in batches) >= 2  # it went on, epoch after epoch
+    used = Counter(index.class_counts[c] for b in batches for c in b.labels.tolist())
+    assert used[60] > used[4]  # proportional: large classes are drawn more often
+
+
+def test_two_ranks_by_two_workers_read_every_sample_once_per_epoch(longtail, monkeypatch):
+    ds = PKBatchDataset(longtail, classes_per_batch=4, images_per_class=4, image_size=16)
+    total = resolve_shards(longtail).samples
+    read_keys: list[str] = []
+    original = stream.read_range
+
+    def spy(f, index, lo, hi):
+        for n, sample in original(f, index, lo, hi):
+            read_keys.append(sample["__key__"])
+            yield n, sample
+
+    monkeypatch.setattr(stream, "read_range", spy)
+    for epoch in (0, 1):
+        read_keys.clear()
+        batch_keys: list[int] = []
+        for reader in range(4):  # rank 0 and 1, loader workers 0 and 1 each
+            for batch in _epoch_reader(ds, epoch, reader, 4).run(skip=0):
+                batch_keys += batch.keys.tolist()
+        assert sorted(int(k[1:]) for k in read_keys) == list(range(total))  # every sample once, none missing
+        assert len(batch_keys) == len(set(batch_keys)) > 0.6 * total  # in batches: none twice, most used
+
+
+def test_each_reader_loads_only_its_own_shard_indexes(longtail, monkeypatch):
+    # Start-up at 64 ranks: a reader touches its own shards' indexes, never every shard's.
+    ds = PKBatchDataset(longtail, classes_per_batch=4, images_per_class=4, image_size=16)
+    loaded = []
+    original = stream.load_shard_index
+    monkeypatch.setattr(stream, "load_shard_index", lambda url: loaded.append(url) or original(url))
+    list(_epoch_reader(ds, 0, reader=1, readers=4).run(skip=0))
+    own = reader_ranges(ds.counts, ds.seed, 0, 1, 4)
+    assert sorted(loaded) == sorted(stream.idx_name(ds.urls[s]) for s, _, _ in own)
+    assert len(loaded) < len(ds.urls) / 2
+
+
+def test_the_same_seed_gives_the_same_batches_on_every_rank(longtail, monkeypatch):
+    first = {}
+    for rank in (0, 1):
+        _as_rank(monkeypatch, rank, 2)
+        a = _take(PKBatchDataset(longtail, 4, 4, image_size=16, seed=3), 8)
+        b = _take(PKBatchDataset(longtail, 4, 4, image_size=16, seed=3), 8)
+        assert all(_same(x, y) for x, y in zip(a, b, strict=True))
+        first[rank] = {k for batch in a if batch.info.epoch == 0 for k in batch.keys.tolist()}
+    assert not first[0] & first[1]  # ranks read disjoint samples within the epoch
+    other = _take(PKBatchDataset(longtail, 4, 4, image_size=16, seed=4), 8)
+    assert not all(_same(x, y) for x, y in zip(a, other, strict=True))
+
+
+def test_augmentations_differ_between_ranks_and_workers(tmp_path, monkeypatch):
+    # Every sample is the same picture: batches can differ only through their crops and flips.
+    images = fixtures.glyph_images(1, 1, tmp_path / "cache")
+    picture = fixtures.jpeg_bytes(np.kron(images[0][0], np.ones((4, 4), np.uint8)))  # 128 px
+    fixtures.write_shards(tmp_path / "same", [(n // 8, picture) for n in range(8 * 16)], per_shard=16)
+    views = {}
+    for rank in (0, 1):
+        _as_rank(monkeypatch, rank, 2)
+        for batch in _take(PKBatchDataset(tmp_path / "same", 4, 4, image_size=32, seed=0), 2):
+            views[(rank, batch.info.worker)] = batch.images
+    assert len(views) == 4
+    assert all(not torch.equal(views[a], views[b]) for a in views for b in views if a < b)
+    again = _take(PKBatchDataset(tmp_path / "same", 4, 4, image_size=32, seed=0), 1)[0]
+    assert torch.equal(again.images, views[(1, 0)])  # and each reader's own draws replay exactly
+
+
+@pytest.mark.parametrize("stop", [5, 8])
+def test_a_resumed_stream_continues_the_uninterrupted_one(longtail, monkeypatch, stop):
+    _as_rank(monkeypatch, 1, 2)
+    ds = PKBatchDataset(longtail, 8, 4, image_size=16, seed=1, buffer_images=64)
+    whole = _take(ds, 16)
+    assert len({b.info.epoch for b in whole}) >= 2  # the stop and the rest cross an epoch boundary
+    state = ds.initial_state(world=2, workers=2)
+    for batch in whole[:stop]:
+        state.advance(batch.info)  # what the trainer does with every batch it consumes
+    saved = StreamState.from_json(state.to_json())  # as a checkpoint stores it
+    resumed = _take(PKBatchDataset(longtail, 8, 4, image_size=16, seed=1, buffer_images=64, start=saved), 16 - stop)
+    assert all(_same(x, y) for x, y in zip(whole[stop:], resumed, strict=True))
+
+
+def test_a_resume_with_another_worker_count_starts_the_next_epoch(longtail, monkeypatch, caplog):
+    _as_rank(monkeypatch, 0, 1)
+    ds = PKBatchDataset(longtail, 4, 4, image_size=16)
+    state = ds.initial_state(world=1, workers=2)
+    for batch in _take(ds, 9):
+        state.advance(batch.info)
+    with caplog.at_level(logging.WARNING, "distpddm.data"):
+        resumed = _take(PKBatchDataset(longtail, 4, 4, image_size=16, start=state), 1, workers=0)[0]
+    assert (resumed.info.epoch, resumed.info.index) == (state.epoch + 1, 0)
+    assert "workers" in caplog.text and f"start of epoch {state.epoch + 1}" in caplog.text
+
+
+def test_a_share_too_small_for_a_batch_is_a_clear_error(shards, monkeypatch):
+    _as_rank(monkeypatch, 3, 8)  # 96 images over 8 ranks: 12 per reader, P x K = 16
+    with pytest.raises(CannotBatchError, match=r"formed no batch in epoch 0.*12 samples.*needs 4 such classes"):
+        next(iter(PKBatchDataset(shards, 4, 4, image_size=16)))
+
+
+def test_training_needs_the_split_index(shards):
+    with pytest.raises(ValueError, match="shards build"):
+        PKBatchDataset(str(shards / "shard-{000000..000001}.tar"), 4, 4)
+
+
+def test_corrupt_image_in_a_shard_is_replaced_within_its_class(tmp_path, caplog):
+    images = fixtures.glyph_images(4, 4, tmp_path / "cache")
+    samples = [(c, fixtures.jpeg_bytes(img)) for c in range(4) for img in images[c]]
+    samples[2] = (0, samples[2][1][:40])  # truncated
+    fixtures.write_shards(tmp_path / "bad", samples, per_shard=16)
+    ds = PKBatchDataset(tmp_path / "bad", 2, 2, image_size=16, max_skip_rate=0.5)
+    with caplog.at_level(logging.WARNING, "distpddm.data"):
+        for x, y, keys, _ in _take(ds, 30, workers=0):
+            assert sorted(Counter(y.tolist()).values()) == [2, 2] and x.shape == (4, 3, 16, 16)
+            if (keys == -1).any():
+                replaced = keys.tolist().index(-1)
+                assert y[replaced] == 0 and 2 not in keys.tolist()
+    assert "bad/shard-000000.tar:s0000000002" in caplog.text and "does not decode" in caplog.text
+
+
+def test_too_many_bad_images_stop_the_run_naming_them(tmp_path):
+    images = fixtures.glyph_images(4, 8, tmp_path / "cache")
+    samples = [
+        (c, fixtures.jpeg_bytes(img) if k % 2 else b"garbage") for c in range(4) for k, img in enumerate(images[c])
+    ]
+    fixtures.write_shards(tmp_path / "bad", samples * 10, per_shard=40)
+    with pytest.raises(BadDataError, match=r"max_skip_rate=1\.00%.*bad/shard-0000\d\d\.tar:s\d+ \(image does not"):
+        _take(PKBatchDataset(tmp_path / "bad", 2, 2, image_size=16), 200, workers=0)
+
+
+def test_a_missing_shard_is_skipped_and_counted(longtail, tmp_path, caplog):
+    import shutil
+
+    split = tmp_path / "split"
+    shutil.copytree(longtail, split)
+    victim = resolve_shards(split).urls[3]
+    (split / victim.rsplit("/", 1)[1]).unlink()
+    lenient = PKBatchDataset(split, 4, 4, image_size=16, max_skip_rate=0.5)
+    with caplog.at_level(logging.WARNING, "distpddm.data"):
+        assert len(_take(lenient, 12, workers=0)) == 12
+    warned = [r.getMessage() for r in caplog.records if "shard-000003.tar" in r.getMessage()]
+    assert warned and all("shard unreadable (FileNotFoundError" in m for m in warned)
+    assert len(warned) <= 2  # once per time the shard comes round, not once per sample
+    with pytest.raises(BadDataError, match="shard-000003.tar"):
+        _take(PKBatchDataset(split, 4, 4, image_size=16), 100, workers=0)
 
 
 def test_eval_reads_every_sample_exactly_once_over_2_ranks_and_2_workers(shards, monkeypatch):
@@ -49,8 +251,7 @@ def test_eval_reads_every_sample_exactly_once_over_2_ranks_and_2_workers(shards,
     assert len(shard_set.urls) >= 4
     seen_index, seen_label = [], []
     for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
+        _as_rank(monkeypatch, rank, 2)
         ds = EvalDataset(shard_set.urls, image_size=32)
         loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=2)
         for _, y, idx in loader:
@@ -64,287 +265,11 @@ def test_eval_reads_every_sample_exactly_once_over_2_ranks_and_2_workers(shards,
     assert labels.tolist() == truth
 
 
-def _raw(label, key="k"):
-    return {"__key__": key, "__url__": "mem", "cls": str(label).encode(), "jpg": b"x"}
-
-
-def test_ten_thousand_classes_stream_with_bounded_memory():
-    P, K, buffer = 16, 4, 512
-    rng = random.Random(0)
-    chunks = [c for c in range(10_000) for _ in range(2)]  # two chunks of K per class, shuffled
-    rng.shuffle(chunks)
-    consumed = 0
-    emitted = 0
-    peak = 0
-
-    def stream():
-        nonlocal consumed
-        for c in chunks:
-            for k in range(K):
-                consumed += 1
-                yield _raw(c, f"{c}-{k}")
-
-    batches = 0
-    for batch in pk_batches(stream(), P, K, buffer, SkipCounter(), random.Random(1)):
-        emitted += len(batch)
-        peak = max(peak, consumed - emitted)
-        labels = [int(s["cls"]) for s in batch]
-        assert len(batch) == P * K and len(set(labels)) == P
-        assert all(Counter(labels)[c] == K for c in set(labels))
-        batches += 1
-    assert peak <= buffer + P * K  # held samples never exceed the buffer (plus the batch being formed)
-    assert batches >= 0.99 * len(chunks) * K / (P * K)  # almost nothing dropped
-
-
-def test_bad_samples_are_skipped_named_and_counted(caplog):
-    def stream():
-        for n in range(300):
-            if n == 5:
-                yield {"__key__": "nolabel", "__url__": "shard-9.tar", "jpg": b"x"}
-            yield _raw(n % 10, f"s{n}")
-
-    counter = SkipCounter(max_skip_rate=0.05)
-    with caplog.at_level(logging.WARNING, "distpddm.data"):
-        batches = list(pk_batches(stream(), 2, 2, 64, counter, random.Random(0)))
-    assert counter.skipped == 1 and counter.seen == 301 and batches
-    assert "shard-9.tar:nolabel" in caplog.text
-
-
-def test_too_many_bad_samples_abort_with_a_clear_message():
-    def stream():
-        for n in range(1000):
-            yield _raw(n % 10) if n % 10 else {"__key__": f"bad{n}", "__url__": "u.tar", "jpg": b"x"}
-
-    with pytest.raises(BadDataError, match=r"skipped .*max_skip_rate.*u\.tar:bad"):
-        list(pk_batches(stream(), 2, 2, 64, SkipCounter(max_skip_rate=0.05, min_samples=100), random.Random(0)))
-
-
-def test_corrupt_image_in_a_shard_is_replaced_within_its_class(tmp_path, caplog):
-    images = fixtures.glyph_images(4, 4, tmp_path / "cache")
-    path = tmp_path / "bad.tar"
-    with open(path, "wb") as f:
-        w = wds.TarWriter(f, encoder=False)
-        n = 0
-        for c in range(4):
-            for img in images[c]:
-                data = fixtures.jpeg_bytes(img)
-                if n == 2:
-                    data = data[:40]  # truncated
-                meta = json.dumps({"class_name": str(c)}).encode()
-                w.write({"__key__": f"s{n:010d}", "jpg": data, "cls": str(c).encode(), "json": meta})
-                n += 1
-        w.close()
-    ds = PKBatchDataset([str(path)], 2, 2, image_size=16, max_skip_rate=0.5)
-    with caplog.at_level(logging.WARNING, "distpddm.data"):
-        batches = iter(ds)
-        for _ in range(30):
-            x, y = next(batches)
-            assert sorted(Counter(y.tolist()).values()) == [2, 2]
-    assert x.shape == (4, 3, 16, 16)
-    assert "bad.tar:s0000000002" in caplog.text and "does not decode" in caplog.text
-
-
 def test_eval_skips_a_corrupt_image_and_counts_it(tmp_path, caplog):
     images = fixtures.glyph_images(2, 3, tmp_path / "cache")
-    path = tmp_path / "e.tar"
-    with open(path, "wb") as f:
-        w = wds.TarWriter(f, encoder=False)
-        for n in range(6):
-            data = fixtures.jpeg_bytes(images[n % 2][n // 2])
-            w.write({"__key__": f"s{n:010d}", "jpg": data if n != 4 else b"garbage", "cls": str(n % 2).encode()})
-        w.close()
+    samples = [(n % 2, fixtures.jpeg_bytes(images[n % 2][n // 2]) if n != 4 else b"garbage") for n in range(6)]
+    fixtures.write_shards(tmp_path / "e", samples, per_shard=6)
     with caplog.at_level(logging.WARNING, "distpddm.data"):
-        got = [idx for _, _, idx in EvalDataset([str(path)], image_size=16, max_skip_rate=0.5)]
+        got = [idx for _, _, idx in EvalDataset(resolve_shards(tmp_path / "e").urls, image_size=16, max_skip_rate=0.5)]
     assert got == [0, 1, 2, 3, 5]
-    assert "e.tar:s0000000004" in caplog.text
-
-
-def _jpeg(width, height, seed=0):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 255, (height // 100 + 2, width // 100 + 2, 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize((width, height), Image.BILINEAR)  # smooth: a photograph-like JPEG
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue(), np.asarray(img)
-
-
-def test_reduced_size_jpeg_decoding():
-    from distpddm.data.stream import decode_image
-
-    data, _ = _jpeg(600, 800)
-    small = decode_image(data, target=100)
-    assert min(small.size) >= 100 and small.size[0] <= 300  # decoded at 1/2 .. 1/8 scale, not full size
-    assert decode_image(data).size == (600, 800)
-
-
-def test_crop_box_draws_torchvisions_distribution():
-    from scipy.stats import ks_2samp
-    from torchvision.transforms import RandomResizedCrop
-
-    from distpddm.data.stream import crop_box
-
-    for width, height in ((500, 375), (120, 900)):  # the second often falls back to the clamped central crop
-        torch.manual_seed(0)
-        img = torch.empty(1).expand(3, height, width)
-        ref = np.array([RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(3000)])
-        rng = random.Random(0)
-        ours = np.array([crop_box(width, height, rng=rng) for _ in range(3000)])
-        assert (ours[:, 2] >= 1).all() and (ours[:, 0] + ours[:, 2] <= height).all()
-        assert (ours[:, 3] >= 1).all() and (ours[:, 1] + ours[:, 3] <= width).all()
-        for col in range(4):  # top, left, h, w: same distributions (a 1-in-1000 test per column)
-            assert ks_2samp(ref[:, col], ours[:, col]).pvalue > 1e-3, (width, height, col)
-    assert crop_box(100, 100, scale=(1.0, 1.0), ratio=(1.0, 1.0)) == (0, 0, 100, 100)
-
-
-def test_train_crop_matches_a_full_decode_crop_and_resize():
-    from torchvision.transforms.v2 import functional as F
-
-    from distpddm.data.stream import TrainCrop, crop_box, decode_tensor
-
-    data, _ = _jpeg(1600, 1200)
-    crop = TrainCrop(64, crop_scale=(0.5, 1.0), hflip=False)
-    full = decode_tensor(data)
-    for seed in range(4):
-        random.seed(seed)
-        out = crop(data)  # a crop of >= 600 px into 64 px: decoded at reduced scale
-        random.seed(seed)
-        top, left, h, w = crop_box(1600, 1200, (0.5, 1.0))
-        ref = F.resized_crop(full, top, left, h, w, [64, 64], antialias=True)
-        assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
-        shifted = F.resized_crop(full, top + 12, left + 12, h, w, [64, 64], antialias=True)
-        assert (out.float() - ref.float()).abs().mean() < 4  # same picture, up to DCT-scaling differences
-        assert (out.float() - shifted.float()).abs().mean() > 8  # ... which a 12 px misplacement exceeds
-
-
-def test_train_crop_decodes_at_reduced_scale_only_when_the_crop_allows(monkeypatch):
-    from PIL import Image
-
-    from distpddm.data import stream
-
-    data, _ = _jpeg(1600, 1200)
-    decoded_sizes = []
-    original = Image.Image.convert
-
-    def spy(self, *a, **k):
-        decoded_sizes.append(self.size)
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(Image.Image, "convert", spy)
-    stream.TrainCrop(64, crop_scale=(0.5, 1.0))(data)  # crop >= 848 px for 64 px: 1/8 scale
-    assert decoded_sizes[-1] == (200, 150)
-    before = len(decoded_sizes)
-    out = stream.TrainCrop(1000, crop_scale=(0.5, 1.0))(data)  # crop < 2000 px: full decode by torchvision
-    assert len(decoded_sizes) == before and out.shape == (3, 1000, 1000)
-
-
-def test_train_crop_flips_half_the_time_and_reads_other_formats():
-    from PIL import Image
-
-    from distpddm.data.stream import TrainCrop
-
-    arr = np.zeros((32, 32, 3), dtype=np.uint8)
-    arr[:, :16] = 255  # left half white
-    outs = {}
-    for fmt in ("PNG", "BMP"):  # BMP: TorchCodec refuses it, PIL reads it
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format=fmt)
-        crop = TrainCrop(32, crop_scale=(1.0, 1.0), ratio=(1.0, 1.0))
-        random.seed(0)
-        outs[fmt] = [crop(buf.getvalue()) for _ in range(200)]
-    flipped = [bool(o[0, 0, 0] == 0) for o in outs["PNG"]]  # left edge black: flipped
-    assert 70 < sum(flipped) < 130
-    assert all(torch.equal(a, b) for a, b in zip(outs["PNG"], outs["BMP"], strict=True))
-
-
-def test_normalize_batch_matches_torchvision_and_reuses_its_buffer():
-    from torchvision.transforms.v2 import functional as F
-
-    from distpddm.data.stream import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
-
-    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    ref = F.normalize(x.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
-    out = normalize_batch(x)
-    assert torch.allclose(out, ref, atol=1e-5)
-    again = normalize_batch(x.flip(0), out=out)
-    assert again.data_ptr() == out.data_ptr() and torch.allclose(again, ref.flip(0), atol=1e-5)
-    assert normalize_batch(x, dtype=torch.bfloat16).dtype == torch.bfloat16
-
-
-def test_eval_crop_is_the_usual_resize_and_centre_crop():
-    from PIL import Image
-    from torchvision.transforms import v2
-
-    from distpddm.data.stream import EvalCrop
-
-    recipe = v2.Compose([v2.ToImage(), v2.Resize(73, antialias=True), v2.CenterCrop(64)])  # 64 * 256 / 224
-    for width, height in ((120, 90), (1600, 1200)):  # the second is decoded at reduced scale
-        data, _ = _jpeg(width, height)
-        out = EvalCrop(64)(data)
-        ref = recipe(Image.open(io.BytesIO(data)).convert("RGB"))
-        assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
-        assert (out.float() - ref.float()).abs().mean() < 3, (width, height)
-
-
-def _rotated_jpeg(width, height):
-    """A JPEG stored ``width`` x ``height`` whose EXIF says: shown turned 90 degrees (orientation 6)."""
-    from PIL import Image
-
-    arr = np.zeros((height, width, 3), dtype=np.uint8)
-    arr[:, : width // 2] = 255  # stored: left half white
-    arr[: height // 4, :, 0] = 200  # and a red-ish top band, so every rotation looks different
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
-    return buf.getvalue()
-
-
-def _upright_reference(data, size):
-    from PIL import Image, ImageOps
-    from torchvision.transforms.v2 import functional as F
-
-    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-    return F.resize(x, [size, size], antialias=True)
-
-
-@pytest.mark.parametrize("stored", [(160, 80), (1600, 800)])  # full decode by TorchCodec; 1/4-scale decode by PIL
-def test_train_crop_shows_exif_rotated_jpegs_upright(stored):
-    from distpddm.data.stream import TrainCrop
-
-    data = _rotated_jpeg(*stored)
-    shown_ratio = stored[1] / stored[0]  # width / height as displayed
-    crop = TrainCrop(32, crop_scale=(1.0, 1.0), ratio=(shown_ratio, shown_ratio), hflip=False)
-    out = crop(data)  # the whole picture, squeezed to 32 x 32
-    ref = _upright_reference(data, 32)
-    assert (out.float() - ref.float()).abs().mean() < 6
-    from PIL import Image
-
-    stored_img = Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.BILINEAR)  # EXIF ignored
-    stored_view = torch.from_numpy(np.array(stored_img)).permute(2, 0, 1)
-    assert (out.float() - stored_view.float()).abs().mean() > 60  # ... which is far from upright
-
-
-def test_eval_crop_and_resized_shards_show_exif_rotated_jpegs_upright():
-    from PIL import Image
-
-    from distpddm.data.shards import encode_image
-    from distpddm.data.stream import EvalCrop
-
-    data = _rotated_jpeg(1600, 800)
-    out = EvalCrop(64)(data)
-    top = out[:, :8].float().mean(dim=(1, 2))  # upright: the white half is on top
-    bottom = out[:, -8:].float().mean(dim=(1, 2))
-    assert top.mean() > 200 and bottom.mean() < 100
-
-    kept, _, w, h = encode_image(data, "jpg", None, 90)
-    assert kept == data and (w, h) == (800, 1600)  # bytes kept (with their EXIF), size as displayed
-    small, ext, w, h = encode_image(data, "jpg", 320, 90)
-    img = Image.open(io.BytesIO(small))
-    assert ext == "jpg" and (w, h) == img.size == (160, 320)
-    assert 0x0112 not in img.getexif()  # upright pixels, no orientation left to apply
-    ref = _upright_reference(data, 64).float()
-    got = torch.from_numpy(np.array(img.convert("RGB").resize((64, 64), Image.BILINEAR))).permute(2, 0, 1).float()
-    assert (got - ref).abs().mean() < 8
+    assert "e/shard-000000.tar:s0000000004" in caplog.text

@@ -15,7 +15,8 @@ import torch
 
 from distpddm.data.shards import BuildOptions, build
 from distpddm.data.sources import read_source
-from distpddm.data.stream import EvalDataset, normalize_batch, resolve_shards
+from distpddm.data.stream import EvalDataset, resolve_shards
+from distpddm.data.transforms import normalize_batch
 from distpddm.model import ModelConfig, create_model, load_exported
 from tests import fixtures
 
@@ -98,6 +99,28 @@ def test_local_run_resumes_and_exports_the_trained_model(font_shards, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(exported(images), net(images), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(exported(images), create_model(exported.cfg).eval()(images), atol=1e-3)
+
+
+def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(font_shards, tmp_path):
+    # Data position, RNG, optimiser and schedule all come back: the resumed run's losses are the
+    # uninterrupted run's, step for step (two loader workers: which one the stream continues with matters).
+    extra = ["train.checkpoint_every=6", "train.log_every=3", "train.keep_checkpoints=5", "data.loader_workers=2",
+             "data.val_shards=null",
+             "optim.warmup_steps=0", "optim.min_lr_ratio=1.0"]  # fmt: skip
+    whole = _cli(["train", "--local", "configs/smoke.yaml", *_overrides(font_shards, tmp_path, "whole", 15, extra)])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    args = _overrides(font_shards, tmp_path, "parts", 9, extra)
+    assert _cli(["train", "--local", "configs/smoke.yaml", *args]).returncode == 0
+    rest = _cli(["train", "--local", "configs/smoke.yaml", *args, "train.steps=15"])
+    assert rest.returncode == 0 and "at step 9" in rest.stderr, rest.stderr[-3000:]
+    state = json.loads((tmp_path / "parts" / "checkpoints" / "step-00000009" / "data_rank0.json").read_text())
+    assert state["consumed"] == 9 and state["next_worker"] == 1  # nine batches, alternately from 2 workers
+    losses = {
+        name: {m["step"]: m["loss"] for m in _metrics(tmp_path / name) if "loss" in m} for name in ("whole", "parts")
+    }
+    assert sorted(losses["parts"]) == [3, 6, 9, 12, 15]
+    for step in (12, 15):
+        assert losses["parts"][step] == pytest.approx(losses["whole"][step], rel=1e-5, abs=1e-6), step
 
 
 def _ray_workers() -> list[psutil.Process]:

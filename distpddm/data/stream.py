@@ -1,36 +1,52 @@
 """Streaming readers over WebDataset shards: P x K training batches and exactly-once evaluation.
 
-Both split shards by node (the Ray / DeepSpeed rank, from torch.distributed or RANK / WORLD_SIZE) and by
-DataLoader worker. Bad samples (an image that does not decode, a missing label) and unreadable shards are
-skipped with a warning naming shard and key, and counted; past ``max_skip_rate`` the run stops with
-:class:`BadDataError` rather than training on quietly shrinking data.
+Training (:class:`PKBatchDataset`): every DataLoader worker of every rank is a *reader*. Per epoch the
+readers stream disjoint, equal ranges of the split (:mod:`.epochs`) -- a pure function of (seed, epoch,
+rank, world size, worker) -- and form P x K batches from them (:mod:`.batcher`, whose sampling policy is
+stated there). Each batch says where it comes from (:class:`BatchInfo`); a :class:`StreamState` built from
+the batches a rank consumed is what a checkpoint saves, and a dataset started from it yields exactly the
+batches an uninterrupted run would have yielded next: the stream is replayed from the shard indexes' labels,
+without reading images, and only the samples still waiting in the batcher are fetched again.
+
+Bad samples (an image that does not decode, a missing label) and unreadable shards are skipped with a
+warning naming shard and key, and counted; past ``max_skip_rate`` the run stops with :class:`BadDataError`
+rather than training on quietly shrinking data.
 """
 
 from __future__ import annotations
 
-import io
+import bisect
+import dataclasses
+import hashlib
 import json
 import logging
-import math
+import os
 import random
-from collections import OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .images import decode_image, decode_tensor, pil_to_tensor, upright_size
+from .batcher import PKBatcher
+from .epochs import reader_ranges, seed_sequence
 from .shards import INDEX
+from .tarindex import ShardIndex, idx_name, load_shard_index, read_range
+from .transforms import eval_transform, train_transform
 
 log = logging.getLogger("distpddm.data")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class BadDataError(RuntimeError):
     pass
+
+
+class CannotBatchError(RuntimeError):
+    """A reader's share of an epoch holds fewer than P classes with K images: no batch can be formed."""
 
 
 # --------------------------------------------------------------------------------------------- shard lists
@@ -41,6 +57,15 @@ class ShardSet:
     urls: list[str]
     classes: list[str] | None
     samples: int | None
+    counts: list[int] | None = None  # samples per shard (index.json); needed for training
+    class_counts: list[int] | None = None
+    chunk_size: int | None = None
+
+    @property
+    def digest(self) -> str:
+        """Identifies the split's layout (shard names and sizes): a saved stream position is valid for it."""
+        h = hashlib.sha256(json.dumps([[u.rsplit("/", 1)[-1] for u in self.urls], self.counts]).encode())
+        return h.hexdigest()[:16]
 
 
 def resolve_shards(spec: str | Path) -> ShardSet:
@@ -54,13 +79,39 @@ def resolve_shards(spec: str | Path) -> ShardSet:
         with fsspec.open(spec, "r") as f:
             index = json.load(f)
         base = spec.rsplit("/", 1)[0] if "/" in spec else "."
-        return ShardSet([f"{base}/{s['name']}" for s in index["shards"]], index["classes"], index["samples"])
+        shards = index["shards"]
+        return ShardSet(
+            [f"{base}/{s['name']}" for s in shards],
+            index["classes"],
+            index["samples"],
+            counts=[s["samples"] for s in shards],
+            class_counts=index.get("class_counts"),
+            chunk_size=index.get("chunk_size"),
+        )
     import webdataset as wds
 
     urls = wds.shardlists.expand_urls(spec)
     if not urls:
         raise FileNotFoundError(f"no shards match {spec!r}")
     return ShardSet(urls, None, None)
+
+
+def _rank_world() -> tuple[int, int]:
+    """The environment first (what the trainer sets, and what a forked loader worker can trust), then
+    torch.distributed."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _open(url: str):
+    if "://" in url:
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(url, "rb", buffering=1 << 20)  # noqa: SIM115 -- closed by the caller
 
 
 # ------------------------------------------------------------------------------------------------ bad data
@@ -79,9 +130,9 @@ class SkipCounter:
     def ok(self) -> None:
         self.seen += 1
 
-    def skip(self, where: str, why: str) -> None:
-        self.seen += 1
-        self.skipped += 1
+    def skip(self, where: str, why: str, count: int = 1) -> None:
+        self.seen += count
+        self.skipped += count
         self.last = (self.last + [f"{where} ({why})"])[-5:]
         log.warning("skipping %s: %s", where, why)
         self.check()
@@ -107,111 +158,6 @@ def _shard_error_handler(counter: SkipCounter) -> Callable[[Exception], bool]:
     return handler
 
 
-# ------------------------------------------------------------------------------------------------ decoding
-
-
-def crop_box(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng=random) -> tuple[int, ...]:
-    """``(top, left, h, w)`` of a RandomResizedCrop: torchvision's ``get_params`` algorithm (ten tries of a
-    uniform area fraction x log-uniform aspect, then a central crop clamped to ``ratio``) drawn with Python's
-    ``random``, which DataLoader seeds per worker -- a dozen tiny torch ops per image cost more than the draw.
-    """
-    area, log_lo, log_hi = width * height, math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    if width / height < min(ratio):
-        w, h = width, round(width / min(ratio))
-    elif width / height > max(ratio):
-        w, h = round(height * max(ratio)), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-class TrainCrop:
-    """Encoded image -> RandomResizedCrop + horizontal flip, a ``uint8`` (3, S, S) tensor.
-
-    The crop box is drawn from the header's size alone (:func:`crop_box`), before decoding: when the box is at
-    least twice the output size a JPEG is decoded at 1/2 .. 1/8 scale (libjpeg DCT scaling) -- the box still
-    covers >= S pixels, so nothing the output could show is lost. Resizing works on uint8 channels-last
-    tensors (antialiased bilinear); :func:`normalize_batch` converts a whole batch at once, on the device.
-    """
-
-    def __init__(self, size: int, crop_scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True):
-        self.size, self.scale, self.ratio, self.hflip = size, tuple(crop_scale), tuple(ratio), hflip
-
-    def __call__(self, data: bytes) -> torch.Tensor:
-        from PIL import Image, ImageOps
-        from torchvision.transforms.v2 import functional as F
-
-        img = Image.open(io.BytesIO(data))  # reads the header only
-        width, height = upright_size(img)
-        top, left, h, w = crop_box(width, height, self.scale, self.ratio)
-        factor = 1
-        if img.format == "JPEG":
-            while factor < 8 and min(h, w) >= 2 * factor * self.size:
-                factor *= 2
-        if factor > 1:
-            stored_w, stored_h = img.size
-            img.draft("RGB", (-(-stored_w // factor), -(-stored_h // factor)))  # the largest scale keeping these
-            x = pil_to_tensor(ImageOps.exif_transpose(img).convert("RGB"))
-            sx, sy = x.shape[2] / width, x.shape[1] / height
-            bottom, right = min(x.shape[1], round((top + h) * sy)), min(x.shape[2], round((left + w) * sx))
-            top, left = min(round(top * sy), bottom - 1), min(round(left * sx), right - 1)
-            h, w = bottom - top, right - left
-        else:
-            x = decode_tensor(data)
-            if tuple(x.shape[1:]) != (height, width):  # a decoder that oriented otherwise than the EXIF said
-                top, left, h, w = crop_box(x.shape[2], x.shape[1], self.scale, self.ratio)
-        x = F.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
-        if self.hflip and random.random() < 0.5:
-            x = F.horizontal_flip(x)
-        return x
-
-
-def normalize_batch(
-    x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``uint8`` (N, 3, H, W) -> ``(x / 255 - mean) / std`` in ``dtype``, on ``x``'s device. ``out``: a
-    float buffer to reuse (on the CPU a fresh 38 MB batch costs more in page faults than the arithmetic)."""
-    std_t = torch.tensor(std, device=x.device)
-    scale = (1.0 / (255.0 * std_t))[:, None, None]
-    shift = (torch.tensor(mean, device=x.device) / std_t)[:, None, None]
-    if out is None or out.shape != x.shape or out.dtype != torch.float32 or out.device != x.device:
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    return out.copy_(x).mul_(scale).sub_(shift).to(dtype)
-
-
-def train_transform(size: int, crop_scale=(0.08, 1.0), hflip: bool = True) -> TrainCrop:
-    return TrainCrop(size, crop_scale=crop_scale, hflip=hflip)
-
-
-class EvalCrop:
-    """Encoded image -> shorter side resized to ``size * resize_ratio``, centre crop ``size``: the usual
-    evaluation view, as a ``uint8`` (3, S, S) tensor. JPEGs at least twice that are decoded at reduced scale."""
-
-    def __init__(self, size: int, resize_ratio: float = 256 / 224):
-        self.size, self.short = size, int(round(size * resize_ratio))
-
-    def __call__(self, data: bytes) -> torch.Tensor:
-        from PIL import Image
-        from torchvision.transforms.v2 import functional as F
-
-        img = Image.open(io.BytesIO(data))  # reads the header only
-        if img.format == "JPEG" and min(img.size) >= 2 * self.short:
-            x = pil_to_tensor(decode_image(data, self.short))
-        else:
-            x = decode_tensor(data)
-        return F.center_crop(F.resize(x, self.short, antialias=True), [self.size, self.size])
-
-
-def eval_transform(size: int, resize_ratio: float = 256 / 224) -> EvalCrop:
-    return EvalCrop(size, resize_ratio)
-
-
 def _label(sample: dict) -> int:
     return int(sample["cls"])
 
@@ -223,134 +169,341 @@ def _image_bytes(sample: dict) -> bytes:
     raise KeyError("no image field")
 
 
-# ------------------------------------------------------------------------------------- P x K batch forming
+def _key_index(sample: dict) -> int:
+    """The sample's position in its split, from a ``s<index>`` key (-1 for keys of another form)."""
+    key = sample.get("__key__", "")
+    return int(key[1:]) if key[:1] == "s" and key[1:].isdigit() else -1
 
 
-def pk_batches(
-    samples: Iterator[dict], P: int, K: int, buffer_images: int, counter: SkipCounter, rng: random.Random
-) -> Iterator[list[dict]]:
-    """Group a stream of raw samples into batches of P distinct classes x K samples.
+# ------------------------------------------------------------------------------------------ stream position
 
-    Holds at most ``buffer_images`` raw (encoded) samples: per-class lists in arrival order. A class is
-    *ready* with K samples; a batch takes P ready classes at random once ``2 P`` are ready (or the buffer is
-    full). When full with too few ready classes, the oldest incomplete class is dropped (not an error: with
-    class-contiguous chunks of >= K this is rare). Memory is O(buffer_images), never O(classes).
-    """
-    if buffer_images < P * K:
-        raise ValueError(f"buffer_images ({buffer_images}) must hold at least one batch (P x K = {P * K})")
-    pending: OrderedDict[int, list[dict]] = OrderedDict()
-    ready: set[int] = set()
-    held = 0
 
-    def take() -> list[dict]:
-        nonlocal held
-        batch = []
-        for c in rng.sample(sorted(ready), P):
-            group = pending[c]
-            batch += group[:K]
-            del group[:K]
-            held -= K
-            if len(group) < K:
-                ready.discard(c)
-            if not group:
-                del pending[c]
-        return batch
+@dataclass(frozen=True)
+class BatchInfo:
+    """Where a batch comes from. ``index`` counts the batches the reader formed in this epoch (one that could
+    not be decoded still counts); ``read`` / ``used`` / ``dropped`` are the reader's sample counts so far in
+    this epoch (:class:`~distpddm.data.batcher.BatcherStats`)."""
 
-    for sample in samples:
-        try:
-            label = _label(sample)
-            _image_bytes(sample)
-        except (KeyError, ValueError) as e:
-            counter.skip(_where(sample), f"missing or bad label/image: {e}")
-            continue
-        counter.ok()
-        pending.setdefault(label, []).append(sample)
-        held += 1
-        if len(pending[label]) >= K:
-            ready.add(label)
-        while len(ready) >= 2 * P or (held >= buffer_images and len(ready) >= P):
-            yield take()
-        while held > buffer_images:
-            victim = next((c for c in pending if c not in ready), None)
-            if victim is None:
-                break
-            held -= len(pending.pop(victim))
-    while len(ready) >= P:  # a finite stream: what is left that still makes whole batches
-        yield take()
+    worker: int  # the logical loader worker of this rank
+    epoch: int
+    index: int
+    read: int = 0
+    used: int = 0
+    dropped: int = 0
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # uint8 (P*K, 3, S, S): normalise on the device (normalize_batch)
+    labels: torch.Tensor  # int64 (P*K,), classes contiguous
+    keys: torch.Tensor  # int64 (P*K,): each sample's index in the split (-1 where a bad image was replaced)
+    info: BatchInfo
+
+
+@dataclass
+class StreamState:
+    """The data position of one rank: for each loader worker, the epoch and the next batch index, and which
+    worker the DataLoader takes the next batch from. ``layout`` names what the positions are valid for."""
+
+    layout: dict
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    next_worker: int = 0
+    consumed: int = 0
+
+    def advance(self, info: BatchInfo) -> None:
+        """Record a batch the trainer consumed (skipped steps included: their batch is spent)."""
+        self.positions[info.worker] = (info.epoch, info.index + 1)
+        self.next_worker = (info.worker + 1) % self.layout["workers"]
+        self.consumed += 1
+
+    @property
+    def epoch(self) -> int:
+        return max((e for e, _ in self.positions.values()), default=0)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self) | {"positions": {str(w): p for w, p in self.positions.items()}})
+
+    @classmethod
+    def from_json(cls, text: str) -> StreamState:
+        d = json.loads(text)
+        d["positions"] = {int(w): tuple(p) for w, p in d["positions"].items()}
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------ training stream
+
+
+@dataclass
+class _Unit:
+    """One range of one shard in a reader's epoch, and where its samples start in the reader's sequence."""
+
+    url: str
+    lo: int
+    hi: int
+    first: int  # the reader's position of sample lo
+    index: ShardIndex
 
 
 class PKBatchDataset(torch.utils.data.IterableDataset):
-    """Endless P x K training batches ``(images (P*K, 3, S, S) uint8, labels (P*K,))`` from shards.
+    """Endless P x K training batches (:class:`Batch`, images ``uint8``) from a split built by
+    ``distpddm shards build`` (its ``index.json`` and per-shard ``.idx.npz``).
 
-    Images stay ``uint8`` until :func:`normalize_batch` on the training device: a quarter of the bytes to
-    pass between processes and to copy to the GPU. Shards are resampled with a per-rank, per-worker seed
-    (epochs via resampling), so every rank and worker streams differently without coordination. Use with
-    ``DataLoader(ds, batch_size=None, num_workers=n)``. ``transform`` maps encoded bytes to an image tensor.
+    Use with ``DataLoader(ds, batch_size=None, num_workers=n)``. ``transform(bytes, rng)`` maps encoded bytes
+    to an image tensor, drawing its randomness from ``rng`` (a ``random.Random`` seeded per batch). ``start``
+    (a :class:`StreamState`) resumes where a run stopped; with another world size, worker count, batch shape,
+    seed or split than it was saved for, the stream starts at the beginning of the next epoch instead.
     """
 
     def __init__(
         self,
-        urls: list[str],
+        shards: ShardSet | str | Path,
         classes_per_batch: int,
         images_per_class: int,
         image_size: int = 224,
         buffer_images: int | None = None,
         max_skip_rate: float = 0.01,
         seed: int = 0,
-        transform: Callable[[bytes], torch.Tensor] | None = None,
+        transform: Callable[[bytes, random.Random], torch.Tensor] | None = None,
+        start: StreamState | None = None,
     ):
         super().__init__()
+        shard_set = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
+        if shard_set.counts is None:
+            raise ValueError(
+                f"training reads a split through its index.json and per-shard indexes; {shards!r} has none. "
+                "Build the shards with `distpddm shards build`."
+            )
         if images_per_class < 2:
             raise ValueError(f"images_per_class must be >= 2, got {images_per_class}")
         if classes_per_batch < 2:
             raise ValueError(f"classes_per_batch must be >= 2, got {classes_per_batch}")
-        self.urls, self.P, self.K = list(urls), classes_per_batch, images_per_class
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.urls, self.counts, self.split_digest = shard_set.urls, shard_set.counts, shard_set.digest
+        self.P, self.K = classes_per_batch, images_per_class
         self.buffer_images = buffer_images or 8 * classes_per_batch * images_per_class
-        self.max_skip_rate, self.seed = max_skip_rate, seed
+        if self.buffer_images < self.P * self.K:
+            raise ValueError(f"buffer_images ({self.buffer_images}) must hold one batch ({self.P * self.K})")
+        self.max_skip_rate, self.seed, self.start = max_skip_rate, seed, start
         self.transform = transform or train_transform(image_size)
 
-    def __iter__(self):
-        import webdataset as wds
+    def layout(self, world: int, workers: int) -> dict:
+        """What a saved position is valid for."""
+        return {
+            "world": world,
+            "workers": workers,
+            "P": self.P,
+            "K": self.K,
+            "buffer": self.buffer_images,
+            "seed": self.seed,
+            "split": self.split_digest,
+        }
 
-        rank, world, worker, workers = wds.utils.pytorch_worker_info()
-        counter = SkipCounter(self.max_skip_rate)
-        rng = random.Random(hash((self.seed, rank, worker)) & 0xFFFFFFFF)
-        # Resampled: every (rank, worker) draws shards independently with a seed of its own
-        # (webdataset's pytorch_worker_seed), so no node or worker splitting is wanted.
-        ds = wds.WebDataset(
-            self.urls,
-            resampled=True,
-            shardshuffle=False,
-            seed=self.seed,
-            nodesplitter=None,
-            workersplitter=None,
-            handler=_shard_error_handler(counter),
-            empty_check=False,
+    def initial_state(self, world: int, workers: int) -> StreamState:
+        return StreamState(self.layout(world, workers))
+
+    def _resolve_start(self, world: int, workers: int) -> StreamState:
+        layout = self.layout(world, workers)
+        if self.start is None:
+            return StreamState(layout)
+        if self.start.layout == layout:
+            return self.start
+        changed = sorted(k for k in layout if self.start.layout.get(k) != layout[k])
+        log.warning(
+            "the saved data position was made for other %s; the stream restarts at the start of epoch %d",
+            ", ".join(changed),
+            self.start.epoch + 1,
         )
-        for batch in pk_batches(iter(ds), self.P, self.K, self.buffer_images, counter, rng):
-            out = self._decode(batch, counter)
-            if out is not None:
-                yield out
+        return StreamState(layout, {w: (self.start.epoch + 1, 0) for w in range(workers)})
 
-    def _decode(self, batch: list[dict], counter: SkipCounter):
-        images, labels, good_by_class = [], [], {}
-        for sample in batch:
+    def __iter__(self) -> Iterator[Batch]:
+        rank, world = _rank_world()
+        info = torch.utils.data.get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = self._resolve_start(world, workers)
+        worker = (physical + start.next_worker) % workers  # the DataLoader asks physical worker 0 first
+        epoch, skip = start.positions.get(worker, (0, 0))
+        counter = SkipCounter(self.max_skip_rate)
+        while True:
+            yield from _EpochReader(self, epoch, rank * workers + worker, world * workers, worker, counter).run(skip)
+            epoch, skip = epoch + 1, 0
+
+
+class _EpochReader:
+    """One reader's epoch: plan batches from labels, read (or, while replaying, skip) the samples' bytes."""
+
+    def __init__(self, ds: PKBatchDataset, epoch: int, reader: int, readers: int, worker: int, counter):
+        self.ds, self.epoch, self.reader, self.readers, self.worker = ds, epoch, reader, readers, worker
+        self.counter = counter
+        rng = np.random.default_rng(seed_sequence(ds.seed, epoch, reader, readers, 1))
+        self.batcher = PKBatcher(ds.P, ds.K, ds.buffer_images, rng)
+        self.units: list[_Unit] = []
+        self.held: dict[int, tuple[int, dict | None]] = {}  # position -> (label, raw sample or None if bad)
+        self.classes: Counter[int] = Counter()
+
+    def run(self, skip: int) -> Iterator[Batch]:
+        """Batches ``skip``, ``skip + 1``, ... of this epoch (``skip`` > 0: replayed up to there from labels)."""
+        ds, batcher = self.ds, self.batcher
+        replaying = skip > 0
+        emitted = 0
+        waiting: list[tuple[int, list[int]]] = []  # (batch index, positions) due but not yet yielded
+        position = 0
+        for shard, lo, hi in reader_ranges(ds.counts, ds.seed, self.epoch, self.reader, self.readers):
+            unit = self._unit(ds.urls[shard], lo, hi, position)
+            if unit is None:
+                continue
+            position += hi - lo
+            samples = None if replaying else self._samples(unit, lo)
             try:
-                img = self.transform(_image_bytes(sample))
-            except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad sample
-                counter.skip(_where(sample), f"image does not decode ({type(e).__name__}: {e})")
-                img = None
+                for n in range(lo, hi):
+                    p, label = unit.first + n - lo, int(unit.index.labels[n])
+                    self.classes[label] += 1
+                    if samples is not None:
+                        self.held[p] = (label, self._check(next(samples), label, unit))
+                    for batch in batcher.push(p, label):
+                        if emitted >= skip:
+                            waiting.append((emitted, batch))
+                        emitted += 1
+                    self._forget_dropped()
+                    if replaying and emitted >= skip:  # caught up: fetch what the batcher still holds, go live
+                        replaying = False
+                        due = [p for _, b in waiting for p in b] + [p for w in batcher.pending.values() for p in w]
+                        self._fetch(due)
+                        samples = self._samples(unit, n + 1) if n + 1 < hi else None
+                    if not replaying:
+                        yield from self._make_all(waiting)
+            finally:
+                if samples is not None:
+                    samples.close()
+        for batch in batcher.finish():
+            if emitted >= skip:
+                waiting.append((emitted, batch))
+            emitted += 1
+        self._forget_dropped()
+        if replaying:
+            self._fetch([p for _, b in waiting for p in b])
+        yield from self._make_all(waiting)
+        if emitted == 0:
+            raise self._cannot_batch()
+        log.debug("reader %d/%d epoch %d: %s", self.reader, self.readers, self.epoch, batcher.stats)
+
+    # ------------------------------------------------------------------------------------------- reading
+
+    def _unit(self, url: str, lo: int, hi: int, first: int) -> _Unit | None:
+        try:
+            index = load_shard_index(idx_name(url))
+        except (OSError, ValueError, KeyError) as e:
+            self.counter.skip(url, f"no readable shard index {idx_name(url)} ({type(e).__name__}: {e})", hi - lo)
+            return None
+        unit = _Unit(url, lo, hi, first, index)
+        self.units.append(unit)
+        return unit
+
+    def _samples(self, unit: _Unit, start: int):
+        """``(n, raw sample | exception | None)`` from ``start`` to the unit's end; None: an unreadable shard,
+        counted once for all its samples."""
+        try:
+            f = _open(unit.url)
+        except OSError as e:
+            self.counter.skip(unit.url, f"shard unreadable ({type(e).__name__}: {e})", unit.hi - start)
+            for n in range(start, unit.hi):
+                yield n, None
+            return
+        with f:
+            yield from read_range(f, unit.index, start, unit.hi)
+
+    def _check(self, item: tuple[int, dict | Exception | None], label: int, unit: _Unit) -> dict | None:
+        n, sample = item
+        if sample is None:
+            return None
+        if isinstance(sample, Exception):
+            self.counter.skip(f"{unit.url}:#{n}", f"unreadable ({type(sample).__name__}: {sample})")
+            return None
+        sample["__url__"] = unit.url
+        try:
+            got = _label(sample)
+            _image_bytes(sample)
+        except (KeyError, ValueError) as e:
+            self.counter.skip(_where(sample), f"missing or bad label/image: {e}")
+            return None
+        if got != label:
+            self.counter.skip(_where(sample), f"label {got}, but the shard index says {label} (stale index?)")
+            return None
+        self.counter.ok()
+        return sample
+
+    def _fetch(self, positions: list[int]) -> None:
+        """Read the given positions' samples again (a resumed stream's batcher still holds them)."""
+        starts = [u.first for u in self.units]
+        by_unit: dict[int, list[int]] = {}
+        for p in sorted(set(positions)):
+            by_unit.setdefault(bisect.bisect_right(starts, p) - 1, []).append(p)
+        for u, todo in by_unit.items():
+            unit = self.units[u]
+            try:
+                f = _open(unit.url)
+            except OSError as e:
+                f = None
+                self.counter.skip(unit.url, f"shard unreadable ({type(e).__name__}: {e})", len(todo))
+            for p in todo:
+                n = unit.lo + p - unit.first
+                item = (n, None) if f is None else next(read_range(f, unit.index, n, n + 1))
+                self.held[p] = (int(unit.index.labels[n]), self._check(item, int(unit.index.labels[n]), unit))
+            if f is not None:
+                f.close()
+
+    def _forget_dropped(self) -> None:
+        for p in self.batcher.dropped:
+            self.held.pop(p, None)
+        self.batcher.dropped.clear()
+
+    # ------------------------------------------------------------------------------------------- batches
+
+    def _make_all(self, waiting: list[tuple[int, list[int]]]) -> Iterator[Batch]:
+        while waiting:
+            index, positions = waiting.pop(0)
+            batch = self._make(index, positions)
+            if batch is not None:
+                yield batch
+
+    def _make(self, index: int, positions: list[int]) -> Batch | None:
+        ds = self.ds
+        rng = random.Random(
+            int(seed_sequence(ds.seed, self.epoch, self.reader, self.readers, 2, index).generate_state(1)[0])
+        )
+        images, labels, keys, good_by_class = [], [], [], {}
+        for p in positions:
+            label, sample = self.held.pop(p)
+            img = None
+            if sample is not None:
+                try:
+                    img = ds.transform(_image_bytes(sample), rng)
+                except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad sample
+                    self.counter.skip(_where(sample), f"image does not decode ({type(e).__name__}: {e})")
             images.append(img)
-            labels.append(_label(sample))
+            labels.append(label)
+            keys.append(_key_index(sample) if img is not None else -1)
             if img is not None:
-                good_by_class.setdefault(labels[-1], []).append(img)
+                good_by_class.setdefault(label, []).append(img)
         for n, img in enumerate(images):
             if img is None:  # keep the P x K shape: reuse another image of the same class
                 same = good_by_class.get(labels[n])
                 if not same:
                     return None
                 images[n] = same[n % len(same)]
-        return _stack(images), torch.tensor(labels, dtype=torch.long)
+        stats = self.batcher.stats
+        info = BatchInfo(self.worker, self.epoch, index, stats.read, stats.used, stats.dropped)
+        return Batch(_stack(images), torch.tensor(labels), torch.tensor(keys), info)
+
+    def _cannot_batch(self) -> CannotBatchError:
+        ds = self.ds
+        full = sum(1 for n in self.classes.values() if n >= ds.K)
+        return CannotBatchError(
+            f"loader reader {self.reader} of {self.readers} (rank x loader worker) formed no batch in epoch "
+            f"{self.epoch}: its share of the split is {sum(self.classes.values())} samples of {len(self.classes)} "
+            f"classes, {full} of them with >= {ds.K} images, and a batch needs {ds.P} such classes. Use fewer "
+            "ranks or data.loader_workers (larger shares), a smaller data.classes_per_batch or "
+            "data.images_per_class, or more data."
+        )
 
 
 def _stack(images: list[torch.Tensor]) -> torch.Tensor:

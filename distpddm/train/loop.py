@@ -28,7 +28,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import RunConfig, deepspeed_config, from_dict
-from ..data.stream import EvalDataset, PKBatchDataset, normalize_batch, resolve_shards, train_transform
+from ..data.stream import EvalDataset, PKBatchDataset, StreamState, resolve_shards
+from ..data.transforms import normalize_batch, train_transform
 from ..evaluate import recall_at_k
 from ..gather import gather_batch, rank_and_world
 from ..loss import PDDMLoss
@@ -328,17 +329,19 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
         dist_init_required=world > 1 and not dist.is_initialized(),
     )
 
-    start, data_seed, resumed_baseline = 0, cfg.train.seed, {}
+    start, resumed_baseline, data_state = 0, {}, None
     with persistence.latest() as ckpt:
         if ckpt is not None:
             engine.load_checkpoint(str(ckpt), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
             state = json.loads((ckpt / CLIENT_STATE).read_text())
             start = state["step"]
             resumed_baseline = state.get("baseline", {})
-            data_seed = state["data_seed"] + 1  # a fresh stream, not a replay of the one before the stop
             rng_file = ckpt / f"rng_rank{rank}.pt"
             if rng_file.exists():
                 _set_rng_state(torch.load(rng_file, weights_only=False))
+            data_file = ckpt / f"data_rank{rank}.json"  # where this rank's stream stood: it continues from there
+            if data_file.exists():
+                data_state = StreamState.from_json(data_file.read_text())
             if rank == 0:
                 log.info("resumed from %s at step %d", ckpt, start)
 
@@ -349,16 +352,28 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
         return resumed_baseline | final | {"step": start}
 
     shard_set = resolve_shards(cfg.data.train_shards)
+    if rank == 0 and shard_set.chunk_size and shard_set.chunk_size < cfg.data.images_per_class:
+        log.warning(
+            "the shards were built with --chunk-size %d < data.images_per_class %d: a class's K images must meet "
+            "in the batcher's buffer, and many are dropped; rebuild with --chunk-size %d",
+            shard_set.chunk_size,
+            cfg.data.images_per_class,
+            cfg.data.images_per_class,
+        )
     dataset = PKBatchDataset(
-        shard_set.urls,
+        shard_set,
         cfg.data.classes_per_batch,
         cfg.data.images_per_class,
         image_size=cfg.data.image_size,
         buffer_images=cfg.data.buffer_images,
         max_skip_rate=cfg.data.max_skip_rate,
-        seed=data_seed,
+        seed=cfg.train.seed,
         transform=train_transform(cfg.data.image_size, crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip),
+        start=data_state,
     )
+    stream_state = dataset.initial_state(world, max(1, cfg.data.loader_workers))
+    if data_state is not None and data_state.layout == stream_state.layout:
+        stream_state = data_state
     loader = iter(
         torch.utils.data.DataLoader(
             dataset,
@@ -383,7 +398,8 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
         while step < cfg.train.steps:
             timed = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
             t0 = time.perf_counter()
-            images, labels = next(loader)
+            images, labels, _, where = next(loader)
+            stream_state.advance(where)  # spent even if the step is skipped
             images = normalize_batch(images.to(device, non_blocking=True), dtype=param_dtype)
             labels = labels.to(device)
             t_data = time.perf_counter()
@@ -430,6 +446,8 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
                     "head_lr": optimizer.param_groups[-1]["lr"],
                     "images_per_s": world * len(labels) / total,
                     "skipped_steps": float(skipped_steps),
+                    "data_epoch": float(where.epoch),
+                    "data_used": where.used / max(1, where.read),  # of this reader's samples so far this epoch
                     "time_data": t_data - t0,
                     "time_forward": t_fwd - t_data,
                     "time_comm": t_comm - t_fwd,
@@ -446,7 +464,7 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
             if timed or ckpt_due or val_due:
                 metrics_log.write(step, last)
             if ckpt_due:
-                staging = _save(engine, persistence, cfg, step, data_seed, rank, last, baseline)
+                staging = _save(engine, persistence, cfg, step, stream_state, rank, last, baseline)
                 persistence.report({"step": step, **baseline, **last}, staging)
                 if rank == 0:
                     metrics_log.flush()
@@ -464,19 +482,19 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
 
 
 def _save(
-    engine, persistence, cfg: RunConfig, step: int, data_seed: int, rank: int, metrics: dict, baseline: dict
+    engine, persistence, cfg: RunConfig, step: int, stream: StreamState, rank: int, metrics: dict, baseline: dict
 ) -> Path:
     """A complete checkpoint in a staging folder: DeepSpeed state (every rank its partition), client state,
-    per-rank RNG, the resolved config and an exported plain-PyTorch model (rank 0)."""
+    per-rank RNG and data position, the resolved config and an exported plain-PyTorch model (rank 0)."""
     staging = persistence.staging_dir(step)
     engine.save_checkpoint(str(staging), tag=TAG, client_state={"step": step})
     torch.save(_rng_state(), staging / f"rng_rank{rank}.pt")
+    (staging / f"data_rank{rank}.json").write_text(stream.to_json())
     if rank == 0:
         (staging / CLIENT_STATE).write_text(
             json.dumps(
                 {
                     "step": step,
-                    "data_seed": data_seed,
                     "metrics": metrics,
                     "baseline": baseline,
                     "config": cfg.to_dict(),

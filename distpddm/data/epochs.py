@@ -1,0 +1,53 @@
+"""Which samples each reader streams in each epoch: a pure function of (seed, epoch, reader, readers).
+
+A *reader* is one DataLoader worker of one rank: ``reader = rank * workers + worker`` of ``world * workers``.
+Per epoch the shards are permuted (seeded by ``seed`` and the epoch, the same on every rank), laid end to end,
+and the sample sequence is cut into ``readers`` contiguous ranges of equal size (+-1). Within an epoch the
+readers' ranges are disjoint and cover every sample once; a range may start or end inside a shard (the
+per-shard index gives the byte offset), so more readers than shards still split the data, by sample ranges.
+
+Random streams used elsewhere derive from :func:`seed_sequence`, so every rank, worker, epoch and batch
+draws from its own generator whatever process it runs in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def seed_sequence(*keys: int) -> np.random.SeedSequence:
+    """A generator seed from non-negative integers (a seed, then rank, worker, epoch, ...)."""
+    if any(k < 0 for k in keys):
+        raise ValueError(f"seed keys must be non-negative integers, got {keys}")
+    return np.random.SeedSequence([int(k) for k in keys])
+
+
+def shard_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng(seed_sequence(seed, epoch, 0)).permutation(n_shards)
+
+
+def reader_ranges(
+    counts: Sequence[int], seed: int, epoch: int, reader: int, readers: int
+) -> list[tuple[int, int, int]]:
+    """``[(shard, lo, hi), ...]``: the samples ``lo .. hi - 1`` of each shard this reader streams, in order.
+
+    ``counts`` are the shards' sample counts (from ``index.json``): O(shards) integer work, no I/O."""
+    if not 0 <= reader < readers:
+        raise ValueError(f"reader {reader} outside 0..{readers - 1}")
+    counts = np.asarray(counts, dtype=np.int64)
+    order = shard_order(len(counts), seed, epoch)
+    ends = np.cumsum(counts[order])
+    total = int(ends[-1]) if len(ends) else 0
+    start, stop = total * reader // readers, total * (reader + 1) // readers
+    ranges = []
+    first = int(np.searchsorted(ends, start, side="right"))  # the shard holding sample `start`
+    for i in range(first, len(order)):
+        begin = int(ends[i] - counts[order[i]])
+        if begin >= stop:
+            break
+        lo, hi = max(start, begin) - begin, min(stop, int(ends[i])) - begin
+        if hi > lo:
+            ranges.append((int(order[i]), lo, hi))
+    return ranges
