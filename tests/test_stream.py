@@ -11,7 +11,7 @@ import webdataset as wds
 
 from distpddm.data import stream
 from distpddm.data.epochs import reader_ranges
-from distpddm.data.shards import BuildOptions, build
+from distpddm.data.shards import BuildOptions, build, verify
 from distpddm.data.sources import read_source
 from distpddm.data.stream import (
     BadDataError,
@@ -273,3 +273,48 @@ def test_eval_skips_a_corrupt_image_and_counts_it(tmp_path, caplog):
         got = [idx for _, _, idx in EvalDataset(resolve_shards(tmp_path / "e").urls, image_size=16, max_skip_rate=0.5)]
     assert got == [0, 1, 2, 3, 5]
     assert "e/shard-000000.tar:s0000000004" in caplog.text
+
+
+def test_real_world_images_build_verify_and_stream(tmp_path):
+    """Long-tailed classes of RGBA, grayscale, CMYK, palette, 16-bit, 1-bit, odd-sized and tiny images in
+    every format the builder lists, kept as they are and re-encoded: every image reaches a batch as uint8 RGB."""
+    from PIL import Image
+
+    images = fixtures.glyph_images(10, 40, tmp_path / "cache")
+    kinds = [("RGB", "jpg"), ("L", "jpg"), ("CMYK", "jpg"), ("RGBA", "png"), ("P", "png"), ("LA", "png"),
+             ("I;16", "png"), ("1", "png"), ("RGB", "webp"), ("RGB", "bmp"), ("RGB", "tif"), ("P", "gif")]  # fmt: skip
+    sizes = [3, 4, 5, 6, 8, 11, 15, 20, 28, 40]  # long-tailed: 3 .. 40 images per class
+    for c, n in enumerate(sizes):
+        for k in range(n):
+            mode, ext = kinds[(c + k) % len(kinds)]
+            glyph = Image.fromarray(images[c][k]).convert("RGB")
+            glyph = glyph.resize([(48, 40), (7, 90), (300, 13), (2, 2)][k % 4])  # odd sizes, down to 2 px
+            if mode == "I;16":
+                img = Image.fromarray(np.asarray(glyph.convert("L")).astype(np.uint16) * 257)
+            else:
+                img = glyph.convert(mode)
+            path = tmp_path / "src" / f"font{c:02d}" / f"{k:03d}.{ext.upper() if k % 3 == 0 else ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(path)
+    total = sum(sizes)
+    for max_side in (None, 24):
+        out = tmp_path / f"out-{max_side}"
+        index = build(
+            read_source("folder", tmp_path / "src"),
+            out,
+            BuildOptions(shard_bytes=20_000, max_side=max_side, progress=False),
+        )
+        assert index["train"]["samples"] == total and index["train"]["class_counts"] == sizes
+        assert all(r.ok for r in verify(out, progress=False))
+        keys = set()
+        for batch in _take(PKBatchDataset(out / "train", 4, 3, image_size=16), 12, workers=0):
+            assert batch.images.shape == (12, 3, 16, 16) and batch.images.dtype == torch.uint8
+            assert (batch.keys >= 0).all()  # nothing was replaced: every image decoded
+            keys |= set(batch.keys.tolist())
+        assert len(keys) > total // 2
+        got = [
+            idx
+            for x, _, idx in EvalDataset(resolve_shards(out / "train").urls, image_size=16)
+            if x.shape == (3, 16, 16)
+        ]
+        assert sorted(got) == list(range(total))

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 EXIF_ORIENTATION = 0x0112
+#: Image file extensions the builder lists (any case) and the readers find in a shard's sample.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 def decode_image(data: bytes, target: int | None = None):

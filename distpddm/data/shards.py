@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .images import IMAGE_EXTENSIONS
 from .sources import SourcePlan, SplitPlan
 from .tarindex import idx_name, index_tar, load_shard_index, save_index
 
@@ -464,7 +465,7 @@ def verify_split(split_dir: Path, sample: float = 1.0, seed: int = 0, progress: 
                 problems.append(f"{where}: label {label} outside 0..{n_classes - 1}")
                 continue
             counts[label] += 1
-            images = [f for f in fields if f in ("jpg", "jpeg", "png", "webp", "bmp")]
+            images = [f for f in fields if f in IMAGE_EXTENSIONS]
             if not images:
                 problems.append(f"{where}: no image")
                 continue

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
+from .images import IMAGE_EXTENSIONS
+
 KINDS = ("imagenet", "cub", "cars", "sop", "folder", "fonts")
 
 
@@ -84,10 +85,14 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+def _is_image(name: str) -> bool:
+    return name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
+
+
 def _list_images(folder: str) -> list[tuple[str, int]]:
     """(file name, bytes) of the images in one folder, sorted: one ``scandir`` pass, one ``stat`` per file."""
     with os.scandir(folder) as entries:
-        found = [(e.name, e.stat().st_size) for e in entries if e.name.endswith(IMAGE_SUFFIXES) and e.is_file()]
+        found = [(e.name, e.stat().st_size) for e in entries if _is_image(e.name) and e.is_file()]
     found.sort()
     return found
 

@@ -33,12 +33,12 @@ import torch
 
 from .batcher import PKBatcher
 from .epochs import reader_ranges, seed_sequence
+from .images import IMAGE_EXTENSIONS
 from .shards import INDEX
 from .tarindex import ShardIndex, idx_name, load_shard_index, read_range
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger("distpddm.data")
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 
 class BadDataError(RuntimeError):
@@ -163,7 +163,7 @@ def _label(sample: dict) -> int:
 
 
 def _image_bytes(sample: dict) -> bytes:
-    for k in IMAGE_KEYS:
+    for k in IMAGE_EXTENSIONS:
         if k in sample:
             return sample[k]
     raise KeyError("no image field")
