@@ -1,9 +1,25 @@
-"""distpddm: distributed deep metric learning with PDDM hard quadruplet mining."""
+"""distpddm: distributed deep metric learning with PDDM hard quadruplet mining.
 
-from .loss import LossStats, PDDMLoss
-from .metrics import Euclidean, Mahalanobis
-from .mining import Quadruplets, mine_quadruplets
-from .pddm import PDDM
+The public names are imported on first use, so the command line's data tools (``distpddm shards``) and
+the shard builder's worker processes never import torch (a CUDA build holds ~700 MB per process).
+"""
 
-__all__ = ["PDDM", "PDDMLoss", "LossStats", "Euclidean", "Mahalanobis", "Quadruplets", "mine_quadruplets"]
+from importlib import import_module
+
+_PUBLIC = {
+    "PDDM": ".pddm",
+    "PDDMLoss": ".loss",
+    "LossStats": ".loss",
+    "Euclidean": ".metrics",
+    "Mahalanobis": ".metrics",
+    "Quadruplets": ".mining",
+    "mine_quadruplets": ".mining",
+}
+__all__ = list(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name], __name__), name)
+    raise AttributeError(f"module 'distpddm' has no attribute {name!r}")

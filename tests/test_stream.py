@@ -238,7 +238,9 @@ def test_a_missing_shard_is_skipped_and_counted(longtail, tmp_path, caplog):
     (split / victim.rsplit("/", 1)[1]).unlink()
     lenient = PKBatchDataset(split, 4, 4, image_size=16, max_skip_rate=0.5)
     with caplog.at_level(logging.WARNING, "distpddm.data"):
-        assert len(_take(lenient, 12, workers=0)) == 12
+        for batch in _loader(lenient, workers=0):  # a whole epoch, and into the next
+            if batch.info.epoch == 1:
+                break
     warned = [r.getMessage() for r in caplog.records if "shard-000003.tar" in r.getMessage()]
     assert warned and all("shard unreadable (FileNotFoundError" in m for m in warned)
     assert len(warned) <= 2  # once per time the shard comes round, not once per sample

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 
 EXIF_ORIENTATION = 0x0112
 #: Image file extensions the builder lists (any case) and the readers find in a shard's sample.
@@ -36,7 +35,7 @@ def upright_size(img) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def decode_tensor(data: bytes) -> torch.Tensor:
+def decode_tensor(data: bytes):
     """``uint8`` (3, H, W) with channels-last memory (what libjpeg-turbo writes, and what the antialiased
     uint8 resize is fastest on). TorchCodec's decoders (JPEG, PNG, WebP, GIF; torchvision's successors)
     first; PIL for what they refuse (BMP, TIFF) and for a clearer error on a broken file."""
@@ -48,5 +47,8 @@ def decode_tensor(data: bytes) -> torch.Tensor:
         return pil_to_tensor(decode_image(data))
 
 
-def pil_to_tensor(img) -> torch.Tensor:
+def pil_to_tensor(img):
+    """``uint8`` (3, H, W) torch tensor of an RGB PIL image."""
+    import torch  # here, not at import: the shard builder uses this module without torch
+
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .images import IMAGE_EXTENSIONS
 from .sources import SourcePlan, SplitPlan
-from .tarindex import idx_name, index_tar, load_shard_index, save_index
+from .tarindex import SampleWriter, idx_name, index_tar, load_shard_index, save_index
 
 INDEX = "index.json"
 INDEX_VERSION = 2
@@ -91,14 +91,19 @@ def plan_order(split: SplitPlan, chunk_size: int, seed: int) -> np.ndarray:
     return by_class[np.argsort(chunk_rank[chunk_id], kind="stable")]
 
 
+#: Tar bytes around each image: three 512-byte headers, the cls and json members' blocks, the image's padding.
+SAMPLE_OVERHEAD = 5 * 512 + 256
+
+
 def estimated_bytes(plan: SourcePlan, split: SplitPlan, max_side: int | None) -> np.ndarray:
     """Bytes each sample will take in a shard (to cut shards at about the target size)."""
     if plan.reader is not None or split.sizes is None:
-        return np.full(len(split), 4096 if max_side is None else min(4096, max_side * max_side // 4), np.int64)
-    if max_side is None:
-        return split.sizes
-    # A re-encoded JPEG at quality 90 costs about 0.25 bytes per pixel of its 3:4 frame.
-    return np.minimum(split.sizes, int(max_side * max_side * 0.75 * 0.25) + 1024)
+        image = np.full(len(split), 4096 if max_side is None else min(4096, max_side * max_side // 4), np.int64)
+    elif max_side is None:
+        image = split.sizes
+    else:  # a re-encoded JPEG at quality 90 costs about 0.25 bytes per pixel of its 3:4 frame
+        image = np.minimum(split.sizes, int(max_side * max_side * 0.75 * 0.25) + 1024)
+    return image + SAMPLE_OVERHEAD
 
 
 def plan_shards(plan: SourcePlan, split: str, options: BuildOptions) -> list[np.ndarray]:
@@ -112,6 +117,21 @@ def plan_shards(plan: SourcePlan, split: str, options: BuildOptions) -> list[np.
         shards.append(order[start:stop])
         base, start = int(ends[stop - 1]), stop
     return shards
+
+
+def plan_summary(plan: SourcePlan, options: BuildOptions) -> dict[str, dict]:
+    """What a build would write, per split, without writing it (``shards build --dry-run``)."""
+    out = {}
+    for name, split in plan.splits.items():
+        shards = plan_shards(plan, name, options)
+        estimate = estimated_bytes(plan, split, options.max_side)
+        out[name] = {
+            "images": len(split),
+            "classes": len(split.classes),
+            "shards": len(shards),
+            "estimated_bytes": int(estimate.sum()),
+        }
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -211,48 +231,34 @@ def _read_file(root: Path, source: str) -> tuple[bytes, str]:
 
 def write_shard(task: ShardTask, reader: Callable[[str], tuple[bytes, str]] | None = None) -> dict:
     """Write one shard (atomically), its index and its sidecar; returns the sidecar's record."""
-    import webdataset as wds
-
     final = task.out_dir / shard_name(task.shard)
     tmp = final.with_suffix(".tar.tmp")
     counts: dict[int, int] = {}
     bad: list[dict] = []
     options = task.options
     try:
-        with open(tmp, "wb") as f:
-            # Fixed owner and mtime: the same inputs and seed give byte-identical shards. An integer mtime: a
-            # float one costs every member an extra PAX header block, which readers parse in Python.
-            writer = wds.TarWriter(f, user="distpddm", group="distpddm", mtime=0, encoder=False)
-            try:
-                for offset, (source, label) in enumerate(zip(task.sources, task.labels, strict=True)):
-                    try:
-                        raw, ext = reader(source) if reader is not None else _read_file(task.root, source)
-                        data, ext, width, height = encode_image(raw, ext, options.max_side, options.jpeg_quality)
-                    except Exception as e:  # noqa: BLE001 -- whatever PIL or the file system raises
-                        why = f"{type(e).__name__}: {e}"
-                        if not options.skip_bad:
-                            raise BadSourceError(
-                                f"{task.root / source}: cannot read or decode it ({why}). Remove or replace the "
-                                "file, or rerun with --skip-bad to leave such files out (they are listed in "
-                                "index.json); finished shards are kept and not rebuilt."
-                            ) from None
-                        bad.append({"source": source, "error": why})
-                        continue
-                    meta = {"source": source, "class_name": task.class_names[label], "width": width, "height": height}
-                    writer.write(
-                        {
-                            "__key__": f"s{task.first_index + offset:010d}",
-                            ext: data,
-                            "cls": str(label).encode(),
-                            "json": json.dumps(meta, sort_keys=True).encode(),
-                        }
-                    )
-                    counts[label] = counts.get(label, 0) + 1
-            finally:
-                writer.close()
-        index, _ = index_tar(tmp)
-        if len(index) != len(task.sources) - len(bad):
-            raise RuntimeError(f"{tmp}: wrote {len(task.sources) - len(bad)} samples, the tar holds {len(index)}")
+        writer = SampleWriter(tmp)
+        try:
+            for offset, (source, label) in enumerate(zip(task.sources, task.labels, strict=True)):
+                try:
+                    raw, ext = reader(source) if reader is not None else _read_file(task.root, source)
+                    data, ext, width, height = encode_image(raw, ext, options.max_side, options.jpeg_quality)
+                except Exception as e:  # noqa: BLE001 -- whatever PIL or the file system raises
+                    why = f"{type(e).__name__}: {e}"
+                    if not options.skip_bad:
+                        raise BadSourceError(
+                            f"{task.root / source}: cannot read or decode it ({why}). Remove or replace the "
+                            "file, or rerun with --skip-bad to leave such files out (they are listed in "
+                            "index.json); finished shards are kept and not rebuilt."
+                        ) from None
+                    bad.append({"source": source, "error": why})
+                    continue
+                meta = {"source": source, "class_name": task.class_names[label], "width": width, "height": height}
+                key = f"s{task.first_index + offset:010d}"
+                writer.write(key, label, {ext: data, "json": json.dumps(meta, sort_keys=True).encode()})
+                counts[label] = counts.get(label, 0) + 1
+        finally:
+            index = writer.close()
         save_index(index, task.out_dir / idx_name(final.name))
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -1,9 +1,13 @@
-"""Random access into WebDataset tar shards: a per-shard index of sample offsets and labels.
+"""WebDataset tar shards, sample by sample: writing them, indexing them, reading them at an offset.
 
 Beside each ``shard-N.tar`` the builder writes ``shard-N.idx.npz``: ``offsets`` (n + 1 byte offsets: where
 each sample's first tar header starts, then where the last sample ends) and ``labels`` (n). With it a reader
 can start anywhere in a shard (disjoint sample ranges for more readers than shards), plan batches from
 labels alone (a resumed stream replays its batches without reading images), and fetch single samples.
+
+Samples are WebDataset's: members ``<key>.<ext>`` written one after another. They are written here with
+:mod:`tarfile` itself (as ``webdataset.TarWriter`` does), because importing webdataset imports torch, which
+every one of the builder's worker processes would then hold.
 """
 
 from __future__ import annotations
@@ -23,6 +27,31 @@ _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's rule: key = pa
 
 def idx_name(tar_name: str) -> str:
     return tar_name[: -len(".tar")] + ".idx.npz" if tar_name.endswith(".tar") else tar_name + ".idx.npz"
+
+
+class SampleWriter:
+    """Writes samples to a new tar file and records the index as it goes. Plain ustar headers: a fixed
+    owner and an integer mtime (a float one makes tarfile add a PAX record to every member)."""
+
+    def __init__(self, path: str | Path):
+        self.tar = tarfile.open(path, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 -- closed in close()
+        self.offsets: list[int] = []
+        self.labels: list[int] = []
+
+    def write(self, key: str, label: int, fields: dict[str, bytes]) -> None:
+        """``fields``: extension -> bytes (``cls`` is added from ``label``); members in sorted order."""
+        self.offsets.append(self.tar.offset)
+        self.labels.append(label)
+        for ext, data in sorted((fields | {"cls": str(label).encode()}).items()):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uname = info.gname = "distpddm"
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> ShardIndex:
+        end = self.tar.offset  # before the end-of-archive blocks
+        self.tar.close()
+        return ShardIndex(np.array(self.offsets + [end], dtype=np.int64), np.array(self.labels, dtype=np.int64))
 
 
 @dataclass(frozen=True)
