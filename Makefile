@@ -8,7 +8,7 @@ FONTS_DIR := /usr/share/fonts/truetype/aenigma
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install fonts test test-fast demo demo-core shards-fonts lint format bench-mining bench-losses clean
+.PHONY: install fonts test test-fast demo demo-core shards-fonts lint format bench-mining bench-losses bench-builder rehearsal clean
 
 install: $(STAMP) fonts
 
@@ -62,6 +62,14 @@ bench-mining: install
 
 bench-losses: install
 	$(PY) bench/losses.py
+
+bench-builder: install
+	$(PY) bench/builder.py
+
+# ImageNet-10K's shape on this machine: 10,000 long-tailed classes -> shards (val + held-out classes) ->
+# Ray training with 2 workers -> held-out validation; each stage's time and peak memory (bench/rehearsal.py).
+rehearsal: install
+	$(PY) bench/rehearsal.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -300,13 +300,17 @@ def _finished(task: ShardTask) -> dict | None:
 
 def _run_tasks(plan: SourcePlan, tasks: list[ShardTask], options: BuildOptions) -> Iterator[dict]:
     """Sidecar records as shards finish: in worker processes (at most two tasks queued per worker, so the
-    parent never holds every shard's pickled task), or here for in-process sources (rendered fonts)."""
+    parent never holds every shard's pickled task), or here for in-process sources (rendered fonts).
+    Workers start from a fork server, not a fork of this process: they do not inherit the listing of
+    millions of files (which reference counting would copy page by page into every worker)."""
+    import multiprocessing
+
     workers = options.workers or min(len(tasks), os.cpu_count() or 1) or 1
     if workers <= 1 or plan.reader is not None:
         for task in tasks:
             yield write_shard(task, plan.reader)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
         todo = iter(tasks)
         running = set()
         try:
