@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--max-bad", type=float, default=0.001, help="with --skip-bad: most bad files (a count, or a fraction < 1)"
     )
-    b.add_argument("--rescan", action="store_true", help="list the source again instead of reusing OUT/plan.tsv.gz")
+    b.add_argument("--rescan", action="store_true", help="list the source again instead of reusing OUT/plan.npz")
     b.add_argument("--dry-run", action="store_true", help="list, carve and plan; print the shards it would write")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--workers", type=int, help="parallel processes (default: all cores)")

@@ -297,7 +297,7 @@ def test_a_rerun_reuses_the_source_listing(tmp_path, images, monkeypatch):
 
     fixtures.make_imagenet(tmp_path / "src", images[:5])
     assert _cli_build("--source", "imagenet", tmp_path / "src", tmp_path / "out") == 0
-    assert (tmp_path / "out" / "plan.tsv.gz").exists()
+    assert (tmp_path / "out" / "plan.npz").exists()
     first = json.loads((tmp_path / "out" / "train" / "index.json").read_text())
 
     def no_scan(*a, **k):
@@ -321,11 +321,11 @@ def test_listing_records_every_image_and_its_size(tmp_path, images):
     assert split.sizes.tolist() == [(tmp_path / "src" / s).stat().st_size for s in split.sources]
     assert [split.classes[label] for label in split.labels] == [truth[s] for s in split.sources]
     plan = read_source("folder", tmp_path / "src")
-    save_plan(plan, tmp_path / "plan.tsv.gz", {"k": 1})
-    back = load_plan(tmp_path / "plan.tsv.gz", {"k": 1}, tmp_path / "src")
+    save_plan(plan, tmp_path / "plan.npz", {"k": 1})
+    back = load_plan(tmp_path / "plan.npz", {"k": 1}, tmp_path / "src")
     assert back.splits["train"].sources == split.sources and back.splits["train"].classes == split.classes
     assert (back.splits["train"].labels == split.labels).all() and (back.splits["train"].sizes == split.sizes).all()
-    assert load_plan(tmp_path / "plan.tsv.gz", {"k": 2}, tmp_path / "src") is None  # made for another source
+    assert load_plan(tmp_path / "plan.npz", {"k": 2}, tmp_path / "src") is None  # made for another source
 
 
 def test_a_shard_writer_receives_only_its_own_samples(tmp_path):

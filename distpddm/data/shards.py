@@ -201,7 +201,7 @@ class ShardTask:
     shard: int
     first_index: int
     sources: list[str]
-    labels: list[int]
+    labels: np.ndarray  # int32
     class_names: dict[int, str]  # the names of the labels in this shard
     root: Path
     out_dir: Path
@@ -209,7 +209,7 @@ class ShardTask:
 
     def digest(self) -> str:
         h = hashlib.sha256(json.dumps([self.options.max_side, self.options.jpeg_quality]).encode())
-        for source, label in zip(self.sources, self.labels, strict=True):
+        for source, label in zip(self.sources, self.labels.tolist(), strict=True):
             h.update(f"{source}\t{label}\n".encode())
         return h.hexdigest()[:16]
 
@@ -218,8 +218,8 @@ def shard_tasks(plan: SourcePlan, split: str, out_dir: Path, options: BuildOptio
     sp = plan.splits[split]
     first = 0
     for n, members in enumerate(plan_shards(plan, split, options)):
-        labels = sp.labels[members].tolist()
-        names = {label: sp.classes[label] for label in set(labels)}
+        labels = sp.labels[members]
+        names = {label: sp.classes[label] for label in np.unique(labels).tolist()}
         yield ShardTask(n, first, [sp.sources[i] for i in members], labels, names, plan.root, out_dir, options)
         first += len(members)
 
@@ -239,7 +239,7 @@ def write_shard(task: ShardTask, reader: Callable[[str], tuple[bytes, str]] | No
     try:
         writer = SampleWriter(tmp)
         try:
-            for offset, (source, label) in enumerate(zip(task.sources, task.labels, strict=True)):
+            for offset, (source, label) in enumerate(zip(task.sources, task.labels.tolist(), strict=True)):
                 try:
                     raw, ext = reader(source) if reader is not None else _read_file(task.root, source)
                     data, ext, width, height = encode_image(raw, ext, options.max_side, options.jpeg_quality)
@@ -310,7 +310,9 @@ def _run_tasks(plan: SourcePlan, tasks: list[ShardTask], options: BuildOptions) 
         for task in tasks:
             yield write_shard(task, plan.reader)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # imported once in the server, not in every worker
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
         todo = iter(tasks)
         running = set()
         try:

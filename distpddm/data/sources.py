@@ -366,59 +366,55 @@ def _concat(classes: list[str], parts: list[SplitPlan]) -> SplitPlan:
 # ------------------------------------------------------------------------------------- the plan on disk
 
 
-PLAN_FILE = "plan.tsv.gz"
+PLAN_FILE = "plan.npz"
 
 
 def save_plan(plan: SourcePlan, path: Path, key: dict) -> None:
-    """The listed source (before carving): a JSON header line, then ``split<TAB>label<TAB>size<TAB>path``
-    lines, gzip'd. Written once, atomically; a rerun with the same ``key`` reads it instead of listing
-    millions of files again."""
-    import gzip
+    """The listed source (before carving), written once, atomically: per split the paths (one newline-joined
+    block), labels and sizes, and a JSON header naming what was listed (``key``). A rerun with the same key
+    reads it back instead of listing millions of files again."""
     import json
 
-    tmp = path.with_name(path.name + ".tmp")
     header = {
-        "version": 1,
+        "version": 2,
         "key": key,
         "kind": plan.kind,
         "splits": {s: {"classes": p.classes, "samples": len(p)} for s, p in plan.splits.items()},
     }
-    with gzip.open(tmp, "wt", compresslevel=3) as f:
-        f.write(json.dumps(header) + "\n")
-        for name, part in plan.splits.items():
-            sizes = part.sizes if part.sizes is not None else np.full(len(part), -1)
-            f.writelines(
-                f"{name}\t{label}\t{size}\t{source}\n"
-                for label, size, source in zip(part.labels.tolist(), sizes.tolist(), part.sources, strict=True)
-            )
+    arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
+    for n, (name, part) in enumerate(plan.splits.items()):
+        if any("\n" in source for source in part.sources):
+            raise SourceError(f"a file name in split {name!r} holds a newline; rename it")
+        arrays[f"sources{n}"] = np.frombuffer("\n".join(part.sources).encode(), dtype=np.uint8)
+        arrays[f"labels{n}"] = part.labels
+        arrays[f"sizes{n}"] = part.sizes if part.sizes is not None else np.full(len(part), -1, np.int64)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
     os.replace(tmp, path)
 
 
 def load_plan(path: Path, key: dict, root: Path) -> SourcePlan | None:
     """The plan saved at ``path`` if it was made for ``key``, else None."""
-    import gzip
     import json
+    import zipfile
 
     if not path.exists():
         return None
-    with gzip.open(path, "rt") as f:
-        header = json.loads(f.readline())
-        if header.get("version") != 1 or header.get("key") != key:
-            return None
-        columns: dict[str, tuple[list, list, list]] = {s: ([], [], []) for s in header["splits"]}
-        for line in f:
-            split, label, size, source = line.rstrip("\n").split("\t", 3)
-            sources, labels, sizes = columns[split]
-            sources.append(source)
-            labels.append(int(label))
-            sizes.append(int(size))
-    splits = {}
-    for name, meta in header["splits"].items():
-        sources, labels, sizes = columns[name]
-        if len(sources) != meta["samples"]:
-            return None  # truncated: list the source again
-        size_array = np.array(sizes, dtype=np.int64)
-        splits[name] = SplitPlan(meta["classes"], sources, labels, None if (size_array < 0).any() else size_array)
+    try:
+        with np.load(path) as data:
+            header = json.loads(data["header"].tobytes())
+            if header.get("version") != 2 or header.get("key") != key:
+                return None
+            splits = {}
+            for n, (name, meta) in enumerate(header["splits"].items()):
+                sources = data[f"sources{n}"].tobytes().decode().split("\n") if meta["samples"] else []
+                sizes = data[f"sizes{n}"]
+                splits[name] = SplitPlan(
+                    meta["classes"], sources, data[f"labels{n}"], None if (sizes < 0).any() else sizes
+                )
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # unreadable or from another version: list the source again
     return SourcePlan(header["kind"], root, splits)
 
 
@@ -434,7 +430,7 @@ def listed_source(
     rescan: bool = False,
     progress: bool = False,
 ) -> tuple[SourcePlan, bool]:
-    """:func:`read_source`, through ``OUT/plan.tsv.gz``: the first build lists the source and saves the
+    """:func:`read_source`, through ``OUT/plan.npz``: the first build lists the source and saves the
     listing there, a rerun (after a crash, or to add splits) reads it back. Returns (plan, reused)."""
     import hashlib
     import logging

@@ -348,7 +348,7 @@ class _EpochReader:
         waiting: list[tuple[int, list[int]]] = []  # (batch index, positions) due but not yet yielded
         position = 0
         for shard, lo, hi in reader_ranges(ds.counts, ds.seed, self.epoch, self.reader, self.readers):
-            unit = self._unit(ds.urls[shard], lo, hi, position)
+            unit = self._unit(ds.urls[shard], ds.counts[shard], lo, hi, position)
             if unit is None:
                 continue
             position += hi - lo
@@ -388,11 +388,13 @@ class _EpochReader:
 
     # ------------------------------------------------------------------------------------------- reading
 
-    def _unit(self, url: str, lo: int, hi: int, first: int) -> _Unit | None:
+    def _unit(self, url: str, count: int, lo: int, hi: int, first: int) -> _Unit | None:
         try:
             index = load_shard_index(idx_name(url))
+            if len(index) != count:
+                raise ValueError(f"it lists {len(index)} samples, index.json {count}: rebuild the split")
         except (OSError, ValueError, KeyError) as e:
-            self.counter.skip(url, f"no readable shard index {idx_name(url)} ({type(e).__name__}: {e})", hi - lo)
+            self.counter.skip(url, f"no usable shard index {idx_name(url)} ({type(e).__name__}: {e})", hi - lo)
             return None
         unit = _Unit(url, lo, hi, first, index)
         self.units.append(unit)
