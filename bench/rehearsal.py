@@ -123,7 +123,11 @@ def main() -> None:
     print(f"== tree: {args.classes} classes in ImageNet's layout under {args.work / 'tree'}")
     seconds, images = make_tree(args.work / "tree", args.classes)
     stages.append(
-        {"stage": "tree (synthetic source)", "seconds": round(seconds, 1), "note": "reused" if not seconds else ""}
+        {
+            "stage": "tree (synthetic source)",
+            "seconds": round(seconds, 1),
+            "note": f"{images} images" + (" (kept)" if not seconds else ""),
+        }
     )
     print(f"{images} images" + (f", made in {seconds:.0f} s" if seconds else " (kept from an earlier run)"))
 
@@ -172,6 +176,8 @@ def main() -> None:
     stages.append(
         {"stage": f"train ({args.steps} steps, 2 workers) + held-out validation", **train.row(), "note": note}
     )
+    print(f"\ntraining's memory at its peak, MiB by process: {train.breakdown()}")
+    stages[-1]["memory_at_peak_mib"] = {name: round(mib) for name, (_, mib) in train.at_peak.items()}
 
     print("\n| stage | seconds | peak MiB (all processes) | |")
     print("|---|---|---|---|")
