@@ -37,7 +37,7 @@ def _shards_build(args: argparse.Namespace) -> int:
         max_bad=args.max_bad,
     )
     holdout = parse_holdout(args.holdout_classes)
-    listed, _ = listed_source(
+    listed = listed_source(
         args.kind,
         args.src,
         args.out,

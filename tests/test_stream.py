@@ -173,7 +173,7 @@ def test_a_resumed_stream_continues_the_uninterrupted_one(longtail, monkeypatch,
     ds = PKBatchDataset(longtail, 8, 4, image_size=16, seed=1, buffer_images=64)
     whole = _take(ds, 16)
     assert len({b.info.epoch for b in whole}) >= 2  # the stop and the rest cross an epoch boundary
-    state = ds.initial_state(world=2, workers=2)
+    state = ds.start_state(world=2, workers=2)
     for batch in whole[:stop]:
         state.advance(batch.info)  # what the trainer does with every batch it consumes
     saved = StreamState.from_json(state.to_json())  # as a checkpoint stores it
@@ -184,12 +184,15 @@ def test_a_resumed_stream_continues_the_uninterrupted_one(longtail, monkeypatch,
 def test_a_resume_with_another_worker_count_starts_the_next_epoch(longtail, monkeypatch, caplog):
     _as_rank(monkeypatch, 0, 1)
     ds = PKBatchDataset(longtail, 4, 4, image_size=16)
-    state = ds.initial_state(world=1, workers=2)
+    state = ds.start_state(world=1, workers=2)
     for batch in _take(ds, 9):
         state.advance(batch.info)
     with caplog.at_level(logging.WARNING, "distpddm.data"):
-        resumed = _take(PKBatchDataset(longtail, 4, 4, image_size=16, start=state), 1, workers=0)[0]
+        again = PKBatchDataset(longtail, 4, 4, image_size=16, start=state)
+        resumed = _take(again, 1, workers=0)[0]
     assert (resumed.info.epoch, resumed.info.index) == (state.epoch + 1, 0)
+    # ... and the position the trainer goes on saving says so for every worker, before any batch is taken
+    assert again.start_state(world=1, workers=1, warn=False).positions == {0: (state.epoch + 1, 0)}
     assert "workers" in caplog.text and f"start of epoch {state.epoch + 1}" in caplog.text
 
 

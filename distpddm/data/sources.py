@@ -429,14 +429,14 @@ def listed_source(
     seed: int = 0,
     rescan: bool = False,
     progress: bool = False,
-) -> tuple[SourcePlan, bool]:
+) -> SourcePlan:
     """:func:`read_source`, through ``OUT/plan.npz``: the first build lists the source and saves the
-    listing there, a rerun (after a crash, or to add splits) reads it back. Returns (plan, reused)."""
+    listing there, a rerun (after a crash, or to add splits) reads it back."""
     import hashlib
     import logging
 
     if kind == "fonts" or root is None:  # rendered in process: nothing worth keeping
-        return read_source(kind, root, fonts=fonts, font_size=font_size, seed=seed, progress=progress), False
+        return read_source(kind, root, fonts=fonts, font_size=font_size, seed=seed, progress=progress)
     root = _need(Path(root), "source folder").resolve()
     key = {"kind": kind, "root": str(root)}
     if synsets is not None:
@@ -451,8 +451,8 @@ def listed_source(
                 sum(len(p) for p in plan.splits.values()),
                 root,
             )
-            return plan, True
+            return plan
     plan = read_source(kind, root, synsets=synsets, progress=progress)
     Path(out).mkdir(parents=True, exist_ok=True)
     save_plan(plan, path, key)
-    return plan, False
+    return plan

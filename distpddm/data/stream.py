@@ -298,28 +298,28 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
             "split": self.split_digest,
         }
 
-    def initial_state(self, world: int, workers: int) -> StreamState:
-        return StreamState(self.layout(world, workers))
-
-    def _resolve_start(self, world: int, workers: int) -> StreamState:
+    def start_state(self, world: int, workers: int, warn: bool = True) -> StreamState:
+        """The position this dataset starts from on a rank of ``world`` with ``workers`` loader workers (a copy:
+        the trainer advances it with the batches it consumes and saves it in checkpoints)."""
         layout = self.layout(world, workers)
         if self.start is None:
             return StreamState(layout)
         if self.start.layout == layout:
-            return self.start
-        changed = sorted(k for k in layout if self.start.layout.get(k) != layout[k])
-        log.warning(
-            "the saved data position was made for other %s; the stream restarts at the start of epoch %d",
-            ", ".join(changed),
-            self.start.epoch + 1,
-        )
+            return StreamState.from_json(self.start.to_json())
+        if warn:
+            changed = sorted(k for k in layout if self.start.layout.get(k) != layout[k])
+            log.warning(
+                "the saved data position was made for other %s; the stream restarts at the start of epoch %d",
+                ", ".join(changed),
+                self.start.epoch + 1,
+            )
         return StreamState(layout, {w: (self.start.epoch + 1, 0) for w in range(workers)})
 
     def __iter__(self) -> Iterator[Batch]:
         rank, world = _rank_world()
         info = torch.utils.data.get_worker_info()
         physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        start = self._resolve_start(world, workers)
+        start = self.start_state(world, workers, warn=info is None)  # a loader worker leaves it to the trainer
         worker = (physical + start.next_worker) % workers  # the DataLoader asks physical worker 0 first
         epoch, skip = start.positions.get(worker, (0, 0))
         counter = SkipCounter(self.max_skip_rate)

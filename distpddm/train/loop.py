@@ -371,9 +371,7 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
         transform=train_transform(cfg.data.image_size, crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip),
         start=data_state,
     )
-    stream_state = dataset.initial_state(world, max(1, cfg.data.loader_workers))
-    if data_state is not None and data_state.layout == stream_state.layout:
-        stream_state = data_state
+    stream_state = dataset.start_state(world, max(1, cfg.data.loader_workers))  # advanced by every batch taken
     loader = iter(
         torch.utils.data.DataLoader(
             dataset,
