@@ -53,7 +53,8 @@ def _shards_build(args: argparse.Namespace) -> int:
         for split, planned in plan_summary(plan, options).items():
             print(
                 f"{split}: {planned['images']} images, {planned['classes']} classes -> {planned['shards']} shards, "
-                f"about {planned['estimated_bytes'] / 2**30:.2f} GiB (dry run: nothing written)"
+                f"about {planned['estimated_bytes'] / 2**30:.2f} GiB (dry run: no shard written; the listing is "
+                "kept in OUT/plan.npz for the build)"
             )
         return 0
     indexes = build(plan, args.out, options)

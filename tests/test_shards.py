@@ -370,3 +370,51 @@ def test_shard_indexes_give_every_samples_offset_and_label(tmp_path, images):
     assert cli(["shards", "verify", str(tmp_path / "out"), "--quiet"]) == 0
     with tarfile.open(split / index["shards"][0]["name"]) as tar:
         assert len(tar.getmembers()) == 3 * index["shards"][0]["samples"]
+
+
+def test_a_damaged_shard_index_is_reported_and_rewritten_by_a_rerun(tmp_path, images):
+    import numpy as np
+
+    from distpddm.data.tarindex import load_shard_index, save_index
+
+    fixtures.make_folder(tmp_path / "src", images)
+    plan = read_source("folder", tmp_path / "src")
+    index = build(plan, tmp_path / "out", OPTS)["train"]
+    split = tmp_path / "out" / "train"
+    first, second = (split / s["name"].replace(".tar", ".idx.npz") for s in index["shards"][:2])
+    first.write_bytes(first.read_bytes()[:100])  # truncated
+    stale = load_shard_index(str(second))
+    save_index(type(stale)(stale.offsets, stale.labels + 1), second)  # well-formed, but not the tar's
+    with pytest.raises(ValueError, match="unreadable shard index"):
+        load_shard_index(str(first))
+    assert cli(["shards", "verify", str(tmp_path / "out"), "--quiet"]) == 1
+    build(plan, tmp_path / "out", OPTS)  # the rerun checks each finished shard's index against its tar
+    assert cli(["shards", "verify", str(tmp_path / "out"), "--quiet"]) == 0
+    assert np.array_equal(load_shard_index(str(second)).labels, stale.labels)
+
+
+def test_file_names_need_not_be_utf8_and_a_damaged_listing_is_made_again(tmp_path, images):
+    fixtures.make_folder(tmp_path / "src", images[:4])
+    odd = os.fsencode(tmp_path / "src" / "class_000") + b"/caf\xe9.jpg"  # Latin-1, not UTF-8
+    os.rename(os.fsencode(tmp_path / "src" / "class_000" / "000.jpg"), odd)
+    assert _cli_build("--source", "folder", tmp_path / "src", tmp_path / "out") == 0
+    assert any(s.endswith("caf\udce9.jpg") for s in sources_of(tmp_path / "out" / "train"))
+    (tmp_path / "out" / "plan.npz").write_bytes(b"PK\x03\x04 damaged")
+    assert _cli_build("--source", "folder", tmp_path / "src", tmp_path / "out") == 0  # listed again, no traceback
+    assert cli(["shards", "verify", str(tmp_path / "out"), "--quiet"]) == 0
+
+
+def test_held_out_classes_leave_a_val_split_that_lists_its_classes_on_its_own(tmp_path, images):
+    from distpddm.data.sources import carve
+
+    fixtures.make_folder(tmp_path / "src" / "train", images[:5])
+    fixtures.make_folder(
+        tmp_path / "src" / "val",
+        [images[c][:2] for c in (0, 1, 3, 4)],
+        ["class_000", "class_001", "class_003", "class_004"],
+    )
+    plan = carve(read_source("folder", tmp_path / "src"), holdout=["class_001", "class_002"], seed=0)
+    val, held = plan.splits["val"], plan.splits["holdout"]
+    assert val.classes == ["class_000", "class_003", "class_004"] and val.class_counts() == [2, 2, 2]
+    assert held.classes == ["class_001", "class_002"] and held.class_counts() == [6 + 2, 6]
+    assert all(s.split("/")[1] == held.classes[label] for s, label in zip(held.sources, held.labels, strict=True))

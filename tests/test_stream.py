@@ -193,6 +193,12 @@ def test_a_resume_with_another_worker_count_starts_the_next_epoch(longtail, monk
     assert (resumed.info.epoch, resumed.info.index) == (state.epoch + 1, 0)
     # ... and the position the trainer goes on saving says so for every worker, before any batch is taken
     assert again.start_state(world=1, workers=1, warn=False).positions == {0: (state.epoch + 1, 0)}
+    # With another world size every rank starts the same epoch: the one after the furthest any rank reached
+    # (a rank the saved run did not have gets only that figure).
+    state.epoch_all = state.epoch + 3
+    for start in (state, StreamState(layout={}, epoch_all=state.epoch + 3)):
+        grown = PKBatchDataset(longtail, 4, 4, image_size=16, start=start).start_state(world=3, workers=2, warn=False)
+        assert grown.positions == {0: (state.epoch + 4, 0), 1: (state.epoch + 4, 0)}
     assert "workers" in caplog.text and f"start of epoch {state.epoch + 1}" in caplog.text
 
 

@@ -210,7 +210,7 @@ class ShardTask:
     def digest(self) -> str:
         h = hashlib.sha256(json.dumps([self.options.max_side, self.options.jpeg_quality]).encode())
         for source, label in zip(self.sources, self.labels.tolist(), strict=True):
-            h.update(f"{source}\t{label}\n".encode())
+            h.update(f"{source}\t{label}\n".encode(errors="surrogateescape"))
         return h.hexdigest()[:16]
 
 
@@ -273,15 +273,15 @@ def write_shard(task: ShardTask, reader: Callable[[str], tuple[bytes, str]] | No
         "class_counts": {str(k): v for k, v in sorted(counts.items())},
         "bad": bad,
         "plan": task.digest(),
+        "index_sha256": _sha256(task.out_dir / idx_name(final.name)),  # a rerun rewrites an index that differs
     }
-    sidecar = final.with_suffix(".json")
-    sidecar.with_suffix(".json.tmp").write_text(json.dumps(record))
-    os.replace(sidecar.with_suffix(".json.tmp"), sidecar)
+    _write_sidecar(final.with_suffix(".json"), record)
     return record
 
 
 def _finished(task: ShardTask) -> dict | None:
-    """The sidecar of a shard already built from this plan (its index rebuilt from the tar if missing)."""
+    """The sidecar of a shard already built from this plan (its index rewritten from the tar if missing or
+    changed since it was written)."""
     tar = task.out_dir / shard_name(task.shard)
     sidecar = tar.with_suffix(".json")
     if not (sidecar.exists() and tar.exists()):
@@ -293,9 +293,17 @@ def _finished(task: ShardTask) -> dict | None:
     if record.get("plan") != task.digest() or record.get("bytes") != tar.stat().st_size or "bad" not in record:
         return None
     idx = task.out_dir / idx_name(tar.name)
-    if not idx.exists():
+    if not idx.exists() or record.get("index_sha256") != _sha256(idx):
         save_index(index_tar(tar)[0], idx)
+        record["index_sha256"] = _sha256(idx)
+        _write_sidecar(sidecar, record)
     return record
+
+
+def _write_sidecar(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
 
 
 def _run_tasks(plan: SourcePlan, tasks: list[ShardTask], options: BuildOptions) -> Iterator[dict]:

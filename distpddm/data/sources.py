@@ -287,7 +287,7 @@ def parse_holdout(spec: str | None) -> float | list[str] | None:
 def carve(
     plan: SourcePlan, val_per_class: int | None = None, holdout: float | list[str] | None = None, seed: int = 0
 ) -> SourcePlan:
-    """Held-out classes (every image of them, from every split that shares train's classes) into a
+    """Held-out classes (every image of them, from every split holding a class of that name) into a
     ``holdout`` split, then ``val_per_class`` images of each remaining class from ``train`` into ``val``
     (``min(N, n // 2)`` for a class of n images, so every class keeps training images). Seeded; the
     record of how goes to ``plan.carving``."""
@@ -323,19 +323,20 @@ def carve(
             held = sorted({position[c] for c in holdout})
             if len(held) == len(train.classes):
                 raise SourceError("--holdout-classes names every class: none would be left to train on")
-        is_held = np.zeros(len(train.classes), dtype=bool)
-        is_held[held] = True
-        keep_classes = [c for n, c in enumerate(train.classes) if not is_held[n]]
-        new_label = np.cumsum(~is_held) - 1  # old label -> label among the kept classes
-        held_label = np.cumsum(is_held) - 1  # old label -> label among the held-out classes
-        held_parts = []
-        for name in [s for s, p in splits.items() if p.classes == train.classes]:
-            part = splits[name]
-            out = is_held[part.labels]
-            held_parts.append(part.take(np.flatnonzero(out), labels=held_label[part.labels[out]]))
-            rows = np.flatnonzero(~out)
-            splits[name] = part.take(rows, keep_classes, new_label[part.labels[rows]])
         held_classes = [train.classes[n] for n in held]
+        position = {c: n for n, c in enumerate(held_classes)}
+        held_parts = []
+        for name, part in list(splits.items()):  # by name: a val split may list its classes on its own
+            to_held = np.array([position.get(c, -1) for c in part.classes])  # old label -> holdout label
+            is_held = to_held >= 0
+            if not is_held.any():
+                continue
+            out = is_held[part.labels]
+            held_parts.append(part.take(np.flatnonzero(out), labels=to_held[part.labels[out]]))
+            rows = np.flatnonzero(~out)
+            kept = [c for c, h in zip(part.classes, is_held, strict=True) if not h]
+            new_label = np.cumsum(~is_held) - 1  # old label -> label among the kept classes
+            splits[name] = part.take(rows, kept, new_label[part.labels[rows]])
         splits["holdout"] = _concat(held_classes, held_parts)
         carving["holdout_classes"] = len(held_classes)
         train = splits["train"]
@@ -385,7 +386,8 @@ def save_plan(plan: SourcePlan, path: Path, key: dict) -> None:
     for n, (name, part) in enumerate(plan.splits.items()):
         if any("\n" in source for source in part.sources):
             raise SourceError(f"a file name in split {name!r} holds a newline; rename it")
-        arrays[f"sources{n}"] = np.frombuffer("\n".join(part.sources).encode(), dtype=np.uint8)
+        joined = "\n".join(part.sources).encode(errors="surrogateescape")  # names need not be UTF-8
+        arrays[f"sources{n}"] = np.frombuffer(joined, dtype=np.uint8)
         arrays[f"labels{n}"] = part.labels
         arrays[f"sizes{n}"] = part.sizes if part.sizes is not None else np.full(len(part), -1, np.int64)
     tmp = path.with_name(path.name + ".tmp")
@@ -397,7 +399,6 @@ def save_plan(plan: SourcePlan, path: Path, key: dict) -> None:
 def load_plan(path: Path, key: dict, root: Path) -> SourcePlan | None:
     """The plan saved at ``path`` if it was made for ``key``, else None."""
     import json
-    import zipfile
 
     if not path.exists():
         return None
@@ -408,13 +409,14 @@ def load_plan(path: Path, key: dict, root: Path) -> SourcePlan | None:
                 return None
             splits = {}
             for n, (name, meta) in enumerate(header["splits"].items()):
-                sources = data[f"sources{n}"].tobytes().decode().split("\n") if meta["samples"] else []
+                joined = data[f"sources{n}"].tobytes().decode(errors="surrogateescape")
+                sources = joined.split("\n") if meta["samples"] else []
                 sizes = data[f"sizes{n}"]
                 splits[name] = SplitPlan(
                     meta["classes"], sources, data[f"labels{n}"], None if (sizes < 0).any() else sizes
                 )
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return None  # unreadable or from another version: list the source again
+    except Exception:  # noqa: BLE001 -- damaged or from another version: list the source again
+        return None
     return SourcePlan(header["kind"], root, splits)
 
 

@@ -202,12 +202,14 @@ class Batch(NamedTuple):
 @dataclass
 class StreamState:
     """The data position of one rank: for each loader worker, the epoch and the next batch index, and which
-    worker the DataLoader takes the next batch from. ``layout`` names what the positions are valid for."""
+    worker the DataLoader takes the next batch from. ``layout`` names what the positions are valid for; where
+    it no longer holds (another world size, say), every rank restarts at the epoch after ``epoch_all``."""
 
     layout: dict
     positions: dict[int, tuple[int, int]] = field(default_factory=dict)
     next_worker: int = 0
     consumed: int = 0
+    epoch_all: int = 0  # the furthest epoch any rank had reached when saved (the trainer fills it in)
 
     def advance(self, info: BatchInfo) -> None:
         """Record a batch the trainer consumed (skipped steps included: their batch is spent)."""
@@ -306,14 +308,15 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
             return StreamState(layout)
         if self.start.layout == layout:
             return StreamState.from_json(self.start.to_json())
+        first = max(self.start.epoch, self.start.epoch_all) + 1  # the same epoch on every rank
         if warn:
             changed = sorted(k for k in layout if self.start.layout.get(k) != layout[k])
             log.warning(
                 "the saved data position was made for other %s; the stream restarts at the start of epoch %d",
-                ", ".join(changed),
-                self.start.epoch + 1,
+                ", ".join(changed) or "settings (this rank had none saved)",
+                first,
             )
-        return StreamState(layout, {w: (self.start.epoch + 1, 0) for w in range(workers)})
+        return StreamState(layout, {w: (first, 0) for w in range(workers)}, epoch_all=first)
 
     def __iter__(self) -> Iterator[Batch]:
         rank, world = _rank_world()
@@ -359,6 +362,8 @@ class _EpochReader:
                     self.classes[label] += 1
                     if samples is not None:
                         self.held[p] = (label, self._check(next(samples), label, unit))
+                    else:  # replayed: read before the stop, as the skip rate's denominator knew then
+                        self.counter.ok()
                     for batch in batcher.push(p, label):
                         if emitted >= skip:
                             waiting.append((emitted, batch))
@@ -441,17 +446,17 @@ class _EpochReader:
             by_unit.setdefault(bisect.bisect_right(starts, p) - 1, []).append(p)
         for u, todo in by_unit.items():
             unit = self.units[u]
+            local = [unit.lo + p - unit.first for p in todo]
             try:
                 f = _open(unit.url)
             except OSError as e:
-                f = None
                 self.counter.skip(unit.url, f"shard unreadable ({type(e).__name__}: {e})", len(todo))
-            for p in todo:
-                n = unit.lo + p - unit.first
-                item = (n, None) if f is None else next(read_range(f, unit.index, n, n + 1))
-                self.held[p] = (int(unit.index.labels[n]), self._check(item, int(unit.index.labels[n]), unit))
-            if f is not None:
-                f.close()
+                self.held.update((p, (int(unit.index.labels[n]), None)) for p, n in zip(todo, local, strict=True))
+                continue
+            with f:
+                for p, n in zip(todo, local, strict=True):
+                    label = int(unit.index.labels[n])
+                    self.held[p] = (label, self._check(next(read_range(f, unit.index, n, n + 1)), label, unit))
 
     def _forget_dropped(self) -> None:
         for p in self.batcher.dropped:

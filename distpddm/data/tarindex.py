@@ -98,12 +98,20 @@ def save_index(index: ShardIndex, path: str | Path) -> None:
 
 
 def load_shard_index(url: str) -> ShardIndex:
-    """A shard's ``.idx.npz`` from a local path or any fsspec URL."""
+    """A shard's ``.idx.npz`` from a local path or any fsspec URL. A missing file raises ``FileNotFoundError``;
+    one that is damaged or inconsistent, ``ValueError``."""
     import fsspec
 
     with fsspec.open(url, "rb") as f:
-        data = np.load(io.BytesIO(f.read()))
-        return ShardIndex(data["offsets"].astype(np.int64), data["labels"].astype(np.int64))
+        raw = f.read()
+    try:
+        with np.load(io.BytesIO(raw)) as data:
+            index = ShardIndex(data["offsets"].astype(np.int64), data["labels"].astype(np.int64))
+    except Exception as e:  # noqa: BLE001 -- zipfile, zlib, numpy: any damage reads the same to a caller
+        raise ValueError(f"{url}: unreadable shard index ({type(e).__name__}: {e})") from None
+    if len(index.offsets) != len(index.labels) + 1 or (np.diff(index.offsets) <= 0).any():
+        raise ValueError(f"{url}: inconsistent shard index (offsets and labels do not fit together)")
+    return index
 
 
 def parse_sample(blob: bytes) -> dict[str, bytes]:

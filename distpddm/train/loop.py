@@ -184,6 +184,14 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _max_over_ranks(value: int, device: torch.device) -> int:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -342,6 +350,8 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
             data_file = ckpt / f"data_rank{rank}.json"  # where this rank's stream stood: it continues from there
             if data_file.exists():
                 data_state = StreamState.from_json(data_file.read_text())
+            else:  # a rank the saved run did not have: all ranks start the epoch after the furthest one
+                data_state = StreamState(layout={}, epoch_all=state.get("data_epoch", 0))
             if rank == 0:
                 log.info("resumed from %s at step %d", ckpt, start)
 
@@ -359,6 +369,16 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
             shard_set.chunk_size,
             cfg.data.images_per_class,
             cfg.data.images_per_class,
+        )
+    share, batch = (shard_set.samples or 0) // (world * max(1, cfg.data.loader_workers)), cfg.local_batch
+    if rank == 0 and share < 4 * batch:
+        log.warning(
+            "each of the %d loader readers (ranks x data.loader_workers) streams ~%d samples per epoch, under 4 "
+            "batches of %d: an epoch whose share holds fewer than data.classes_per_batch classes of "
+            "data.images_per_class images stops the run (CannotBatchError); use fewer readers or more data",
+            world * max(1, cfg.data.loader_workers),
+            share,
+            batch,
         )
     dataset = PKBatchDataset(
         shard_set,
@@ -462,6 +482,7 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
             if timed or ckpt_due or val_due:
                 metrics_log.write(step, last)
             if ckpt_due:
+                stream_state.epoch_all = _max_over_ranks(stream_state.epoch, device)
                 staging = _save(engine, persistence, cfg, step, stream_state, rank, last, baseline)
                 persistence.report({"step": step, **baseline, **last}, staging)
                 if rank == 0:
@@ -493,6 +514,7 @@ def _save(
             json.dumps(
                 {
                     "step": step,
+                    "data_epoch": stream.epoch_all,
                     "metrics": metrics,
                     "baseline": baseline,
                     "config": cfg.to_dict(),
