@@ -418,3 +418,23 @@ def test_held_out_classes_leave_a_val_split_that_lists_its_classes_on_its_own(tm
     assert val.classes == ["class_000", "class_003", "class_004"] and val.class_counts() == [2, 2, 2]
     assert held.classes == ["class_001", "class_002"] and held.class_counts() == [6 + 2, 6]
     assert all(s.split("/")[1] == held.classes[label] for s, label in zip(held.sources, held.labels, strict=True))
+
+
+def test_build_runs_from_a_plain_script(tmp_path, images):
+    # Worker processes must not need the caller's script to be import-safe (no `if __name__ == "__main__"`).
+    import subprocess
+    import sys
+
+    fixtures.make_folder(tmp_path / "src", images[:6])
+    script = tmp_path / "make_shards.py"
+    script.write_text(
+        "from distpddm.data.shards import BuildOptions, build\n"
+        "from distpddm.data.sources import read_source\n"
+        f"index = build(read_source('folder', {str(tmp_path / 'src')!r}), {str(tmp_path / 'out')!r},\n"
+        "              BuildOptions(shard_bytes=20_000, progress=False, workers=2))\n"
+        "print(index['train']['samples'], len(index['train']['shards']))\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    samples, shards = map(int, result.stdout.split())
+    assert samples == 36 and shards > 2  # several shards: the pool ran

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -309,8 +310,11 @@ def _write_sidecar(path: Path, record: dict) -> None:
 def _run_tasks(plan: SourcePlan, tasks: list[ShardTask], options: BuildOptions) -> Iterator[dict]:
     """Sidecar records as shards finish: in worker processes (at most two tasks queued per worker, so the
     parent never holds every shard's pickled task), or here for in-process sources (rendered fonts).
-    Workers start from a fork server, not a fork of this process: they do not inherit the listing of
-    millions of files (which reference counting would copy page by page into every worker)."""
+    Workers are forked (where the platform can), after ``gc.freeze()``: they share the parent's pages, and
+    the collector does not walk -- and so copy -- the listing of millions of files in every worker. (A fork
+    server would start leaner, but it re-imports the caller's main script: ``build()`` called from a script
+    without a ``__main__`` guard would crash.)"""
+    import gc
     import multiprocessing
 
     workers = options.workers or min(len(tasks), os.cpu_count() or 1) or 1
@@ -318,8 +322,9 @@ def _run_tasks(plan: SourcePlan, tasks: list[ShardTask], options: BuildOptions) 
         for task in tasks:
             yield write_shard(task, plan.reader)
         return
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])  # imported once in the server, not in every worker
+    fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform == "linux"
+    context = multiprocessing.get_context("fork" if fork else None)
+    gc.freeze()
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         todo = iter(tasks)
         running = set()
@@ -337,6 +342,7 @@ def _run_tasks(plan: SourcePlan, tasks: list[ShardTask], options: BuildOptions) 
         finally:
             for fut in running:
                 fut.cancel()
+            gc.unfreeze()
 
 
 def build_split(plan: SourcePlan, split: str, out: Path, options: BuildOptions) -> dict:
