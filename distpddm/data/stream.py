@@ -341,7 +341,6 @@ class _EpochReader:
         self.batcher = PKBatcher(ds.P, ds.K, ds.buffer_images, rng)
         self.units: list[_Unit] = []
         self.held: dict[int, tuple[int, dict | None]] = {}  # position -> (label, raw sample or None if bad)
-        self.classes: Counter[int] = Counter()
 
     def run(self, skip: int) -> Iterator[Batch]:
         """Batches ``skip``, ``skip + 1``, ... of this epoch (``skip`` > 0: replayed up to there from labels)."""
@@ -359,7 +358,6 @@ class _EpochReader:
             try:
                 for n in range(lo, hi):
                     p, label = unit.first + n - lo, int(unit.index.labels[n])
-                    self.classes[label] += 1
                     if samples is not None:
                         self.held[p] = (label, self._check(next(samples), label, unit))
                     else:  # replayed: read before the stop, as the skip rate's denominator knew then
@@ -408,15 +406,21 @@ class _EpochReader:
     def _samples(self, unit: _Unit, start: int):
         """``(n, raw sample | exception | None)`` from ``start`` to the unit's end; None: an unreadable shard,
         counted once for all its samples."""
-        try:
-            f = _open(unit.url)
-        except OSError as e:
-            self.counter.skip(unit.url, f"shard unreadable ({type(e).__name__}: {e})", unit.hi - start)
+        f = self._open(unit, unit.hi - start)
+        if f is None:
             for n in range(start, unit.hi):
                 yield n, None
             return
         with f:
             yield from read_range(f, unit.index, start, unit.hi)
+
+    def _open(self, unit: _Unit, samples: int):
+        """The unit's shard, open; or None, the ``samples`` it was to give counted as skipped, once."""
+        try:
+            return _open(unit.url)
+        except OSError as e:
+            self.counter.skip(unit.url, f"shard unreadable ({type(e).__name__}: {e})", samples)
+            return None
 
     def _check(self, item: tuple[int, dict | Exception | None], label: int, unit: _Unit) -> dict | None:
         n, sample = item
@@ -447,10 +451,8 @@ class _EpochReader:
         for u, todo in by_unit.items():
             unit = self.units[u]
             local = [unit.lo + p - unit.first for p in todo]
-            try:
-                f = _open(unit.url)
-            except OSError as e:
-                self.counter.skip(unit.url, f"shard unreadable ({type(e).__name__}: {e})", len(todo))
+            f = self._open(unit, len(todo))
+            if f is None:
                 self.held.update((p, (int(unit.index.labels[n]), None)) for p, n in zip(todo, local, strict=True))
                 continue
             with f:
@@ -503,10 +505,11 @@ class _EpochReader:
 
     def _cannot_batch(self) -> CannotBatchError:
         ds = self.ds
-        full = sum(1 for n in self.classes.values() if n >= ds.K)
+        classes = Counter(label for u in self.units for label in u.index.labels[u.lo : u.hi].tolist())
+        full = sum(1 for n in classes.values() if n >= ds.K)
         return CannotBatchError(
             f"loader reader {self.reader} of {self.readers} (rank x loader worker) formed no batch in epoch "
-            f"{self.epoch}: its share of the split is {sum(self.classes.values())} samples of {len(self.classes)} "
+            f"{self.epoch}: its share of the split is {sum(classes.values())} samples of {len(classes)} "
             f"classes, {full} of them with >= {ds.K} images, and a batch needs {ds.P} such classes. Use fewer "
             "ranks or data.loader_workers (larger shares), a smaller data.classes_per_batch or "
             "data.images_per_class, or more data."
