@@ -98,24 +98,24 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.local:
-        from .data.stream import BadDataError, CannotBatchError
-        from .train.launch import train_local
-        from .train.loop import NonFiniteLossError
+    from .errors import DeterministicError
 
-        try:
+    try:
+        if args.local:
+            from .train.launch import train_local
+
             metrics = train_local(cfg)
-        except (NonFiniteLossError, BadDataError, CannotBatchError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    else:
-        from .train.launch import train_ray
+        else:
+            from .train.launch import train_ray
 
-        result = train_ray(cfg, args.address)
-        if result.error:
-            print(f"error: training failed: {result.error}", file=sys.stderr)
-            return 1
-        metrics = result.metrics or {}
+            result = train_ray(cfg, args.address)
+            if result.error:
+                print(f"error: training failed: {result.error}", file=sys.stderr)
+                return 1
+            metrics = result.metrics or {}
+    except DeterministicError as e:  # retrying cannot fix it: the message says what to change
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(
         f"done: step {int(metrics.get('step', 0))}, loss {metrics.get('loss', float('nan')):.3f}, "
         f"embedding spread {metrics.get('spread', float('nan')):.3f}; output in {cfg.output_location()}"

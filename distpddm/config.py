@@ -16,13 +16,16 @@ from typing import Any
 
 import yaml
 
-from .loss import DISTANCES, METRICS
-from .mining import MODES
-from .model import POOLINGS, ModelConfig
+from .errors import ConfigError
 
+__all__ = ["ConfigError", "RunConfig", "load_config", "from_dict", "save_config", "deepspeed_config"]
 
-class ConfigError(ValueError):
-    pass
+# Choices of the modules that use them, named here so that the config depends on nothing in the package.
+MINING_MODES = ("anchor", "batch")  # distpddm.mining
+METRICS = ("pddm", "euclidean", "mahalanobis")  # distpddm.loss
+DISTANCES = ("euclidean", "squared")  # distpddm.loss
+POOLINGS = ("avg", "max", "avgmax")  # distpddm.model
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,18 @@ class DataConfig:
     buffer_images: int | None = None  # P x K batch former's buffer (default 8 P K)
     max_skip_rate: float = 0.01
     val_max_images: int | None = None  # cap on validation images (None: the whole split)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "small_cnn"  # "small_cnn" or a torchvision model name (resnet50, googlenet, vit_b_16...)
+    embed_dim: int = 128
+    pretrained: str | None = None  # path to a state dict of the torchvision backbone
+    pooling: str = "avg"  # avg | max | avgmax (CNN backbones)
+    freeze_bn: bool = False  # batch norm statistics and affine parameters fixed (small batches)
+    sync_bn: bool = False  # synchronise batch norm across workers (GPU only)
+    small_cnn_width: int = 32
+    in_channels: int = 3
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     nan_abort_after: int = 20  # consecutive non-finite losses before the run stops
     seed: int = 0
+    precision: str = "fp32"  # bf16: the backbone under autocast; heads, mining, loss and master weights fp32
     deepspeed: str = "configs/deepspeed/zero1_cpu.json"
     progress: bool = True
 
@@ -108,9 +124,18 @@ class RunConfig:
 
     def output_location(self) -> str:
         """``<ray.storage_path>/<name>``: a local folder, or a URL on remote storage."""
-        from .train.outputs import run_location
-
         return run_location(self.ray.storage_path, self.name)
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def run_location(storage_path: str, name: str) -> str:
+    """The run folder: a local path, or a URL for a remote storage path."""
+    if is_remote(storage_path):
+        return f"{storage_path.rstrip('/')}/{name}"
+    return str(Path(storage_path.removeprefix("file://")) / name)
 
 
 # ------------------------------------------------------------------------------------------------- parsing
@@ -296,7 +321,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         not (m.sync_bn and not r.use_gpu),
         "model.sync_bn needs GPUs (ray.use_gpu: true); on CPU use model.freeze_bn or a norm-free model",
     )
-    need(loss.mode in MODES, f"loss.mode must be one of {MODES}, got {loss.mode!r}")
+    need(loss.mode in MINING_MODES, f"loss.mode must be one of {MINING_MODES}, got {loss.mode!r}")
     need(loss.metric in METRICS, f"loss.metric must be one of {METRICS}, got {loss.metric!r}")
     need(loss.distance in DISTANCES, f"loss.distance must be one of {DISTANCES}, got {loss.distance!r}")
     for k in ("alpha", "beta", "lam"):
@@ -312,6 +337,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     need(not (t.val_every and not d.val_shards), "train.val_every is set but data.val_shards is not")
     need(r.num_workers >= 1, f"ray.num_workers must be >= 1, got {r.num_workers}")
     need(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
+    need(t.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
     if check_paths:
         if d.train_shards:
             exists = _shards_exist(d.train_shards)
@@ -371,21 +397,65 @@ def _check_deepspeed(cfg: RunConfig) -> list[str]:
             f"{path}: remove the 'optimizer' section; distpddm passes a torch AdamW with parameter "
             "groups (optim.*), which needs no compiled DeepSpeed op"
         )
-    if ds.get("bf16", {}).get("enabled") and not cfg.ray.use_gpu:
-        errors.append(f"{path}: bf16 is enabled but ray.use_gpu is false; use configs/deepspeed/zero1_cpu.json")
+    errors += [f"{path}: {why}" for why in unsupported_deepspeed(ds)]
     return errors
+
+
+def unsupported_deepspeed(ds: dict) -> list[str]:
+    """DeepSpeed settings the training loop does not honour, each with the reason and what to use instead."""
+    why = []
+    gas = ds.get("gradient_accumulation_steps", 1)
+    if gas not in (1, "auto"):
+        why.append(
+            f"gradient_accumulation_steps={gas} is not supported: every step mines against the global batch it "
+            "gathers, so accumulation would change the mining pool, the schedule and the checkpoints' step count; "
+            "use 1 and raise data.classes_per_batch or ray.num_workers for a larger batch"
+        )
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        why.append(
+            f"ZeRO stage {stage} is not supported: the loop calls the network and the PDDM unit directly, which "
+            "stage 3's partitioned parameters do not allow; use stage 1 or 2 (configs/deepspeed/zero2_gpu.json)"
+        )
+    if (ds.get("fp16") or {}).get("enabled"):
+        why.append(
+            "fp16 is not supported: its loss scaling skips steps behind the loop's back and the PDDM hinges "
+            "underflow; use train.precision: bf16 on GPUs"
+        )
+    if (ds.get("bf16") or {}).get("enabled"):
+        why.append(
+            "bf16.enabled is not used: DeepSpeed's bf16 mode casts the whole module, so mining, the PDDM unit "
+            "and the loss would run in bf16 and model.pt would be the rounded copy; set train.precision: bf16 "
+            "(the backbone in bf16, the rest and the master weights in fp32) and remove the bf16 section"
+        )
+    if (ds.get("torch_autocast") or {}).get("enabled"):
+        why.append("torch_autocast is not used: set train.precision: bf16 (distpddm autocasts the backbone only)")
+    if "scheduler" in ds:
+        why.append("remove the 'scheduler' section: the learning rate follows optim.* (see README, 'Resuming')")
+    comm = ds.get("communication_data_type")
+    if comm not in (None, "fp32"):
+        why.append(f'communication_data_type={comm!r}: gradients are reduced in fp32; remove it or use "fp32"')
+    accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    if accum not in (None, "fp32"):
+        why.append(f'data_types.grad_accum_dtype={accum!r}: gradients are kept in fp32; remove it or use "fp32"')
+    if ds.get("train_batch_size") not in (None, "auto"):
+        why.append('remove train_batch_size (or make it "auto"): distpddm sets it to the local batch x the workers')
+    return why
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """The DeepSpeed config file with the batch sizes filled in from the run config."""
     ds = json.loads(Path(cfg.train.deepspeed).read_text())
-    gas = int(ds.get("gradient_accumulation_steps", 1))
+    why = unsupported_deepspeed(ds)
+    if why:  # configs are checked at load; this guards callers that build a RunConfig by hand
+        raise ConfigError(f"{cfg.train.deepspeed}: " + "; ".join(why))
     ds["train_micro_batch_size_per_gpu"] = cfg.local_batch
-    ds["gradient_accumulation_steps"] = gas
-    ds["train_batch_size"] = cfg.local_batch * gas * world_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = cfg.local_batch * world_size
     ds.setdefault("gradient_clipping", 0.0)  # DeepSpeed 0.19 clips at 1.0 when unset: make it explicit
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)
+    ds["communication_data_type"] = "fp32"  # the master weights and their gradients are fp32 (train.precision)
     return ds
 
 

@@ -1,13 +1,18 @@
-"""Retrieval evaluation: Recall@K with exact Euclidean nearest neighbours (faiss), the query left out."""
+"""Retrieval evaluation: Recall@K with exact Euclidean nearest neighbours (faiss), the query left out, and
+the trainer's periodic validation built on it."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from .errors import DeterministicError
 
 
 def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 2, 4, 8)) -> dict[int, float]:
@@ -46,3 +51,51 @@ def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> np.n
     ]
     model.train(was_training)
     return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def validate(cfg, net: nn.Module, device: torch.device, ks=(1, 2, 4, 8)) -> dict[str, float]:
+    """Recall@K on ``cfg.data.val_shards`` during training: each rank embeds its shards (at most its share of
+    ``data.val_max_images``), rank 0 searches the whole set, every rank gets the figures."""
+    from .data.stream import EvalDataset, resolve_shards
+    from .data.transforms import normalize_batch
+    from .gather import rank_and_world
+    from .train.faults import agree
+
+    rank, world = rank_and_world()
+    cap = math.ceil(cfg.data.val_max_images / world) if cfg.data.val_max_images else None
+    embs, labels, error = [], [], None
+    was = net.training
+    net.eval()
+    try:
+        urls = resolve_shards(cfg.data.val_shards).urls
+        loader = torch.utils.data.DataLoader(
+            EvalDataset(urls, cfg.data.image_size, cfg.data.max_skip_rate),
+            batch_size=256,
+            num_workers=min(cfg.data.loader_workers, len(urls)),
+        )
+        for x, y, _ in loader:
+            embs.append(net(normalize_batch(x.to(device))).float().cpu())
+            labels.append(y)
+            if cap is not None and sum(len(b) for b in labels) >= cap:
+                break
+    except DeterministicError as e:
+        error = e
+    finally:
+        net.train(was)
+    agree(error, device)
+    e = torch.cat(embs).numpy()[:cap] if embs else np.zeros((0, cfg.model.embed_dim), np.float32)
+    y = torch.cat(labels).numpy()[:cap] if labels else np.zeros(0, np.int64)
+    parts = [(e, y)]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (e, y))
+    result = [None]
+    if rank == 0:
+        e = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        recall = recall_at_k(e, y, ks) if len(e) > 1 else {k: float("nan") for k in ks}
+        result = [{f"val_recall@{k}": v for k, v in recall.items()} | {"val_images": float(len(e))}]
+    if world > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]

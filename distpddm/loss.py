@@ -10,19 +10,18 @@ Its own parameters (the PDDM unit, or the Mahalanobis matrix) belong in the opti
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import DISTANCES, METRICS
 from .gather import GlobalBatch, all_gather_no_grad, all_reduce_sum, gather_batch, rank_and_world
 from .metrics import Euclidean, Mahalanobis
 from .mining import MODES, Quadruplets, mine_quadruplets
 from .pddm import PDDM
-
-METRICS = ("pddm", "euclidean", "mahalanobis")
-DISTANCES = ("euclidean", "squared")
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,12 @@ class LossStats:
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
+
+
+def _synced(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _mean(x: Tensor) -> Tensor:
@@ -99,6 +104,8 @@ class PDDMLoss(nn.Module):
         self.dim, self.mode, self.metric, self.distance = dim, mode, metric, distance
         self.alpha, self.beta, self.lam, self.chunk, self.group = alpha, beta, lam, chunk, group
         self.candidates, self.metric_grad = candidates, metric_grad
+        # Set ``timed`` to have each call record its wall-clock split (device-synchronised) in ``timings``.
+        self.timed, self.timings = False, {}
         if metric == "pddm":
             self.pddm = PDDM(dim, hidden)
         elif metric == "mahalanobis":
@@ -147,10 +154,21 @@ class PDDMLoss(nn.Module):
         return q if rank == winner else q.take(torch.zeros(len(q), dtype=torch.bool, device=q.i.device))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, LossStats]:
+        """Gather, mine and score in fp32 (or fp64), whatever the caller's dtype or autocast: argmin / argmax over bf16
+        scores break ties differently, and the hinges' margins are small."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"PDDMLoss expects embeddings of shape (n, {self.dim}), got {tuple(embeddings.shape)}")
         labels = labels.reshape(-1).to(embeddings.device)
-        return self.pool_loss(gather_batch(F.normalize(embeddings, dim=1), labels, self.group))
+        device = embeddings.device
+        with torch.autocast(device.type, enabled=False):
+            t0 = time.perf_counter()
+            wide = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))  # fp32 at least
+            batch = gather_batch(F.normalize(wide, dim=1), labels, self.group)
+            t1 = _synced(device) if self.timed else t0
+            loss, stats = self.pool_loss(batch)
+            if self.timed:
+                self.timings = {"gather": t1 - t0, "mining_loss": _synced(device) - t1}
+        return loss, stats
 
     def pool_loss(self, batch: GlobalBatch) -> tuple[Tensor, LossStats]:
         """The loss for this worker's block of an already gathered, normalised global batch."""

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-MODES = ("anchor", "batch")
+from .config import MINING_MODES as MODES
 
 
 class Scorer(Protocol):

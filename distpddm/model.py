@@ -6,11 +6,14 @@ Weights are never downloaded: pretrained backbone weights come from a state-dict
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .config import POOLINGS, ModelConfig
+
+__all__ = ["ModelConfig", "EmbeddingNet", "create_model", "export_model", "load_exported", "SmallCNN"]
 
 NORMS = ("batch", "group", "none")
 
@@ -50,9 +53,6 @@ class SmallCNN(nn.Module):
         return self.embed(torch.cat(pooled, dim=1))
 
 
-POOLINGS = ("avg", "max", "avgmax")
-
-
 class GlobalPool(nn.Module):
     """Global average, max, or their sum (the usual metric-learning GAP + GMP); keeps (N, C, 1, 1)."""
 
@@ -68,18 +68,6 @@ class GlobalPool(nn.Module):
         if self.kind == "max":
             return F.adaptive_max_pool2d(x, 1)
         return F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    backbone: str = "small_cnn"  # "small_cnn" or a torchvision model name (resnet50, googlenet, vit_b_16...)
-    embed_dim: int = 128
-    pretrained: str | None = None  # path to a state dict of the torchvision backbone
-    pooling: str = "avg"  # avg | max | avgmax (CNN backbones)
-    freeze_bn: bool = False  # batch norm statistics and affine parameters fixed (small batches)
-    sync_bn: bool = False  # synchronise batch norm across workers (GPU only)
-    small_cnn_width: int = 32
-    in_channels: int = 3
 
 
 def _head_surgery(name: str, net: nn.Module, pooling: str) -> tuple[nn.Module, int]:
@@ -146,18 +134,26 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
 
 
 class EmbeddingNet(nn.Module):
-    """Backbone features -> linear embedding -> L2 normalisation (unit vectors, as searched at test time)."""
+    """Backbone features -> linear embedding -> L2 normalisation (unit vectors, as searched at test time).
 
-    def __init__(self, cfg: ModelConfig):
+    ``backbone_dtype=torch.bfloat16`` runs the backbone under autocast; the weights stay fp32 (the master copy
+    the optimiser updates and :func:`export_model` writes), and the embedding layer and normalisation run in
+    fp32 on the upcast features, so what the miner and the loss see is fp32.
+    """
+
+    def __init__(self, cfg: ModelConfig, backbone_dtype: torch.dtype | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.backbone_dtype = cfg, backbone_dtype
         self.backbone, width = build_backbone(cfg)
         self.embed = nn.Linear(width, cfg.embed_dim)
         if cfg.freeze_bn:
             freeze_batchnorm(self.backbone)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.embed(torch.flatten(self.backbone(x), 1)), dim=1)
+        with torch.autocast(x.device.type, dtype=self.backbone_dtype, enabled=self.backbone_dtype is not None):
+            h = self.backbone(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.normalize(self.embed(torch.flatten(h, 1).float()), dim=1)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone parameters, new-layer parameters): new layers usually train at a higher rate."""
@@ -182,9 +178,15 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def create_model(cfg: ModelConfig) -> EmbeddingNet:
-    """The embedding network for ``cfg``; synchronised batch norm is applied here (it needs GPUs)."""
-    model = EmbeddingNet(cfg)
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def create_model(cfg: ModelConfig, precision: str = "fp32") -> EmbeddingNet:
+    """The embedding network for ``cfg``; synchronised batch norm is applied here (it needs GPUs).
+    ``precision`` is the backbone's compute precision (``train.precision``); weights are always fp32."""
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be one of {tuple(PRECISION_DTYPES)}, got {precision!r}")
+    model = EmbeddingNet(cfg, PRECISION_DTYPES[precision])
     if cfg.sync_bn:
         if cfg.freeze_bn:
             raise ValueError("model.sync_bn and model.freeze_bn exclude each other: frozen statistics need no sync")
@@ -197,6 +199,9 @@ def export_model(model: EmbeddingNet, path: str | os.PathLike) -> None:
     from dataclasses import asdict
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    rounded = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
+    if rounded:  # the export is the fp32 master copy, never a rounded one
+        raise ValueError(f"export_model expects fp32 weights; {rounded[:3]} are not (train.precision keeps them fp32)")
     tmp = f"{path}.tmp"
     torch.save({"format": "distpddm-embedding-v1", "model": asdict(model.cfg), "state_dict": state}, tmp)
     os.replace(tmp, path)

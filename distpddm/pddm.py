@@ -1,6 +1,6 @@
 """The PDDM unit: a learned similarity that depends on where a pair sits in feature space.
 
-See ``METHOD.md`` (Huang, Loy, Tang, NIPS 2016). Inputs are expected to be L2-normalised embeddings;
+See ``docs/method.md`` (Huang, Loy, Tang, NIPS 2016). Inputs are expected to be L2-normalised embeddings;
 :class:`distpddm.loss.PDDMLoss` normalises before scoring.
 """
 

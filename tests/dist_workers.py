@@ -91,3 +91,83 @@ def deepspeed_step(rank: int, world: int, port: int, metric: str, out: str) -> N
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in wrapper.state_dict().items()}, out)
     _finish()
+
+
+def bf16_engine_step(rank: int, world: int, port: int, deepspeed_json: str, out: str) -> None:
+    """One step of the trainer's own engine (``build_engine``) under ``train.precision: bf16``: what the loss
+    mined, with which dtypes, and what the export holds."""
+    _init(rank, world, port)
+    import copy
+
+    import torch.nn.functional as F
+
+    from distpddm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from distpddm.model import export_model
+    from distpddm.train.loop import build_engine
+
+    cfg = RunConfig(
+        data=DataConfig(classes_per_batch=16, images_per_class=4),
+        model=ModelConfig(embed_dim=16, small_cnn_width=8),
+        train=TrainConfig(precision="bf16", deepspeed=deepspeed_json),
+    )
+    engine, optimizer, _ = build_engine(cfg, torch.device("cpu"), world)
+    net, crit = engine.module.net, engine.module.criterion
+    fp32_twin = copy.deepcopy(crit)  # the same PDDM unit, before the step
+    seen = {}
+    mine = crit.mine
+
+    def spy(pool, labels, *args, **kwargs):
+        q = mine(pool, labels, *args, **kwargs)
+        seen.update(pool=pool.detach().clone(), labels=labels.clone(), quads=q)
+        return q
+
+    crit.mine = spy
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 3, 32, 32, generator=g)
+    y = torch.arange(16).repeat_interleave(4)
+    emb = net(x)
+    loss, _ = crit(emb, y)
+    engine.backward(loss)
+    engine.step()
+
+    reference = fp32_twin.mine(F.normalize(emb.detach(), dim=1), y)
+    rounded = copy.deepcopy(fp32_twin).to(torch.bfloat16)  # what DeepSpeed's bf16 mode would have mined with
+    control = rounded.mine(F.normalize(emb.detach(), dim=1).to(torch.bfloat16), y)
+    with torch.no_grad():
+        net.backbone_dtype = None
+        fp32_out = net(x)
+        net.backbone_dtype = torch.bfloat16
+    export_model(net, f"{out}.model.pt")
+    torch.save(
+        {
+            "emb_dtype": emb.dtype,
+            "pool_dtype": seen["pool"].dtype,
+            "param_dtypes": {n: p.dtype for n, p in engine.module.named_parameters()},
+            "quads": [t.clone() for t in (seen["quads"].i, seen["quads"].j, seen["quads"].k, seen["quads"].l)],
+            "reference": [t.clone() for t in (reference.i, reference.j, reference.k, reference.l)],
+            "control": [t.clone() for t in (control.i, control.j, control.k, control.l)],
+            "backbone_bf16_gap": float((fp32_out - emb.detach()).abs().max()),
+            "weights": {k: v.detach().clone() for k, v in net.state_dict().items()},
+            "communication_dtype": engine.communication_data_type,
+            "groups": [(grp["name"], grp["weight_decay"]) for grp in optimizer.param_groups],
+        },
+        out,
+    )
+    _finish()
+
+
+def agree_worker(rank: int, world: int, port: int, failing: list[int], out: str) -> None:
+    """Ranks in ``failing`` bring a BadDataError to :func:`agree`; every rank records what it raised."""
+    _init(rank, world, port)
+    from distpddm.errors import BadDataError, DeterministicError
+    from distpddm.train.faults import agree
+
+    error = BadDataError(f"shard-{rank} is unreadable") if rank in failing else None
+    try:
+        agree(error, torch.device("cpu"))
+        result = "passed"
+    except DeterministicError as e:
+        result = f"{type(e).__name__}: {e}"
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(result)
+    _finish()

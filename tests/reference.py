@@ -1,4 +1,4 @@
-"""Naive references the fast code is checked against: one pair at a time, straight from METHOD.md."""
+"""Naive references the fast code is checked against: one pair at a time, straight from docs/method.md."""
 
 from __future__ import annotations
 

@@ -71,6 +71,7 @@ def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path
         (["model.pretrained=/no/weights.pt"], r"model.pretrained: no file at"),
         (["train.deepspeed=/no/ds.json"], r"train.deepspeed: no DeepSpeed config"),
         (["steps"], r"override 'steps' must look like section.key=value"),
+        (["train.precision=fp16"], r"train.precision must be one of \('fp32', 'bf16'\), got 'fp16'"),
     ],
 )
 def test_bad_config_names_the_key_and_the_fix(config_file, overrides, message):
@@ -84,6 +85,46 @@ def test_deepspeed_file_disagreeing_with_the_batch_is_named(config_file, tmp_pat
     with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=32 but the local batch is 64") as e:
         load_config(config_file(), [f"train.deepspeed={ds}"])
     assert "remove the 'optimizer' section" in str(e.value)  # every problem is listed at once
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"gradient_accumulation_steps": 4}, r"gradient_accumulation_steps=4 is not supported: every step mines"),
+        ({"zero_optimization": {"stage": 3}}, r"ZeRO stage 3 is not supported: .* use stage 1 or 2"),
+        ({"fp16": {"enabled": True}}, r"fp16 is not supported: .* use train.precision: bf16"),
+        ({"bf16": {"enabled": True}}, r"bf16.enabled is not used: .* set train.precision: bf16"),
+        ({"torch_autocast": {"enabled": True}}, r"torch_autocast is not used"),
+        ({"scheduler": {"type": "WarmupLR"}}, r"remove the 'scheduler' section: the learning rate follows optim"),
+        ({"communication_data_type": "bf16"}, r"communication_data_type='bf16': gradients are reduced in fp32"),
+        ({"data_types": {"grad_accum_dtype": "bf16"}}, r"grad_accum_dtype='bf16': gradients are kept in fp32"),
+        ({"train_batch_size": 512}, r"remove train_batch_size"),
+    ],
+)
+def test_unsupported_deepspeed_settings_are_refused_with_the_reason(config_file, tmp_path, settings, message):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", **settings}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_file(), [f"train.deepspeed={ds}"])
+    cfg = load_config(config_file(), [f"train.deepspeed={ds}"], check_paths=False)  # built by hand, say
+    with pytest.raises(ConfigError, match=message):
+        deepspeed_config(cfg, world_size=2)
+
+
+def test_supported_deepspeed_settings_pass_and_reduce_in_fp32(config_file):
+    for name in ("zero0_cpu", "zero1_cpu", "zero2_cpu", "zero1_gpu", "zero2_gpu"):
+        cfg = load_config(config_file(), [f"train.deepspeed={REPO}/configs/deepspeed/{name}.json"])
+        ds = deepspeed_config(cfg, world_size=2)
+        assert ds["communication_data_type"] == "fp32" and ds["gradient_accumulation_steps"] == 1, name
+
+
+def test_config_is_a_leaf_module():
+    import subprocess
+    import sys
+
+    code = "import sys, distpddm.config; print(sorted(m for m in sys.modules if m.startswith(('distpddm', 'torch'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(out) == ["distpddm", "distpddm.config", "distpddm.errors"]  # no torch, nothing of train/
 
 
 def test_shipped_configs_parse(tmp_path):

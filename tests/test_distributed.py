@@ -1,11 +1,13 @@
 """The invariant: N workers on slices of a global batch == one process on the whole batch."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from distpddm.train.launch import free_port
-from tests.dist_workers import deepspeed_step, loss_and_grads, problem
+from tests.dist_workers import agree_worker, bf16_engine_step, deepspeed_step, loss_and_grads, problem
 
 WORLD = 2
 
@@ -52,3 +54,43 @@ def test_deepspeed_zero1_step_equals_single_process_step(tmp_path, metric):
         torch.testing.assert_close(got[name], p, rtol=1e-4, atol=1e-5, msg=name)
         changed += not torch.equal(before[name], p)
     assert changed > 0
+
+
+def test_bf16_trains_the_backbone_only_in_bf16_and_mines_and_exports_in_fp32(tmp_path):
+    out = tmp_path / "bf16.pt"
+    ds = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero1_cpu.json")
+    mp.spawn(bf16_engine_step, args=(1, free_port(), ds, str(out)), nprocs=1, join=True)
+    got = torch.load(out, weights_only=False)
+    assert got["backbone_bf16_gap"] > 1e-4  # the backbone did compute in bf16 ...
+    assert got["emb_dtype"] == got["pool_dtype"] == torch.float32  # ... and the miner saw fp32 embeddings
+    assert set(got["param_dtypes"].values()) == {torch.float32}  # master weights, PDDM unit included
+    for mined, ref in zip(got["quads"], got["reference"], strict=True):
+        assert torch.equal(mined, ref)  # the quadruplets fp32 mining picks from the same embeddings
+    # The test can tell: mining these embeddings in bf16 (the engine's old whole-module cast) picks others.
+    assert any(not torch.equal(c, r) for c, r in zip(got["control"], got["reference"], strict=True))
+    assert got["communication_dtype"] == torch.float32
+    blob = torch.load(f"{out}.model.pt", weights_only=True)
+    for name, w in blob["state_dict"].items():
+        assert w.dtype == got["weights"][name].dtype and torch.equal(w, got["weights"][name]), name
+    assert {w.dtype for w in blob["state_dict"].values() if w.is_floating_point()} == {torch.float32}
+    assert {name for name, _ in got["groups"]} == {
+        "backbone/decay",
+        "backbone/no_decay",
+        "heads/decay",
+        "heads/no_decay",
+    }
+    assert all((wd == 0.0) == name.endswith("no_decay") for name, wd in got["groups"])
+
+
+@pytest.mark.parametrize("failing", [[1], [0, 1], []])
+def test_a_deterministic_failure_on_any_rank_stops_every_rank_together(tmp_path, failing):
+    mp.spawn(agree_worker, args=(WORLD, free_port(), failing, str(tmp_path / "r")), nprocs=WORLD, join=True)
+    results = [(tmp_path / f"r.{rank}").read_text() for rank in range(WORLD)]
+    if not failing:
+        assert results == ["passed", "passed"]
+    elif failing == [1]:
+        assert results[1] == "BadDataError: shard-1 is unreadable"  # its own error, unchanged
+        assert results[0] == "DeterministicError: rank 1: BadDataError: shard-1 is unreadable"
+    else:
+        for r in results:
+            assert "rank 0: BadDataError: shard-0 is unreadable; rank 1: BadDataError: shard-1" in r

@@ -13,7 +13,7 @@ def _batch(n_classes=5, k=3, dim=8, seed=0, dtype=torch.float64):
 
 
 def _reference_loss(crit, x, y):
-    """E_m + lam * E_e, written out quadruplet by quadruplet from METHOD.md."""
+    """E_m + lam * E_e, written out quadruplet by quadruplet from docs/method.md."""
     f = F.normalize(x, dim=1)
     q = crit.mine(f, y)
     total = 0.0

@@ -3,9 +3,7 @@ import torch
 import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from distpddm.config import OptimConfig, RunConfig, TrainConfig
 from distpddm.model import GlobalPool, ModelConfig, create_model, export_model, load_exported
-from distpddm.train.loop import lr_lambda
 
 
 @pytest.mark.parametrize("backbone", ["small_cnn", "resnet18", "googlenet", "efficientnet_b0", "convnext_tiny"])
@@ -56,12 +54,3 @@ def test_export_round_trip(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(load_exported(tmp_path / "m.pt")(x), net(x))
-
-
-def test_learning_rate_warms_up_then_decays_to_the_floor():
-    cfg = RunConfig(optim=OptimConfig(warmup_steps=10, min_lr_ratio=0.1), train=TrainConfig(steps=110))
-    f = lr_lambda(cfg)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55)
-    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
-    assert all(f(s) >= f(s + 1) for s in range(10, 110))

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..errors import BadDataError, CannotBatchError
 from .batcher import PKBatcher
 from .epochs import reader_ranges, seed_sequence
 from .images import IMAGE_EXTENSIONS
@@ -39,14 +40,6 @@ from .tarindex import ShardIndex, idx_name, load_shard_index, read_range
 from .transforms import eval_transform, train_transform
 
 log = logging.getLogger("distpddm.data")
-
-
-class BadDataError(RuntimeError):
-    pass
-
-
-class CannotBatchError(RuntimeError):
-    """A reader's share of an epoch holds fewer than P classes with K images: no batch can be formed."""
 
 
 # --------------------------------------------------------------------------------------------- shard lists

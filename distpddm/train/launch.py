@@ -17,7 +17,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..config import RunConfig, save_config
-from .loop import LocalPersistence, ray_train_loop, run_worker
+from ..errors import RunAborted
+from .checkpoint import LocalPersistence
+from .loop import ray_train_loop, run_worker
 from .outputs import RunOutput, is_remote, run_location
 
 log = logging.getLogger("distpddm.train")
@@ -71,7 +73,8 @@ def train_local(cfg: RunConfig) -> dict:
 
 def train_ray(cfg: RunConfig, address: str | None = None):
     """Ray Train's TorchTrainer with ``ray.num_workers`` workers; restarts failed workers from the last
-    checkpoint up to ``ray.max_failures`` times."""
+    checkpoint up to ``ray.max_failures`` times. A deterministic failure (bad data, non-finite losses, a config
+    that cannot work) spends no retry: it raises :class:`RunAborted` with the workers' message."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -111,7 +114,11 @@ def train_ray(cfg: RunConfig, address: str | None = None):
         ),
     )  # fmt: skip
     try:
-        return trainer.fit()
+        result = trainer.fit()
     finally:
         if started_here:  # leave no local cluster (or a recovered run's leftovers) waiting at exit
             ray.shutdown()
+    aborted = (result.metrics or {}).get("aborted")
+    if aborted:
+        raise RunAborted(aborted)
+    return result

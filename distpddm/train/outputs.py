@@ -14,18 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..config import is_remote, run_location
+
+__all__ = ["RunOutput", "is_remote", "run_location"]
+
 log = logging.getLogger("distpddm.train")
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def run_location(storage_path: str, name: str) -> str:
-    """The run folder: a local path, or a URL for a remote storage path."""
-    if is_remote(storage_path):
-        return f"{storage_path.rstrip('/')}/{name}"
-    return str(Path(storage_path.removeprefix("file://")) / name)
 
 
 class RunOutput:

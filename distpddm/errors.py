@@ -1,0 +1,32 @@
+"""Errors that retrying cannot fix.
+
+A run that meets one of these stops at once with its message: a Ray worker reports it and returns, and the
+driver raises :class:`RunAborted`, so ``ray.max_failures`` is spent only on what a restart can cure (a
+lost worker or node). Leaf module: imported by config, data and train alike.
+"""
+
+from __future__ import annotations
+
+
+class DeterministicError(RuntimeError):
+    """The same inputs fail the same way on every attempt."""
+
+
+class ConfigError(DeterministicError, ValueError):
+    """A run config that cannot work; the message names the key and the fix."""
+
+
+class BadDataError(DeterministicError):
+    """More unreadable samples than ``data.max_skip_rate`` allows."""
+
+
+class CannotBatchError(DeterministicError):
+    """A reader's share of an epoch holds fewer than P classes with K images: no batch can be formed."""
+
+
+class NonFiniteLossError(DeterministicError):
+    """``train.nan_abort_after`` consecutive non-finite losses."""
+
+
+class RunAborted(DeterministicError):
+    """A run stopped by a :class:`DeterministicError` on one or more workers (the message says which)."""

@@ -1,0 +1,34 @@
+"""Failures every worker agrees on.
+
+A :class:`~distpddm.errors.DeterministicError` on one rank (bad data past the threshold, a share that cannot
+form a batch) must stop every rank at the same point: the others would otherwise wait in the next collective
+until the process group's timeout. :func:`agree` is that point; its error names each failing rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DeterministicError
+from ..gather import rank_and_world
+
+
+def agree(error: DeterministicError | None, device: torch.device) -> None:
+    """Collective: raise a :class:`DeterministicError` on every rank when any rank brings one."""
+    rank, world = rank_and_world()
+    if world == 1:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    messages: list = [None] * world
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if error is not None and len(failed) == 1:
+        raise error
+    text = "; ".join(f"rank {r}: {m}" for r, m in failed)
+    raise (type(error) if error is not None else DeterministicError)(text)
