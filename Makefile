@@ -8,7 +8,7 @@ FONTS_DIR := /usr/share/fonts/truetype/aenigma
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install fonts test test-fast demo demo-core shards-fonts lint format bench-mining bench-losses bench-builder rehearsal clean
+.PHONY: install fonts chromium test test-fast demo demo-core shards-fonts lint format bench-mining bench-losses bench-builder rehearsal clean
 
 install: $(STAMP) fonts
 
@@ -31,16 +31,25 @@ fonts:
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-aenigma; \
 	fi
 
+# A headless browser for tests/test_report.py, which opens the evaluation report in it (not part of `install`:
+# the test installs it itself once per session when missing and run as root, and skips saying why otherwise).
+chromium:
+	@if ! command -v chromium >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The main job end to end: glyph shards -> Ray Train (2 workers) + DeepSpeed -> held-out Recall@K.
+# The main job end to end: glyph shards -> Ray Train (2 workers) + DeepSpeed -> held-out evaluation (Recall@K,
+# MAP@R, NMI, transfer, PDDM re-ranking) and its report.
 demo: shards-fonts
 	rm -rf runs/fonts-demo
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m distpddm.cli train configs/fonts.yaml name=fonts-demo
+	$(PY) -m distpddm.cli eval runs/fonts-demo --shards shards/out/fonts/test --local --support 5 --quiet
 
 # The core alone (PDDMLoss in a plain in-memory loop, no Ray / DeepSpeed / shards).
 demo-core: install
@@ -73,3 +82,43 @@ rehearsal: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# .gpu/ (git-ignored): what bench/gpu_check.sh needs on the device tool's GPU machine, small enough to carry
+# there (its working tree is capped at 64 MiB). That machine has Python 3.12 with torch 2.11, torchvision,
+# numpy, PIL, tensorboard, fsspec, scikit-learn..., but none of the wheels below nor this package. It holds
+# (a) a glyph shard split of the first GPU_PACK_FONTS aenigma fonts at 32 px, train split only (~60 classes
+# of 62 images, ~12 MB; the checks read no test split), and (b) wheels for Python 3.12 of what that machine
+# lacks, at the versions .venv has: DeepSpeed built here from its sdist as a py3-none-any wheel without ops
+# (DS_BUILD_OPS=0; on the GPU it runs with torch's AdamW and NCCL), and TorchCodec $(GPU_TORCHCODEC), the
+# release whose torch range starts at that machine's 2.11 (.venv's is built for a newer torch). faiss-cpu
+# (19 MB) is left out: only validation uses it, and the checks run none.
+# Then: the device tool's run with carry [".gpu"] and command `bash bench/gpu_check.sh $OUT/gpu_check.json`.
+GPU_PACK_FONTS ?= 120
+GPU_TORCHCODEC ?= 0.16.0
+GPU_WHEELS := hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions webdataset \
+	braceexpand pytorch-metric-learning
+GPU_DOWNLOAD := python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl
+
+.PHONY: gpu-pack
+gpu-pack: .gpu/shards/train/index.json .gpu/whl/.done
+	@du -sh .gpu/shards; du -sh .gpu/whl; du -sh .gpu
+	@ls .gpu/whl
+
+.gpu/shards/train/index.json: | install fonts
+	rm -rf .gpu/shards
+	fonts=$$(mktemp -d) && ls $(FONTS_DIR)/*.[ot]tf | sort | head -n $(GPU_PACK_FONTS) | xargs ln -s -t $$fonts && \
+	$(PY) -m distpddm.cli shards build --source fonts .gpu/shards --fonts $$fonts --font-size 32 --shard-size 4M \
+		--quiet; rc=$$?; rm -rf $$fonts; exit $$rc
+	rm -rf .gpu/shards/test
+
+.gpu/whl/.done: | install
+	rm -rf .gpu/whl && mkdir -p .gpu/whl
+	for name in $(GPU_WHEELS); do \
+		$(GPU_DOWNLOAD) "$$name==$$($(PY) -c "import importlib.metadata as m; print(m.version('$$name'))")" || exit 1; \
+	done
+	$(GPU_DOWNLOAD) torchcodec==$(GPU_TORCHCODEC)
+	DS_BUILD_OPS=0 $(VENV)/bin/pip wheel -q --no-cache-dir --no-deps --no-build-isolation -w .gpu/whl \
+		"deepspeed==$$($(PY) -c "import importlib.metadata as m; print(m.version('deepspeed'))")"
+	ls .gpu/whl/deepspeed-*-py3-none-any.whl
+	touch $@

@@ -7,6 +7,7 @@ BatchHardMiner + TripletMarginLoss on the same pool, (c) a torchvision ResNet-50
 on GPU) is its own. Usage::
 
     python bench/mining.py [--dims 128 64] [--pools 64 512 4096] [--device cpu] [--out docs/mining.json]
+                           [--resnet-batch 64] [--resnet-size 224]
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--resnet-reps", type=int, default=2)
+    p.add_argument("--resnet-batch", type=int, default=64, help="the ResNet-50 reference step's batch")
+    p.add_argument("--resnet-size", type=int, default=224, help="the ResNet-50 reference step's image side")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     dev = args.device
@@ -149,8 +152,11 @@ def main() -> None:
         flush=True,
     )
 
-    resnet = run("resnet50", device=dev, reps=args.resnet_reps)
-    print(f"ResNet-50 fwd+bwd, batch 64, 224 px: {resnet['seconds'] * 1e3:.0f} ms, peak {resnet['peak_mib']:.0f} MiB")
+    resnet = run("resnet50", device=dev, reps=args.resnet_reps, batch=args.resnet_batch, size=args.resnet_size)
+    print(
+        f"ResNet-50 fwd+bwd, batch {args.resnet_batch}, {args.resnet_size} px: {resnet['seconds'] * 1e3:.0f} ms, "
+        f"peak {resnet['peak_mib']:.0f} MiB"
+    )
     rows = []
     for dim in args.dims:
         for pool in args.pools:

@@ -1,4 +1,4 @@
-"""``distpddm`` command line: ``shards build``, ``shards verify``, ``train``."""
+"""``distpddm`` command line: ``shards build``, ``shards verify``, ``train``, ``eval``."""
 
 from __future__ import annotations
 
@@ -129,6 +129,78 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .errors import DeterministicError
+    from .evaluate import RECALL_KS, evaluate_folder, extract, resolve_model
+
+    try:
+        if args.embeddings is not None:
+            if args.run is not None or args.shards is not None:
+                print("error: give either --embeddings DIR or RUN_OR_MODEL --shards SPLIT", file=sys.stderr)
+                return 2
+            folder = Path(args.embeddings)
+            out = Path(args.out) if args.out else folder
+        else:
+            if args.run is None or args.shards is None:
+                print("error: RUN_OR_MODEL and --shards SPLIT are needed (or --embeddings DIR)", file=sys.stderr)
+                return 2
+            model, run = resolve_model(args.run)
+            split = Path(args.shards).name
+            out = Path(args.out) if args.out else (run or model.parent) / f"eval-{split}"
+            folder = out
+            n = extract(
+                model,
+                args.shards,
+                out,
+                local=args.local,
+                workers=args.workers,
+                gpu=args.gpu,
+                address=args.address,
+                image_size=args.image_size,
+                batch_size=args.batch_size,
+                loader_workers=args.loader_workers,
+                limit=args.max_images,
+                progress=not args.quiet,
+            )
+            print(f"embedded {n} images of {args.shards} -> {out}/embeddings.npy")
+        metrics = evaluate_folder(
+            folder,
+            out,
+            r_cap=args.r_cap,
+            support=args.support,
+            rerank_n=args.rerank,
+            nmi=not args.no_nmi,
+            report=not args.no_report,
+            progress=not args.quiet,
+        )
+    except (DeterministicError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_metrics(metrics, RECALL_KS))
+    if not args.no_report:
+        print(f"report: {out / 'report.html'}")
+    print(f"metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def format_metrics(metrics: dict, ks) -> str:
+    """The Recall@K table (Euclidean, and re-ranked when present) and the other figures, as text."""
+    shown = [k for k in ks if f"recall@{k}" in metrics]
+    lines = ["           " + "".join(f"  R@{k:<4}" for k in shown)]
+    lines.append("euclidean  " + "".join(f"  {metrics[f'recall@{k}']:.3f} " for k in shown))
+    for name in sorted({k.split("/")[0] for k in metrics if k.startswith("rerank@")}):
+        row = [
+            f"  {metrics[f'{name}/recall@{k}']:.3f} " if f"{name}/recall@{k}" in metrics else "    -   " for k in shown
+        ]
+        lines.append(f"{name:<11}" + "".join(row))
+    others = [
+        k for k in ("r_precision", "map@r", "nmi", "ncm_top1", "ncm_top5", "knn_top1", "knn_top5") if k in metrics
+    ]
+    if others:
+        lines.append("  ".join(f"{k} {metrics[k]:.3f}" for k in others))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distpddm", description="Distributed PDDM metric learning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,6 +249,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--local", action="store_true", help="run in this process (or under torchrun), without Ray")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="embed a split and measure retrieval, clustering, transfer; write a report")
+    e.add_argument("run", nargs="?", metavar="RUN_OR_MODEL", help="a run folder (with model.pt) or a model.pt")
+    e.add_argument("--shards", help="the split to evaluate (a folder with index.json), class-disjoint from training")
+    e.add_argument("--embeddings", metavar="DIR", help="recompute metrics from an earlier extraction folder")
+    e.add_argument("--out", help="output folder (default: RUN/eval-<split>)")
+    e.add_argument("--local", action="store_true", help="embed in this process instead of on Ray workers")
+    e.add_argument("--workers", type=int, default=2, help="Ray workers for the extraction (default 2)")
+    e.add_argument("--gpu", action="store_true", help="one GPU per worker (bf16 backbone)")
+    e.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    e.add_argument("--image-size", type=int, help="evaluation crop (default: the one the model was trained for)")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers per rank")
+    e.add_argument("--max-images", type=int, help="only the split's first N images")
+    e.add_argument("--support", type=int, help="transfer: N labelled images per class, the rest are queries")
+    e.add_argument("--rerank", type=int, default=8, help="re-rank each query's top N with the learned metric (0: off)")
+    e.add_argument("--r-cap", type=int, help="cap on R for R-Precision and MAP@R (giant classes)")
+    e.add_argument("--no-nmi", action="store_true", help="skip the k-means clustering (NMI)")
+    e.add_argument("--no-report", action="store_true", help="metrics.json only")
+    e.add_argument("--quiet", action="store_true", help="no progress output")
+    e.set_defaults(func=_eval)
     return p
 
 

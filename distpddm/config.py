@@ -41,7 +41,7 @@ class DataConfig:
     loader_workers: int = 2
     buffer_images: int | None = None  # P x K batch former's buffer (default 8 P K)
     max_skip_rate: float = 0.01
-    val_max_images: int | None = None  # cap on validation images (None: the whole split)
+    val_max_images: int | None = None  # cap on validation images, over all ranks (None: the whole split)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
-"""Retrieval evaluation: Recall@K with exact Euclidean nearest neighbours (faiss), the query left out, and
-the trainer's periodic validation built on it."""
+"""Evaluation as a product: ``distpddm eval`` (distributed extraction, retrieval metrics, clustering,
+transfer to unseen classes, PDDM re-ranking, a report) and the trainer's periodic validation, which uses the
+same reading and metrics. The metrics themselves are in :mod:`.retrieval`, re-ranking in :mod:`.rerank`, the
+page in :mod:`.report`."""
 
 from __future__ import annotations
 
+import json
 import logging
-import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,49 +57,369 @@ def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> np.n
     return torch.cat(out).numpy()
 
 
-@torch.no_grad()
-def validate(cfg, net: nn.Module, device: torch.device, ks=(1, 2, 4, 8)) -> dict[str, float]:
-    """Recall@K on ``cfg.data.val_shards`` during training: each rank embeds its shards (at most its share of
-    ``data.val_max_images``), rank 0 searches the whole set, every rank gets the figures."""
-    from .data.stream import EvalDataset, resolve_shards
-    from .data.transforms import normalize_batch
+def all_gather_rows(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank's rows of ``x`` (sizes may differ), concatenated in rank order, on every rank."""
+    _, world = _rank_world()
+    if world == 1:
+        return x
+    n = torch.tensor([len(x)], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    rows = max(int(s) for s in sizes)
+    padded = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=device)
+    padded[: len(x)] = x.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)]).cpu()
+
+
+def _rank_world() -> tuple[int, int]:
     from .gather import rank_and_world
+
+    return rank_and_world()
+
+
+VAL_KS = (1, 2, 4, 8)
+
+
+def validate(cfg, net: nn.Module, device: torch.device, ks=VAL_KS) -> dict[str, float]:
+    """The trainer's periodic validation: Recall@K, R-Precision and MAP@R on ``data.val_shards`` (the first
+    ``data.val_max_images`` of the split, over all ranks). Each rank embeds its share, every rank receives
+    the whole set as the gallery and searches only its own rows as queries; the sums are all-reduced, so no
+    rank idles while another searches. (NMI and transfer need the whole set in one place: ``distpddm eval``.)"""
+    from .data.evalset import EvalDataset
+    from .extract import embed_split
+    from .retrieval import finish_sums, retrieval_sums
     from .train.faults import agree
 
-    rank, world = rank_and_world()
-    cap = math.ceil(cfg.data.val_max_images / world) if cfg.data.val_max_images else None
-    embs, labels, error = [], [], None
-    was = net.training
-    net.eval()
+    rank, world = _rank_world()
+    part, error = None, None
     try:
-        urls = resolve_shards(cfg.data.val_shards).urls
-        loader = torch.utils.data.DataLoader(
-            EvalDataset(urls, cfg.data.image_size, cfg.data.max_skip_rate),
-            batch_size=256,
-            num_workers=min(cfg.data.loader_workers, len(urls)),
+        dataset = EvalDataset(
+            cfg.data.val_shards,
+            cfg.data.image_size,
+            cfg.data.max_skip_rate,
+            limit=cfg.data.val_max_images,
+            rank=rank,
+            world=world,
         )
-        for x, y, _ in loader:
-            embs.append(net(normalize_batch(x.to(device))).float().cpu())
-            labels.append(y)
-            if cap is not None and sum(len(b) for b in labels) >= cap:
-                break
+        part = embed_split(net, dataset, device=device, workers=min(cfg.data.loader_workers, 4))
     except DeterministicError as e:
         error = e
-    finally:
-        net.train(was)
     agree(error, device)
-    e = torch.cat(embs).numpy()[:cap] if embs else np.zeros((0, cfg.model.embed_dim), np.float32)
-    y = torch.cat(labels).numpy()[:cap] if labels else np.zeros(0, np.int64)
-    parts = [(e, y)]
+    emb = all_gather_rows(torch.from_numpy(part.embeddings).float(), device).numpy()
+    labels = all_gather_rows(torch.from_numpy(part.labels), device).numpy()
+    mine_start = int(all_gather_rows(torch.tensor([len(part.labels)]), device)[:rank].sum())
+    mine = np.arange(mine_start, mine_start + len(part.labels))
+    sums = retrieval_sums(emb, labels, ks, queries=mine) if len(emb) > 1 else None
     if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, (e, y))
-    result = [None]
-    if rank == 0:
-        e = np.concatenate([p[0] for p in parts])
-        y = np.concatenate([p[1] for p in parts])
-        recall = recall_at_k(e, y, ks) if len(e) > 1 else {k: float("nan") for k in ks}
-        result = [{f"val_recall@{k}": v for k, v in recall.items()} | {"val_images": float(len(e))}]
+        sums = _all_reduce_sums(sums, device)
+    figures = finish_sums(sums) if sums is not None else {}
+    out = {f"val_{k}": float(v) for k, v in figures.items() if k.startswith("recall@") or k in ("r_precision", "map@r")}
+    return out | {"val_images": float(len(emb))}
+
+
+def _all_reduce_sums(sums: dict, device: torch.device) -> dict:
+    keys = sorted(k for k, v in sums.items() if isinstance(v, (int, float, np.integer, np.floating)))
+    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return sums | {k: float(v) for k, v in zip(keys, t.cpu().tolist(), strict=True)}
+
+
+# ------------------------------------------------------------------------------------------- distpddm eval
+
+RECALL_KS = (1, 2, 4, 8, 16, 32)
+SOURCE = "source.json"  # in an extraction folder: which model and split it came from
+
+
+class EvalError(DeterministicError, ValueError):
+    """Evaluation input that cannot be used (the message is one line and names it)."""
+
+
+def resolve_model(run_or_model: str | Path) -> tuple[Path, Path | None]:
+    """(model.pt, the run folder or None) for a run folder or a model file."""
+    p = Path(run_or_model)
+    if p.is_dir():
+        model = p / "model.pt"
+        if not model.is_file():
+            raise EvalError(
+                f"{p}: no exported model (model.pt is written when a run finishes; a checkpoint folder's "
+                "model.pt also works)"
+            )
+        return model, p
+    if not p.is_file():
+        raise EvalError(f"{p}: neither a run folder nor a model file")
+    return p, (p.parent if (p.parent / "metrics.jsonl").is_file() else None)
+
+
+def _eval_worker(config: dict) -> None:
+    """One rank of a distributed extraction (a Ray Train worker, or the only process with ``--local``)."""
+    from .data.evalset import EvalDataset
+    from .extract import embed_split, part_path
+    from .model import load_exported
+
+    rank, world = _rank_world()
+    device = torch.device("cpu")
+    if config["gpu"] and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    net = load_exported(config["model"]).to(device)
+    if config.get("bf16"):
+        net.backbone_dtype = torch.bfloat16
+    dataset = EvalDataset(
+        config["shards"], config["image_size"], config["max_skip_rate"], limit=config["limit"], rank=rank, world=world
+    )
+    part = embed_split(
+        net,
+        dataset,
+        device=device,
+        batch_size=config["batch_size"],
+        workers=config["loader_workers"],
+        progress=config["progress"] and rank == 0,
+    )
+    part.save(part_path(config["out"], rank))
     if world > 1:
-        dist.broadcast_object_list(result, src=0)
-    return result[0]
+        dist.barrier()
+
+
+def extract(
+    model: Path,
+    shards: str,
+    out: Path,
+    *,
+    local: bool = True,
+    workers: int = 2,
+    gpu: bool = False,
+    address: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    loader_workers: int = 2,
+    limit: int | None = None,
+    max_skip_rate: float = 0.01,
+    progress: bool = True,
+) -> int:
+    """Embed every sample of ``shards`` once (this process, or ``workers`` Ray workers) into ``out``."""
+    from .data.stream import resolve_shards
+    from .extract import merge_parts, write_json
+    from .model import exported_image_size
+
+    out.mkdir(parents=True, exist_ok=True)
+    split = resolve_shards(shards)
+    if split.counts is None:
+        raise EvalError(f"{shards}: not a split folder with index.json (build it with `distpddm shards build`)")
+    size = image_size or exported_image_size(model)
+    if size is None:
+        raise EvalError(f"{model} does not record its image size: pass --image-size")
+    config = {
+        "model": str(Path(model).resolve()),
+        "shards": str(shards),
+        "out": str(out.resolve()),
+        "gpu": gpu,
+        "bf16": gpu,
+        "image_size": int(size),
+        "batch_size": batch_size,
+        "loader_workers": loader_workers,
+        "limit": limit,
+        "max_skip_rate": max_skip_rate,
+        "progress": progress,
+    }
+    for stale in out.glob("part-*.npz"):
+        stale.unlink()
+    if local:
+        _eval_worker(config)
+        world = 1
+    else:
+        world = _extract_on_ray(config, workers, gpu, address)
+    n = merge_parts(out, world)
+    write_json(out / SOURCE, {"model": config["model"], "shards": str(shards), "image_size": int(size), "rows": n})
+    return n
+
+
+def _extract_on_ray(config: dict, workers: int, gpu: bool, address: str | None) -> int:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started_here = not ray.is_initialized()
+    if started_here:
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
+                     logging_config=ray.LoggingConfig(log_level="WARNING"))  # fmt: skip
+    trainer = TorchTrainer(
+        _eval_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu),
+        run_config=ray.train.RunConfig(name="extract", storage_path=str(Path(config["out"]) / "ray")),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    if result.error:
+        raise RuntimeError(f"extraction failed: {result.error}")
+    return workers
+
+
+def check_embeddings(emb: np.ndarray, labels: np.ndarray) -> None:
+    """One-line errors for embeddings no metric can be computed on."""
+    if len(emb) != len(labels):
+        raise EvalError(f"{len(emb)} embedding rows but {len(labels)} labels")
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        raise EvalError(
+            f"{int(bad.sum())} of {len(emb)} embeddings hold NaN or infinite values "
+            f"(first row {int(np.flatnonzero(bad)[0])})"
+        )
+    if len(emb) < 2:
+        raise EvalError(f"{len(emb)} sample(s): retrieval needs at least two")
+    if np.bincount(np.unique(labels, return_inverse=True)[1]).max() < 2:
+        raise EvalError("every class has fewer than two samples: no image has a same-class match to retrieve")
+
+
+def evaluate_folder(
+    folder: Path,
+    out: Path,
+    *,
+    ks: Sequence[int] = RECALL_KS,
+    r_cap: int | None = None,
+    support: int | None = None,
+    rerank_n: int | None = 8,
+    nmi: bool = True,
+    report: bool = True,
+    grid: int = 12,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Metrics (and the report) of an extraction folder: ``out/metrics.json``, ``out/report.html``."""
+    from . import retrieval
+    from .extract import load_embeddings, write_json
+    from .model import load_exported_metric
+
+    emb, labels, keys = load_embeddings(folder)
+    check_embeddings(emb, labels)
+    source = json.loads((folder / SOURCE).read_text()) if (folder / SOURCE).is_file() else {}
+    out.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(progress)
+    kwargs = {} if r_cap is None else {"r_cap": r_cap}
+    with steps("retrieval"):
+        metrics = retrieval.retrieval_metrics(emb, labels, ks, **kwargs)
+    if nmi:
+        with steps("clustering (NMI)"):
+            metrics["nmi"] = float(retrieval.clustering_nmi(emb, labels, seed=seed))
+    if support:
+        with steps("transfer"):
+            try:
+                metrics |= retrieval.transfer_accuracy(emb, labels, support=support, seed=seed)
+            except ValueError as e:
+                raise EvalError(str(e)) from None
+    scorer = None
+    model = source.get("model")
+    if model and Path(model).is_file():
+        scorer = load_exported_metric(model)
+    if scorer is not None and rerank_n:
+        from .rerank import rerank
+
+        with steps(f"re-ranking the top {rerank_n} with the learned metric"):
+            metrics |= rerank(emb, labels, scorer, top_n=rerank_n, ks=[k for k in ks if k <= rerank_n])
+    metrics["settings"] = {
+        "embeddings": str(folder),
+        "model": model,
+        "shards": source.get("shards"),
+        "ks": list(ks),
+        "support": support,
+        "rerank": rerank_n if scorer is not None else None,
+        "seed": seed,
+    }
+    write_json(out / "metrics.json", metrics)
+    if report:
+        with steps("report"):
+            _write_report(out, metrics, emb, labels, keys, scorer, source, ks, rerank_n, grid, seed)
+    return metrics
+
+
+def _write_report(out, metrics, emb, labels, keys, scorer, source, ks, rerank_n, grid, seed) -> None:
+    from .report import write_report
+    from .rerank import pair_similarities
+    from .retrieval import search
+
+    curves = {"euclidean": {k: metrics[f"recall@{k}"] for k in ks if f"recall@{k}" in metrics}}
+    if scorer is not None and rerank_n:
+        curves[f"rerank@{rerank_n} (learned metric)"] = {
+            k: metrics[f"rerank@{rerank_n}/recall@{k}"] for k in ks if f"rerank@{rerank_n}/recall@{k}" in metrics
+        }
+    similarities = pair_similarities(emb, labels, scorer, seed=seed)
+    retrievals = None
+    shards = source.get("shards")
+    if shards and grid:
+        from .data.evalset import read_images
+        from .data.stream import resolve_shards
+
+        names = resolve_shards(shards).classes or []
+
+        rng = np.random.default_rng(seed)
+        counts = np.bincount(np.unique(labels, return_inverse=True)[1])[np.unique(labels, return_inverse=True)[1]]
+        candidates = np.flatnonzero(counts > 1)
+        queries = np.sort(rng.choice(candidates, size=min(grid, len(candidates)), replace=False))
+        dists, nn_idx = search(emb[queries], emb, 8, query_ids=queries)
+        positions = np.load(Path(metrics["settings"]["embeddings"]) / "positions.npy")
+        wanted = np.concatenate([queries, nn_idx.reshape(-1)])
+        images = dict(zip(wanted.tolist(), read_images(shards, positions[wanted]), strict=True))
+        retrievals = [
+            {
+                "query": {"image": images[int(q)], "label": _name(names, labels[q]), "key": str(keys[q])},
+                "neighbours": [
+                    {
+                        "image": images[int(n)],
+                        "label": str(labels[n]),
+                        "correct": bool(labels[n] == labels[q]),
+                        "distance": float(np.sqrt(max(d, 0.0))),
+                    }  # fmt: skip
+                    for n, d in zip(nn_idx[i], dists[i], strict=True)
+                ],
+            }
+            for i, q in enumerate(queries)
+        ]
+    run = Path(source["model"]).parent if source.get("model") else None
+    training = run / "metrics.jsonl" if run is not None and (run / "metrics.jsonl").is_file() else None
+    write_report(
+        out,
+        metrics,
+        recall_curves=curves,
+        similarities=similarities,
+        retrievals=retrievals,
+        training_metrics=training,
+    )
+
+
+def _name(names: list, label) -> str:
+    return str(names[int(label)]) if 0 <= int(label) < len(names) else str(label)
+
+
+class _Steps:
+    """Names each stage of an evaluation as it starts and says how long it took (stderr)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, name: str):
+        import contextlib
+        import sys
+        import time
+
+        @contextlib.contextmanager
+        def step():
+            t0 = time.perf_counter()
+            if self.enabled:
+                print(f"eval: {name} ...", file=sys.stderr, flush=True)
+            yield
+            if self.enabled:
+                print(f"eval: {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+        return step()

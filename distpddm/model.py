@@ -194,24 +194,73 @@ def create_model(cfg: ModelConfig, precision: str = "fp32") -> EmbeddingNet:
     return model
 
 
-def export_model(model: EmbeddingNet, path: str | os.PathLike) -> None:
-    """A plain PyTorch file (config + weights) that :func:`load_exported` rebuilds without DeepSpeed or Ray."""
-    from dataclasses import asdict
-
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def _fp32_state(module: nn.Module) -> dict[str, Tensor]:
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     rounded = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
     if rounded:  # the export is the fp32 master copy, never a rounded one
-        raise ValueError(f"export_model expects fp32 weights; {rounded[:3]} are not (train.precision keeps them fp32)")
+        raise ValueError(f"export expects fp32 weights; {rounded[:3]} are not (train.precision keeps them fp32)")
+    return state
+
+
+def export_model(
+    model: EmbeddingNet, path: str | os.PathLike, *, criterion: nn.Module | None = None, image_size: int | None = None
+) -> None:
+    """A plain PyTorch file (config + weights) that :func:`load_exported` rebuilds without DeepSpeed or Ray.
+
+    With ``criterion`` (a :class:`~distpddm.loss.PDDMLoss`) its learned metric goes beside the network --
+    the PDDM unit or the Mahalanobis matrix -- for re-ranking at test time (:func:`load_exported_metric`);
+    ``image_size`` is the evaluation crop the network was trained for."""
+    from dataclasses import asdict
+
+    blob = {"format": "distpddm-embedding-v1", "model": asdict(model.cfg), "state_dict": _fp32_state(model)}
+    if image_size is not None:
+        blob["image_size"] = int(image_size)
+    if criterion is not None:
+        scorer = criterion.scorer
+        blob["metric"] = {
+            "kind": criterion.metric,
+            "dim": criterion.dim,
+            "hidden": getattr(scorer, "hidden", None),
+            "state_dict": _fp32_state(scorer),
+        }
     tmp = f"{path}.tmp"
-    torch.save({"format": "distpddm-embedding-v1", "model": asdict(model.cfg), "state_dict": state}, tmp)
+    torch.save(blob, tmp)
     os.replace(tmp, path)
 
 
-def load_exported(path: str | os.PathLike, map_location="cpu") -> EmbeddingNet:
+def _load_blob(path: str | os.PathLike, map_location="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no exported model at {path} (a run writes model.pt when it finishes)")
     blob = torch.load(path, map_location=map_location, weights_only=True)
-    if blob.get("format") != "distpddm-embedding-v1":
+    if not isinstance(blob, dict) or blob.get("format") != "distpddm-embedding-v1":
         raise ValueError(f"{path} is not a distpddm exported embedding model")
+    return blob
+
+
+def load_exported(path: str | os.PathLike, map_location="cpu") -> EmbeddingNet:
+    blob = _load_blob(path, map_location)
     cfg = ModelConfig(**(blob["model"] | {"pretrained": None, "sync_bn": False}))
     model = EmbeddingNet(cfg)
     model.load_state_dict(blob["state_dict"])
     return model.eval()
+
+
+def exported_image_size(path: str | os.PathLike) -> int | None:
+    return _load_blob(path).get("image_size")
+
+
+def load_exported_metric(path: str | os.PathLike, map_location="cpu") -> nn.Module | None:
+    """The learned metric exported beside the network (``scorer(a, b)`` on aligned pairs; higher = more
+    similar), or None when the file has none."""
+    meta = _load_blob(path, map_location).get("metric")
+    if meta is None:
+        return None
+    from .metrics import Euclidean, Mahalanobis
+    from .pddm import PDDM
+
+    kind = meta["kind"]
+    scorer = {"pddm": lambda: PDDM(meta["dim"], meta["hidden"]), "mahalanobis": lambda: Mahalanobis(meta["dim"])}.get(
+        kind, Euclidean
+    )()
+    scorer.load_state_dict(meta["state_dict"])
+    return scorer.eval()

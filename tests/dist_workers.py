@@ -171,3 +171,23 @@ def agree_worker(rank: int, world: int, port: int, failing: list[int], out: str)
     with open(f"{out}.{rank}", "w") as f:
         f.write(result)
     _finish()
+
+
+def validate_worker(rank: int, world: int, port: int, split: str, limit, out: str) -> None:
+    """The trainer's validation on ``world`` ranks; rank 0 saves the figures. No loader workers: in a spawned
+    process they would be spawned too (seconds of imports each), and reading is tested in test_evalset."""
+    _init(rank, world, port)
+    from distpddm.config import DataConfig, ModelConfig, RunConfig
+    from distpddm.evaluate import validate
+    from distpddm.model import create_model
+
+    torch.manual_seed(0)
+    net = create_model(ModelConfig(embed_dim=8, small_cnn_width=8))
+    cfg = RunConfig(
+        data=DataConfig(train_shards=split, val_shards=split, image_size=16, loader_workers=0, val_max_images=limit),
+        model=ModelConfig(embed_dim=8, small_cnn_width=8),
+    )
+    result = validate(cfg, net, torch.device("cpu"))
+    if rank == 0:
+        torch.save(result, out)
+    _finish()

@@ -7,7 +7,14 @@ import torch
 import torch.multiprocessing as mp
 
 from distpddm.train.launch import free_port
-from tests.dist_workers import agree_worker, bf16_engine_step, deepspeed_step, loss_and_grads, problem
+from tests.dist_workers import (
+    agree_worker,
+    bf16_engine_step,
+    deepspeed_step,
+    loss_and_grads,
+    problem,
+    validate_worker,
+)
 
 WORLD = 2
 
@@ -94,3 +101,38 @@ def test_a_deterministic_failure_on_any_rank_stops_every_rank_together(tmp_path,
     else:
         for r in results:
             assert "rank 0: BadDataError: shard-0 is unreadable; rank 1: BadDataError: shard-1" in r
+
+
+@pytest.fixture(scope="module")
+def val_split(tmp_path_factory):
+    from distpddm.data.shards import BuildOptions, build
+    from distpddm.data.sources import read_source
+    from tests import fixtures
+
+    root = tmp_path_factory.mktemp("val")
+    fixtures.make_folder(root / "src", fixtures.glyph_images(8, 6, root / "cache"))
+    build(read_source("folder", root / "src"), root / "out", BuildOptions(shard_bytes=6_000, progress=False))
+    return str(root / "out" / "train")
+
+
+def test_validation_on_two_ranks_equals_one_process_search(tmp_path, val_split):
+    limit = 25  # a global cap, odd: not a multiple of the ranks
+    import numpy as np
+
+    from distpddm.data.evalset import EvalDataset
+    from distpddm.extract import embed_split
+    from distpddm.model import ModelConfig, create_model
+    from distpddm.retrieval import retrieval_metrics
+
+    split = val_split
+    out = tmp_path / "val.pt"
+    mp.spawn(validate_worker, args=(WORLD, free_port(), split, limit, str(out)), nprocs=WORLD, join=True)
+    got = torch.load(out)
+    torch.manual_seed(0)
+    net = create_model(ModelConfig(embed_dim=8, small_cnn_width=8))
+    part = embed_split(net, EvalDataset(split, 16, limit=limit, rank=0, world=1), device=torch.device("cpu"), workers=0)
+    want = retrieval_metrics(part.embeddings, part.labels, (1, 2, 4, 8))
+    assert got["val_images"] == len(part.labels) == limit
+    for key in ("recall@1", "recall@8", "r_precision", "map@r"):
+        assert got[f"val_{key}"] == pytest.approx(want[key], abs=1e-9), key
+    assert np.isfinite(got["val_map@r"])

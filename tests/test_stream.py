@@ -7,21 +7,19 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from distpddm.data import stream
 from distpddm.data.epochs import reader_ranges
+from distpddm.data.evalset import EvalDataset
 from distpddm.data.shards import BuildOptions, build, verify
 from distpddm.data.sources import read_source
 from distpddm.data.stream import (
     BadDataError,
     CannotBatchError,
-    EvalDataset,
     PKBatchDataset,
     SkipCounter,
     StreamState,
     resolve_shards,
-    restore_order,
 )
 from tests import fixtures
 
@@ -257,35 +255,6 @@ def test_a_missing_shard_is_skipped_and_counted(longtail, tmp_path, caplog):
         _take(PKBatchDataset(split, 4, 4, image_size=16), 100, workers=0)
 
 
-def test_eval_reads_every_sample_exactly_once_over_2_ranks_and_2_workers(shards, monkeypatch):
-    shard_set = resolve_shards(shards)
-    assert len(shard_set.urls) >= 4
-    seen_index, seen_label = [], []
-    for rank in range(2):
-        _as_rank(monkeypatch, rank, 2)
-        ds = EvalDataset(shard_set.urls, image_size=32)
-        loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=2)
-        for _, y, idx in loader:
-            seen_index += idx.tolist()
-            seen_label += y.tolist()
-    assert sorted(seen_index) == list(range(shard_set.samples))
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
-    (labels,) = restore_order(np.array(seen_label), index=np.array(seen_index))
-    truth = [int(s["cls"]) for s in wds.WebDataset(shard_set.urls, shardshuffle=False, empty_check=False)]
-    assert labels.tolist() == truth
-
-
-def test_eval_skips_a_corrupt_image_and_counts_it(tmp_path, caplog):
-    images = fixtures.glyph_images(2, 3, tmp_path / "cache")
-    samples = [(n % 2, fixtures.jpeg_bytes(images[n % 2][n // 2]) if n != 4 else b"garbage") for n in range(6)]
-    fixtures.write_shards(tmp_path / "e", samples, per_shard=6)
-    with caplog.at_level(logging.WARNING, "distpddm.data"):
-        got = [idx for _, _, idx in EvalDataset(resolve_shards(tmp_path / "e").urls, image_size=16, max_skip_rate=0.5)]
-    assert got == [0, 1, 2, 3, 5]
-    assert "e/shard-000000.tar:s0000000004" in caplog.text
-
-
 def test_real_world_images_build_verify_and_stream(tmp_path):
     """Long-tailed classes of RGBA, grayscale, CMYK, palette, 16-bit, 1-bit, odd-sized and tiny images in
     every format the builder lists, kept as they are and re-encoded: every image reaches a batch as uint8 RGB."""
@@ -323,9 +292,5 @@ def test_real_world_images_build_verify_and_stream(tmp_path):
             assert (batch.keys >= 0).all()  # nothing was replaced: every image decoded
             keys |= set(batch.keys.tolist())
         assert len(keys) > total // 2
-        got = [
-            idx
-            for x, _, idx in EvalDataset(resolve_shards(out / "train").urls, image_size=16)
-            if x.shape == (3, 16, 16)
-        ]
+        got = [idx for x, _, idx, _ in EvalDataset(out / "train", image_size=16) if x.shape == (3, 16, 16)]
         assert sorted(got) == list(range(total))

@@ -13,9 +13,9 @@ import psutil
 import pytest
 import torch
 
+from distpddm.data.evalset import EvalDataset
 from distpddm.data.shards import BuildOptions, build
 from distpddm.data.sources import read_source
-from distpddm.data.stream import EvalDataset, resolve_shards
 from distpddm.data.transforms import normalize_batch
 from distpddm.model import ModelConfig, create_model, load_exported
 from tests import fixtures
@@ -94,8 +94,7 @@ def test_local_run_resumes_and_exports_the_trained_model(font_shards, tmp_path):
     net = create_model(ModelConfig(**state["config"]["model"]))
     net.load_state_dict({k[len("net.") :]: v for k, v in blob["module"].items() if k.startswith("net.")})
     net.eval()
-    test_urls = resolve_shards(font_shards / "test").urls
-    images = normalize_batch(torch.stack([x for x, _, _ in list(EvalDataset(test_urls, 32))[:16]]))
+    images = normalize_batch(torch.stack([x for x, *_ in list(EvalDataset(font_shards / "test", 32, limit=16))]))
     with torch.no_grad():
         torch.testing.assert_close(exported(images), net(images), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(exported(images), create_model(exported.cfg).eval()(images), atol=1e-3)
@@ -187,6 +186,67 @@ def test_ray_two_workers_learn_survive_a_sigkill_and_resume(font_shards, tmp_pat
     assert logged[-3:] == [120, 125, 130]
 
 
+def test_a_resume_with_more_steps_and_a_new_lr_follows_the_stated_schedule(font_shards, tmp_path):
+    # README, "Resuming": base rates come from the config; changed schedule settings recompute the rest of the
+    # schedule from the resumed step, starting from the multiplier the saved run had reached (no jump).
+    from distpddm.train.schedule import Schedule
+
+    sched = ["optim.warmup_steps=2", "optim.min_lr_ratio=0.1", "train.log_every=1", "data.val_shards=null"]
+    extra = ["train.checkpoint_every=3", "train.keep_checkpoints=5", "optim.lr=0.001", *sched]
+    args = _overrides(font_shards, tmp_path, "sched", 12, extra)
+    assert _cli(["train", "--local", "configs/smoke.yaml", *args]).returncode == 0
+    ckpts = tmp_path / "sched" / "checkpoints"
+    (ckpts / "latest").write_text("step-00000006")  # as if it had stopped at step 6, mid-schedule
+    more = _cli(["train", "--local", "configs/smoke.yaml", *args, "train.steps=20", "optim.lr=0.002"])
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "schedule settings changed: learning rate recomputed from the config at step 6" in more.stderr
+    lr = {m["step"]: m["lr"] for m in _metrics(tmp_path / "sched") if "lr" in m}  # the resumed run's last
+    first = Schedule(warmup=2, total=12, floor=0.1)
+    then = Schedule(warmup=2, total=20, floor=0.1, restart=(6, first(6)))
+    for step in range(1, 7):  # the logged rate at step s is the one update s used: base x multiplier(s - 1)
+        assert lr[step] == pytest.approx(0.001 * first(step - 1)), step
+    for step in range(7, 21):
+        assert lr[step] == pytest.approx(0.002 * then(step - 1)), step
+    assert lr[7] / 0.002 == pytest.approx(first(6))  # the multiplier continues; only the base rate changed
+    assert then(6) > then(13) > then(19) > then(20) == pytest.approx(0.1)  # down to the floor at the new end
+    state = json.loads((ckpts / "step-00000020" / "distpddm_state.json").read_text())
+    assert Schedule.from_dict(state["schedule"]) == then
+
+
+def _half_garbage_split(root: Path) -> Path:
+    images = fixtures.glyph_images(16, 32, root / "cache")
+    samples = [
+        (c, fixtures.jpeg_bytes(img) if k % 2 else b"not an image")
+        for c in range(16)
+        for k, img in enumerate(images[c])
+    ]
+    fixtures.write_shards(root / "bad" / "train", samples, per_shard=64)
+    return root / "bad" / "train"
+
+
+def test_a_deterministic_failure_ends_a_ray_run_at_once_without_spending_retries(tmp_path):
+    bad = _half_garbage_split(tmp_path)
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    args = [
+        "name=bad",
+        f"ray.storage_path={tmp_path}",
+        f"data.train_shards={bad}",
+        "data.classes_per_batch=4",
+        "data.loader_workers=1",
+        "ray.num_workers=2",
+        "ray.max_failures=3",
+        "train.progress=false",
+    ]
+    result = _cli(["train", "configs/smoke.yaml", *args], env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-4000:]
+    assert "error: BadDataError" in result.stderr and "max_skip_rate=1.00%" in result.stderr
+    assert "distpddm shards verify" in result.stderr  # the message says what to do
+    # Both workers stopped once, in the first attempt: no retry was spent on it (3 would show 8 lines).
+    assert output.count("the run stops:") == 2, output[-4000:]
+    assert "Traceback" not in result.stderr.split("error: BadDataError")[-1]
+
+
 def test_non_finite_losses_are_skipped_then_abort_the_run(font_shards, tmp_path):
     # An absurd learning rate turns the weights to inf after one step: every later loss is NaN.
     args = _overrides(
@@ -214,7 +274,8 @@ import fsspec
 import torch.distributed as dist
 from distpddm.config import load_config
 from distpddm.train.launch import free_port
-from distpddm.train.loop import LocalPersistence, run_worker
+from distpddm.train.checkpoint import LocalPersistence
+from distpddm.train.loop import run_worker
 from distpddm.train.outputs import RunOutput
 
 cfg = load_config("configs/smoke.yaml", json.loads(sys.argv[1]))

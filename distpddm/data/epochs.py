@@ -34,10 +34,19 @@ def reader_ranges(
     """``[(shard, lo, hi), ...]``: the samples ``lo .. hi - 1`` of each shard this reader streams, in order.
 
     ``counts`` are the shards' sample counts (from ``index.json``): O(shards) integer work, no I/O."""
+    return _cut(counts, shard_order(len(counts), seed, epoch), reader, readers)
+
+
+def split_ranges(counts: Sequence[int], reader: int, readers: int) -> list[tuple[int, int, int]]:
+    """As :func:`reader_ranges`, in the split's own order (no permutation): evaluation reads every sample
+    once, each reader a contiguous run of the split, so results concatenate back in split order."""
+    return _cut(counts, np.arange(len(counts)), reader, readers)
+
+
+def _cut(counts: Sequence[int], order: np.ndarray, reader: int, readers: int) -> list[tuple[int, int, int]]:
     if not 0 <= reader < readers:
         raise ValueError(f"reader {reader} outside 0..{readers - 1}")
     counts = np.asarray(counts, dtype=np.int64)
-    order = shard_order(len(counts), seed, epoch)
     ends = np.cumsum(counts[order])
     total = int(ends[-1]) if len(ends) else 0
     start, stop = total * reader // readers, total * (reader + 1) // readers

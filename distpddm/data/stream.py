@@ -1,4 +1,4 @@
-"""Streaming readers over WebDataset shards: P x K training batches and exactly-once evaluation.
+"""The training stream over WebDataset shards: P x K batches (evaluation reads through :mod:`.evalset`).
 
 Training (:class:`PKBatchDataset`): every DataLoader worker of every rank is a *reader*. Per epoch the
 readers stream disjoint, equal ranges of the split (:mod:`.epochs`) -- a pure function of (seed, epoch,
@@ -37,7 +37,7 @@ from .epochs import reader_ranges, seed_sequence
 from .images import IMAGE_EXTENSIONS
 from .shards import INDEX
 from .tarindex import ShardIndex, idx_name, load_shard_index, read_range
-from .transforms import eval_transform, train_transform
+from .transforms import train_transform
 
 log = logging.getLogger("distpddm.data")
 
@@ -141,14 +141,6 @@ class SkipCounter:
 
 def _where(sample: dict) -> str:
     return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-
-
-def _shard_error_handler(counter: SkipCounter) -> Callable[[Exception], bool]:
-    def handler(exn: Exception) -> bool:
-        counter.skip("shard", f"{type(exn).__name__}: {exn}")
-        return True  # keep going with the next shard / sample
-
-    return handler
 
 
 def _label(sample: dict) -> int:
@@ -516,51 +508,3 @@ def _stack(images: list[torch.Tensor]) -> torch.Tensor:
     if torch.utils.data.get_worker_info() is not None:
         out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype).share_memory_()
     return torch.stack(images, out=out)
-
-
-class EvalDataset(torch.utils.data.IterableDataset):
-    """Every sample exactly once across ranks and workers: ``(image uint8 (3, S, S), label, index)``.
-
-    Images are normalised by the consumer (:func:`normalize_batch`), as for training. Shards are split by
-    node then by worker, never shuffled; ``index`` is the sample's position in the split (from its key), so
-    gathered results can be put back in order (:func:`restore_order`).
-    """
-
-    def __init__(
-        self,
-        urls: list[str],
-        image_size: int = 224,
-        max_skip_rate: float = 0.01,
-        transform: Callable[[bytes], torch.Tensor] | None = None,
-    ):
-        super().__init__()
-        self.urls, self.max_skip_rate = list(urls), max_skip_rate
-        self.transform = transform or eval_transform(image_size)
-
-    def __iter__(self):
-        import webdataset as wds
-
-        counter = SkipCounter(self.max_skip_rate)
-        ds = wds.WebDataset(
-            self.urls,
-            shardshuffle=False,
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            handler=_shard_error_handler(counter),
-            empty_check=False,
-        )
-        for sample in ds:
-            try:
-                label, index = _label(sample), int(sample["__key__"].lstrip("s"))
-                img = self.transform(_image_bytes(sample))
-            except Exception as e:  # noqa: BLE001
-                counter.skip(_where(sample), f"{type(e).__name__}: {e}")
-                continue
-            counter.ok()
-            yield img, label, index
-
-
-def restore_order(*arrays: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Sort gathered per-sample arrays by sample index (the split's order)."""
-    order = np.argsort(index, kind="stable")
-    return tuple(a[order] for a in arrays)

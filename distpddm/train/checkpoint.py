@@ -194,5 +194,7 @@ def save_checkpoint(
             "config": cfg.to_dict(),
         }
         (staging / CLIENT_STATE).write_text(json.dumps(client))
-        export_model(engine.module.net, staging / "model.pt")
+        export_model(
+            engine.module.net, staging / "model.pt", criterion=engine.module.criterion, image_size=cfg.data.image_size
+        )
     return staging

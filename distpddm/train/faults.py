@@ -14,8 +14,19 @@ from ..errors import DeterministicError
 from ..gather import rank_and_world
 
 
+def unwrap(error: DeterministicError) -> DeterministicError:
+    """The error as raised, without the traceback a DataLoader worker's re-raise puts into its message."""
+    text = str(error)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return error
+    marker = f"{type(error).__module__}.{type(error).__name__}: "
+    original = text.rsplit(marker, 1)[-1].strip() if marker in text else text.strip().splitlines()[-1]
+    return type(error)(original)
+
+
 def agree(error: DeterministicError | None, device: torch.device) -> None:
     """Collective: raise a :class:`DeterministicError` on every rank when any rank brings one."""
+    error = None if error is None else unwrap(error)
     rank, world = rank_and_world()
     if world == 1:
         if error is not None:

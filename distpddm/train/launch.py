@@ -8,6 +8,7 @@ checkpoint there and continues the schedule.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from ..config import RunConfig, save_config
 from ..errors import RunAborted
 from .checkpoint import LocalPersistence
-from .loop import ray_train_loop, run_worker
+from .loop import ABORTED, ray_train_loop, run_worker
 from .outputs import RunOutput, is_remote, run_location
 
 log = logging.getLogger("distpddm.train")
@@ -98,8 +99,8 @@ def train_ray(cfg: RunConfig, address: str | None = None):
             )
     out = RunOutput(run_location(storage, cfg.name))
     save_config(cfg, out.local / "config.yaml")
+    out.remove(ABORTED)  # an earlier attempt's; this one writes its own if it must stop
     out.push()
-    out.close()
     resources = {"CPU": cfg.ray.cpus_per_worker}
     trainer = TorchTrainer(
         ray_train_loop,
@@ -115,10 +116,12 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     )  # fmt: skip
     try:
         result = trainer.fit()
+        aborted = out.read_text(ABORTED)
     finally:
+        out.close()
         if started_here:  # leave no local cluster (or a recovered run's leftovers) waiting at exit
             ray.shutdown()
-    aborted = (result.metrics or {}).get("aborted")
     if aborted:
-        raise RunAborted(aborted)
+        why = json.loads(aborted)
+        raise RunAborted(f"{why['error']}: {why['message']}")
     return result

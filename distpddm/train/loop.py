@@ -12,6 +12,7 @@ learning rate), :mod:`.metrics_log` (what the user sees), :mod:`.faults` (failur
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -36,8 +37,9 @@ from .outputs import RunOutput
 from .schedule import Schedule, apply_config, param_groups, set_learning_rates
 
 log = logging.getLogger("distpddm.train")
+ABORTED = "aborted.json"  # in the run folder: why the last attempt stopped for good
 
-__all__ = ["Trainable", "run_worker", "ray_train_loop", "NonFiniteLossError"]
+__all__ = ["ABORTED", "Trainable", "run_worker", "ray_train_loop", "NonFiniteLossError"]
 
 
 class Trainable(nn.Module):
@@ -232,10 +234,11 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
             t_step = time.perf_counter()
             step += 1
             metrics_log.step()
+            fresh: dict = {}  # measured at this step: the only figures logged under its number
             if timed:
                 total = t_step - t0
                 gather = criterion.timings.get("gather", 0.0)
-                last = {
+                fresh = {
                     "loss": float(loss.detach()),
                     **stats.as_dict(),
                     "lr": lr_of.get("backbone/decay", optimizer.param_groups[0])["lr"],
@@ -255,10 +258,11 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
                 (cfg.train.val_every and step % cfg.train.val_every == 0) or step == cfg.train.steps
             )
             if val_due:
-                last = last | validate(cfg, net, device)
+                fresh |= validate(cfg, net, device)
+            last = last | fresh  # the latest of each figure: what checkpoints and Ray reports carry
             ckpt_due = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
-            if timed or ckpt_due or val_due:
-                metrics_log.write(step, last)
+            if fresh:
+                metrics_log.write(step, fresh)
             if ckpt_due:
                 stream_state.epoch_all = _max_over_ranks(stream_state.epoch, device)
                 staging = save_checkpoint(engine, persistence, cfg, step, schedule, stream_state, last, baseline)
@@ -269,7 +273,7 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
             elif timed:  # metrics only (Ray tracks them; the local run has its JSONL)
                 persistence.report({"step": step, **baseline, **last}, None)
         if rank == 0:
-            export_model(net, out.local / "model.pt")
+            export_model(net, out.local / "model.pt", criterion=criterion, image_size=cfg.data.image_size)
     finally:
         metrics_log.close()
         if rank == 0:
@@ -281,13 +285,14 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
 def ray_train_loop(loop_config: dict) -> None:
     """Entry point of every Ray Train worker (``TorchTrainer(train_loop_per_worker=...)``).
 
-    A deterministic failure, which every rank meets together, is reported (``{"aborted": message}``) and the
-    workers return: the driver raises it, and Ray spends no retry on what a retry cannot fix."""
-    import ray.train
-
+    A deterministic failure, which every rank meets together, is written to the run folder (``ABORTED``) and
+    the workers return: the driver raises it, and Ray spends no retry on what a retry cannot fix."""
     own_log_handler()
     try:
         run_worker(from_dict(loop_config["config"]), RayPersistence(), RunOutput(loop_config["output"]))
     except DeterministicError as e:
         log.error("the run stops: %s", e)
-        ray.train.report({"aborted": f"{type(e).__name__}: {e}"})
+        if rank_and_world()[0] == 0:
+            out = RunOutput(loop_config["output"])
+            out.write_text(ABORTED, json.dumps({"error": type(e).__name__, "message": str(e)}))
+            out.close()

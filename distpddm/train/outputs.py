@@ -60,6 +60,30 @@ class RunOutput:
             self.fs.put_file(str(path), remote)
         log.debug("copied %d files to %s", len(files), self.location)
 
+    def write_text(self, name: str, text: str) -> None:
+        """A small file written straight to the run folder (remote or not), e.g. ``aborted.json``."""
+        if self.remote:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(f"{self.root}/{name}", text.encode())
+        else:
+            tmp = self.local / f"{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.local / name)
+
+    def read_text(self, name: str) -> str | None:
+        if self.remote:
+            path = f"{self.root}/{name}"
+            return self.fs.cat_file(path).decode() if self.fs.exists(path) else None
+        path = self.local / name
+        return path.read_text() if path.exists() else None
+
+    def remove(self, name: str) -> None:
+        if self.remote:
+            if self.fs.exists(f"{self.root}/{name}"):
+                self.fs.rm_file(f"{self.root}/{name}")
+        else:
+            (self.local / name).unlink(missing_ok=True)
+
     def close(self) -> None:
         """Remove the local mirror of a remote run folder (after a last :meth:`push`)."""
         if self.remote:

@@ -1,0 +1,123 @@
+"""Evaluation reading: every sample of a split exactly once, balanced by samples over ranks and loader workers.
+
+Each reader (one DataLoader worker of one rank) streams a contiguous run of the split in its own order
+(:func:`~.epochs.split_ranges`), starting inside a shard where it must (the per-shard index gives the byte
+offset): a split of 20 shards keeps 64 ranks busy. Each sample comes with its position in the split, so
+per-rank results concatenate back in split order, and with its key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .epochs import split_ranges
+from .stream import ShardSet, SkipCounter, _image_bytes, _label, _open, _rank_world, resolve_shards
+from .tarindex import idx_name, load_shard_index, read_range
+from .transforms import eval_transform
+
+
+def capped_counts(counts: list[int], limit: int | None) -> list[int]:
+    """The shards' counts when only the split's first ``limit`` samples are read."""
+    if limit is None:
+        return list(counts)
+    out, left = [], int(limit)
+    for c in counts:
+        out.append(min(c, left))
+        left -= out[-1]
+    return out
+
+
+class EvalDataset(torch.utils.data.IterableDataset):
+    """``(image uint8 (3, S, S), label, position in the split, key)`` for every sample once across readers.
+
+    ``limit`` reads only the split's first ``limit`` samples (a cap over all ranks, not per rank). ``rank`` /
+    ``world`` default to the process group or ``RANK`` / ``WORLD_SIZE``. Undecodable samples are skipped and
+    counted (past ``max_skip_rate`` the reader raises :class:`~distpddm.errors.BadDataError`)."""
+
+    def __init__(
+        self,
+        shards: ShardSet | str | Path,
+        image_size: int = 224,
+        max_skip_rate: float = 0.01,
+        transform: Callable[[bytes], torch.Tensor] | None = None,
+        *,
+        limit: int | None = None,
+        rank: int | None = None,
+        world: int | None = None,
+    ):
+        super().__init__()
+        self.shards = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
+        if self.shards.counts is None:
+            raise ValueError(
+                f"{self.shards.urls[:1]}...: evaluation needs the split's index.json and per-shard indexes "
+                "(build the split with `distpddm shards build`)"
+            )
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        self.counts = capped_counts(self.shards.counts, limit)
+        self.first = np.concatenate([[0], np.cumsum(self.shards.counts)[:-1]]).astype(np.int64)
+        self.max_skip_rate, self.rank, self.world = max_skip_rate, rank, world
+        self.transform = transform or eval_transform(image_size)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+    def __iter__(self):
+        rank, world = _rank_world() if self.rank is None else (self.rank, self.world or 1)
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        counter = SkipCounter(self.max_skip_rate)
+        for shard, lo, hi in split_ranges(self.counts, rank * workers + worker, world * workers):
+            url = self.shards.urls[shard]
+            try:
+                index = load_shard_index(idx_name(url))
+                f = _open(url)
+            except (OSError, ValueError, KeyError) as e:
+                counter.skip(url, f"unreadable shard or index ({type(e).__name__}: {e})", hi - lo)
+                continue
+            with f:
+                for n, sample in read_range(f, index, lo, hi):
+                    where = f"{url}:{n}"
+                    if isinstance(sample, Exception):
+                        counter.skip(where, f"sample does not parse ({type(sample).__name__}: {sample})")
+                        continue
+                    try:
+                        label, img = _label(sample), self.transform(_image_bytes(sample))
+                    except Exception as e:  # noqa: BLE001 -- any decoding failure is a bad sample
+                        counter.skip(f"{url}:{sample.get('__key__', n)}", f"{type(e).__name__}: {e}")
+                        continue
+                    counter.ok()
+                    yield img, label, int(self.first[shard] + n), str(sample.get("__key__", n))
+
+
+def read_images(shards: ShardSet | str | Path, positions, size: int = 64) -> list:
+    """The images at these split positions as RGB PIL thumbnails at most ``size`` px (None where unreadable):
+    for reports, a few dozen samples."""
+    from PIL import Image
+
+    shards = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
+    first = np.concatenate([[0], np.cumsum(shards.counts)])
+    out = []
+    for p in positions:
+        shard = int(np.searchsorted(first, p, side="right") - 1)
+        n = int(p - first[shard])
+        try:
+            url = shards.urls[shard]
+            index = load_shard_index(idx_name(url))
+            with _open(url) as f:
+                _, sample = next(read_range(f, index, n, n + 1))
+            if isinstance(sample, Exception):
+                raise sample
+            import io
+
+            img = Image.open(io.BytesIO(_image_bytes(sample))).convert("RGB")
+            img.thumbnail((size, size))
+            out.append(img)
+        except Exception:  # noqa: BLE001 -- a thumbnail is an illustration; the report marks it missing
+            out.append(None)
+    return out
