@@ -87,6 +87,7 @@ class TrainConfig:
     steps: int = 1000
     log_every: int = 10
     val_every: int = 0  # 0: validate only at the end (when val_shards is set)
+    val_at_start: bool = True  # also validate the untrained network (the "val0_*" baseline)
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     nan_abort_after: int = 20  # consecutive non-finite losses before the run stops

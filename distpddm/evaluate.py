@@ -6,7 +6,6 @@ page in :mod:`.report`."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,27 +19,15 @@ from .errors import DeterministicError
 
 
 def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 2, 4, 8)) -> dict[int, float]:
-    """Fraction of queries whose K nearest other samples include one of their class (each sample a query)."""
-    x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    labels = np.asarray(labels).reshape(-1)
-    if x.ndim != 2 or len(x) != len(labels):
-        raise ValueError(f"embeddings {x.shape} and labels {labels.shape} do not match")
-    if len(x) < 2:
-        raise ValueError("Recall@K needs at least two samples")
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every ISA it tries at INFO
-    import faiss
+    """``{K: Recall@K}`` with every image a query against all the others (:func:`retrieval.retrieval_metrics`;
+    singletons are not queries)."""
+    from .retrieval import retrieval_metrics
 
-    ks = sorted(set(int(k) for k in ks))
-    kmax = min(max(ks), len(x) - 1)
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    _, nn_idx = index.search(x, kmax + 1)
-    # Drop the query itself; where ties pushed it out of the list, drop the farthest instead.
-    own = nn_idx == np.arange(len(x))[:, None]
-    own[~own.any(1), -1] = True
-    neighbours = nn_idx[~own].reshape(len(x), kmax)
-    hits = labels[neighbours] == labels[:, None]
-    return {k: float(hits[:, : min(k, kmax)].any(1).mean()) for k in ks}
+    try:
+        figures = retrieval_metrics(embeddings, labels, ks)
+    except ValueError as e:
+        raise ValueError(f"Recall@K: {e}") from None
+    return {int(k): figures[f"recall@{k}"] for k in ks}
 
 
 @torch.no_grad()

@@ -186,7 +186,7 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
     nonfinite = skipped_steps = 0
     step = start
     try:
-        if cfg.data.val_shards and start == 0:
+        if cfg.data.val_shards and cfg.train.val_at_start and start == 0:
             initial = validate(cfg, net, device)
             metrics_log.write(0, initial)
             baseline = {k.replace("val_", "val0_"): v for k, v in initial.items()}
