@@ -412,18 +412,19 @@ def unsupported_deepspeed(ds: dict) -> list[str]:
             "gathers, so accumulation would change the mining pool, the schedule and the checkpoints' step count; "
             "use 1 and raise data.classes_per_batch or ray.num_workers for a larger batch"
         )
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    zero = ds.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else int(bool(zero))
     if stage not in (0, 1, 2):
         why.append(
             f"ZeRO stage {stage} is not supported: the loop calls the network and the PDDM unit directly, which "
             "stage 3's partitioned parameters do not allow; use stage 1 or 2 (configs/deepspeed/zero2_gpu.json)"
         )
-    if (ds.get("fp16") or {}).get("enabled"):
+    if any((ds.get(key) or {}).get("enabled") for key in ("fp16", "float16")):
         why.append(
             "fp16 is not supported: its loss scaling skips steps behind the loop's back and the PDDM hinges "
             "underflow; use train.precision: bf16 on GPUs"
         )
-    if (ds.get("bf16") or {}).get("enabled"):
+    if any((ds.get(key) or {}).get("enabled") for key in ("bf16", "bfloat16")):  # DeepSpeed reads both
         why.append(
             "bf16.enabled is not used: DeepSpeed's bf16 mode casts the whole module, so mining, the PDDM unit "
             "and the loss would run in bf16 and model.pt would be the rounded copy; set train.precision: bf16 "
@@ -434,10 +435,10 @@ def unsupported_deepspeed(ds: dict) -> list[str]:
     if "scheduler" in ds:
         why.append("remove the 'scheduler' section: the learning rate follows optim.* (see README, 'Resuming')")
     comm = ds.get("communication_data_type")
-    if comm not in (None, "fp32"):
+    if comm is not None and str(comm).lower() != "fp32":
         why.append(f'communication_data_type={comm!r}: gradients are reduced in fp32; remove it or use "fp32"')
     accum = (ds.get("data_types") or {}).get("grad_accum_dtype")
-    if accum not in (None, "fp32"):
+    if accum is not None and str(accum).lower() != "fp32":
         why.append(f'data_types.grad_accum_dtype={accum!r}: gradients are kept in fp32; remove it or use "fp32"')
     if ds.get("train_batch_size") not in (None, "auto"):
         why.append('remove train_batch_size (or make it "auto"): distpddm sets it to the local batch x the workers')

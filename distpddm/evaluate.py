@@ -90,16 +90,23 @@ def validate(cfg, net: nn.Module, device: torch.device, ks=VAL_KS) -> dict[str, 
             rank=rank,
             world=world,
         )
-        part = embed_split(net, dataset, device=device, workers=min(cfg.data.loader_workers, 4))
+        part = embed_split(
+            net, dataset, device=device, workers=min(cfg.data.loader_workers, 4), dim=cfg.model.embed_dim
+        )
     except DeterministicError as e:
         error = e
+    except (ValueError, OSError) as e:  # a split this node cannot read: every rank must hear of it
+        error = DeterministicError(f"validation data {cfg.data.val_shards}: {e}")
     agree(error, device)
     emb = all_gather_rows(torch.from_numpy(part.embeddings).float(), device).numpy()
     labels = all_gather_rows(torch.from_numpy(part.labels), device).numpy()
     mine_start = int(all_gather_rows(torch.tensor([len(part.labels)]), device)[:rank].sum())
     mine = np.arange(mine_start, mine_start + len(part.labels))
-    sums = retrieval_sums(emb, labels, ks, queries=mine) if len(emb) > 1 else None
-    if world > 1:
+    try:  # the same data on every rank: every rank raises together, or none does
+        sums = retrieval_sums(emb, labels, ks, queries=mine) if len(emb) > 1 else None
+    except ValueError as e:  # no class with two images, non-finite embeddings
+        raise DeterministicError(f"validation on {cfg.data.val_shards}: {e}") from None
+    if sums is not None and world > 1:
         sums = _all_reduce_sums(sums, device)
     figures = finish_sums(sums) if sums is not None else {}
     out = {f"val_{k}": float(v) for k, v in figures.items() if k.startswith("recall@") or k in ("r_precision", "map@r")}
@@ -192,6 +199,8 @@ def extract(
     from .model import exported_image_size
 
     out.mkdir(parents=True, exist_ok=True)
+    if "://" not in str(shards):  # Ray workers start in other directories, and source.json outlives the cwd
+        shards = str(Path(shards).expanduser().resolve())
     split = resolve_shards(shards)
     if split.counts is None:
         raise EvalError(f"{shards}: not a split folder with index.json (build it with `distpddm shards build`)")
@@ -310,6 +319,10 @@ def evaluate_folder(
     model = source.get("model")
     if model and Path(model).is_file():
         scorer = load_exported_metric(model)
+    if scorer is not None and type(scorer).__name__ == "Euclidean":
+        scorer = None  # trained with the Euclidean metric: nothing learned to re-rank with
+    if rerank_n:
+        rerank_n = min(rerank_n, len(emb) - 1)
     if scorer is not None and rerank_n:
         from .rerank import rerank
 
@@ -354,7 +367,7 @@ def _write_report(out, metrics, emb, labels, keys, scorer, source, ks, rerank_n,
         counts = np.bincount(np.unique(labels, return_inverse=True)[1])[np.unique(labels, return_inverse=True)[1]]
         candidates = np.flatnonzero(counts > 1)
         queries = np.sort(rng.choice(candidates, size=min(grid, len(candidates)), replace=False))
-        dists, nn_idx = search(emb[queries], emb, 8, query_ids=queries)
+        dists, nn_idx = search(emb[queries], emb, min(8, len(emb) - 1), query_ids=queries)
         positions = np.load(Path(metrics["settings"]["embeddings"]) / "positions.npy")
         wanted = np.concatenate([queries, nn_idx.reshape(-1)])
         images = dict(zip(wanted.tolist(), read_images(shards, positions[wanted]), strict=True))
@@ -364,7 +377,7 @@ def _write_report(out, metrics, emb, labels, keys, scorer, source, ks, rerank_n,
                 "neighbours": [
                     {
                         "image": images[int(n)],
-                        "label": str(labels[n]),
+                        "label": _name(names, labels[n]),
                         "correct": bool(labels[n] == labels[q]),
                         "distance": float(np.sqrt(max(d, 0.0))),
                     }  # fmt: skip

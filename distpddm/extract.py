@@ -5,7 +5,8 @@ Each rank embeds its readers' runs of the split (:class:`~distpddm.data.evalset.
 part file (``part-<rank>.npz``: positions, labels, keys, embeddings). :func:`merge_parts` puts the parts
 together in split order -- ``embeddings.npy`` (float32 N x D), ``labels.npy`` (int64 N), ``keys.npy`` and
 ``positions.npy`` (each row's position in the split) -- writing the embeddings through a memory map, one part
-at a time, so a 9M x 128 merge never holds more than the largest part.
+at a time: a merge holds one part's embeddings plus the O(N) positions, labels and keys (at 9M rows about
+0.2 GB of integers and 0.6 GB of 16-character keys), never all N x D embeddings.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def embed_split(
     workers: int = 2,
     progress: bool = False,
     normalize=None,
+    dim: int | None = None,
 ) -> Part:
-    """This rank's share of ``dataset`` (an :class:`EvalDataset`), embedded in eval mode."""
+    """This rank's share of ``dataset`` (an :class:`EvalDataset`), embedded in eval mode. ``dim``: the
+    embedding width, so that a rank given no rows still returns (0, dim) (collectives need equal widths)."""
     from .data.transforms import normalize_batch
 
     normalize = normalize or normalize_batch
@@ -75,7 +78,7 @@ def embed_split(
         net.train(was)
         if bar is not None:
             bar.close()
-    dim = emb[0].shape[1] if emb else 0
+    dim = emb[0].shape[1] if emb else (dim or getattr(getattr(net, "embed", None), "out_features", 0))
     return Part(
         np.concatenate(pos).astype(np.int64) if pos else np.zeros(0, np.int64),
         np.concatenate(lab).astype(np.int64) if lab else np.zeros(0, np.int64),
@@ -96,17 +99,19 @@ def merge_parts(out: str | Path, world: int, *, remove: bool = True) -> int:
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{out}: parts missing ({', '.join(missing[:5])}): a rank did not finish")
-    positions = [np.load(p)["positions"] for p in paths]
+    positions = []
+    dim = 0
+    for p in paths:
+        with np.load(p) as z:
+            positions.append(z["positions"])
+            if len(z["positions"]):
+                dim = dim or z["embeddings"].shape[1]
     everything = np.concatenate(positions)
     order = np.sort(everything)
     if len(order) and (np.diff(order) == 0).any():
         dup = order[1:][np.diff(order) == 0][:5].tolist()
         raise ValueError(f"{out}: samples embedded more than once (split positions {dup})")
     n = len(order)
-    dim = 0
-    for p in paths:
-        e = np.load(p)["embeddings"]
-        dim = max(dim, e.shape[1] if e.ndim == 2 else 0)
     emb = np.lib.format.open_memmap(out / f"{EMBEDDINGS}.tmp.npy", mode="w+", dtype=np.float32, shape=(n, dim))
     labels = np.empty(n, np.int64)
     keys: list[np.ndarray] = [None] * world  # placed below

@@ -94,6 +94,9 @@ def test_deepspeed_file_disagreeing_with_the_batch_is_named(config_file, tmp_pat
         ({"zero_optimization": {"stage": 3}}, r"ZeRO stage 3 is not supported: .* use stage 1 or 2"),
         ({"fp16": {"enabled": True}}, r"fp16 is not supported: .* use train.precision: bf16"),
         ({"bf16": {"enabled": True}}, r"bf16.enabled is not used: .* set train.precision: bf16"),
+        ({"bfloat16": {"enabled": True}}, r"bf16.enabled is not used"),  # DeepSpeed's older spelling
+        ({"float16": {"enabled": True}}, r"fp16 is not supported"),
+        ({"zero_optimization": {"stage": 3, "offload_param": {}}}, r"ZeRO stage 3"),
         ({"torch_autocast": {"enabled": True}}, r"torch_autocast is not used"),
         ({"scheduler": {"type": "WarmupLR"}}, r"remove the 'scheduler' section: the learning rate follows optim"),
         ({"communication_data_type": "bf16"}, r"communication_data_type='bf16': gradients are reduced in fp32"),
@@ -109,6 +112,12 @@ def test_unsupported_deepspeed_settings_are_refused_with_the_reason(config_file,
     cfg = load_config(config_file(), [f"train.deepspeed={ds}"], check_paths=False)  # built by hand, say
     with pytest.raises(ConfigError, match=message):
         deepspeed_config(cfg, world_size=2)
+
+
+def test_deepspeed_spellings_it_accepts_are_accepted(config_file, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": True, "communication_data_type": "FP32", "bf16": {}}))
+    assert load_config(config_file(), [f"train.deepspeed={ds}"]).train.deepspeed == str(ds)
 
 
 def test_supported_deepspeed_settings_pass_and_reduce_in_fp32(config_file):

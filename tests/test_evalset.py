@@ -94,6 +94,12 @@ def test_extraction_over_2_ranks_merges_in_split_order(split, tmp_path):
     assert not list(out.glob("part-*"))
 
 
+def test_a_rank_with_no_rows_still_has_the_embedding_width(split):
+    ds = EvalDataset(split, image_size=16, limit=1, rank=0, world=2)  # the one sample goes to rank 1
+    part = embed_split(_Net(), ds, device=torch.device("cpu"), workers=0, dim=3)
+    assert part.embeddings.shape == (0, 3) and len(part.labels) == len(part.keys) == 0
+
+
 def test_merge_and_load_refuse_broken_inputs(split, tmp_path):
     part = embed_split(_Net(), EvalDataset(split, image_size=16, limit=6), device=torch.device("cpu"), workers=0)
     for rank in range(2):  # the same samples twice

@@ -49,9 +49,19 @@ def test_a_raised_floor_or_a_resume_during_warm_up():
     saved = Schedule.from_config(_cfg(steps=110))
     higher = saved.resumed(_cfg(steps=110, floor=0.5), 100)
     assert higher(100) == pytest.approx(saved(100)) and higher(110) == pytest.approx(0.5)
-    warm = saved.resumed(_cfg(steps=300), 4)  # still warming up: the config's ramp, then its own cosine
-    assert [warm(s) for s in (4, 9, 10)] == pytest.approx([0.5, 1.0, 1.0])
-    assert warm(300) == pytest.approx(0.1)
+    warm = saved.resumed(_cfg(steps=300), 4)  # still warming up: a ramp to 1 at the warm-up's end, the cosine
+    assert [warm(s) for s in (4, 10)] == pytest.approx([saved(4), 1.0])
+    assert all(warm(s) < warm(s + 1) for s in range(4, 10)) and warm(300) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("saved_warmup", "step", "new_warmup"), [(10, 50, 100), (100, 50, 200), (100, 10, 20)])
+def test_a_changed_warm_up_continues_without_a_jump(saved_warmup, step, new_warmup):
+    saved = Schedule.from_config(_cfg(steps=1000, warmup=saved_warmup))
+    resumed = saved.resumed(_cfg(steps=1000, warmup=new_warmup), step)
+    assert resumed(step) == pytest.approx(saved(step))  # continuous
+    assert resumed(new_warmup) == pytest.approx(1.0) and resumed(1000) == pytest.approx(0.1)
+    values = [resumed(s) for s in range(step, new_warmup + 1)]
+    assert all(b - a <= 1.0 / (new_warmup - step) + 1e-12 for a, b in zip(values, values[1:], strict=False))
 
 
 def _names(groups, kind):

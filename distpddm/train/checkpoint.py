@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from ..data.stream import StreamState
+from ..errors import ConfigError
 from ..gather import rank_and_world
 from ..model import export_model
 from .schedule import Schedule
@@ -125,13 +126,18 @@ def _barrier() -> None:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device (stochastic depth, dropout)
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 @dataclass
@@ -149,7 +155,14 @@ def load_checkpoint(engine, ckpt: Path | None, cfg: RunConfig) -> Resumed:
     if ckpt is None:
         return Resumed()
     rank, _ = rank_and_world()
-    engine.load_checkpoint(str(ckpt), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+    try:
+        engine.load_checkpoint(str(ckpt), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+    except (KeyError, ValueError, RuntimeError) as e:  # every rank fails alike: a layout this run cannot take
+        raise ConfigError(
+            f"the checkpoint {ckpt} does not fit this run (model, loss or parameter groups differ, or it was "
+            f"written by an older distpddm: {type(e).__name__}: {str(e)[:200]}); resume it with its own config, "
+            "or start a new run (another name=)"
+        ) from None
     state = json.loads((ckpt / CLIENT_STATE).read_text())
     if "schedule" in state:
         schedule = Schedule.from_dict(state["schedule"])

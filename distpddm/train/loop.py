@@ -257,8 +257,12 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
             val_due = cfg.data.val_shards and (
                 (cfg.train.val_every and step % cfg.train.val_every == 0) or step == cfg.train.steps
             )
+            val_error = None
             if val_due:
-                fresh |= validate(cfg, net, device)
+                try:
+                    fresh |= validate(cfg, net, device)
+                except DeterministicError as e:  # raised on every rank; the step's checkpoint is saved first
+                    val_error = e
             last = last | fresh  # the latest of each figure: what checkpoints and Ray reports carry
             ckpt_due = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
             if fresh:
@@ -272,6 +276,8 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
                     out.push()
             elif timed:  # metrics only (Ray tracks them; the local run has its JSONL)
                 persistence.report({"step": step, **baseline, **last}, None)
+            if val_error is not None:
+                raise val_error
         if rank == 0:
             export_model(net, out.local / "model.pt", criterion=criterion, image_size=cfg.data.image_size)
     finally:
@@ -288,6 +294,10 @@ def ray_train_loop(loop_config: dict) -> None:
     A deterministic failure, which every rank meets together, is written to the run folder (``ABORTED``) and
     the workers return: the driver raises it, and Ray spends no retry on what a retry cannot fix."""
     own_log_handler()
+    if rank_and_world()[0] == 0:  # an earlier attempt's verdict does not hold for this one
+        stale = RunOutput(loop_config["output"])
+        stale.remove(ABORTED)
+        stale.close()
     try:
         run_worker(from_dict(loop_config["config"]), RayPersistence(), RunOutput(loop_config["output"]))
     except DeterministicError as e:

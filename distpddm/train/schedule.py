@@ -5,8 +5,9 @@ the current config's (``optim.lr``, ``optim.head_lr``), the multiplier a :class:
 the same schedule settings continues the saved schedule exactly. One whose settings changed (``train.steps``,
 ``optim.warmup_steps``, ``optim.min_lr_ratio``) recomputes the rest from the config at the resumed step,
 without a jump: a cosine from the multiplier the saved schedule had reached, down to the new floor at the new
-last step. Weight decay and betas are re-applied from the config too (a checkpoint's optimiser state would
-otherwise bring the old ones back).
+last step (inside the new warm-up: a ramp from that multiplier to 1 at its end, then the cosine). Weight
+decay and betas are re-applied from the config too (a checkpoint's optimiser state would otherwise bring the
+old ones back).
 """
 
 from __future__ import annotations
@@ -20,13 +21,21 @@ from ..config import RunConfig
 
 # timm's and open_clip's convention: biases, norm scales and shifts, and embeddings that are offsets rather
 # than projections take no weight decay.
-NO_DECAY_NAMES = ("pos_embedding", "class_token", "cls_token", "pos_embed", "relative_position_bias_table")
+NO_DECAY_NAMES = (
+    "pos_embedding",
+    "class_token",
+    "cls_token",
+    "pos_embed",
+    "relative_position_bias_table",
+    "layer_scale",
+)
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Linear warm-up, then cosine decay to ``floor`` at ``total``; after a ``restart`` (step, multiplier) a
-    cosine from that multiplier to ``floor`` at ``total``."""
+    """Linear warm-up, then cosine decay to ``floor`` at ``total``. After a ``restart`` (step, multiplier): a
+    cosine from that multiplier to ``floor`` at ``total``; or, when the restart falls inside the warm-up, a
+    linear ramp from that multiplier to 1 at the end of the warm-up, then the cosine."""
 
     warmup: int
     total: int
@@ -40,8 +49,12 @@ class Schedule:
     def __call__(self, step: int) -> float:
         if self.restart is not None and step >= self.restart[0]:
             start, value = self.restart
-            progress = min(1.0, (step - start) / max(1, self.total - start))
-            return self.floor + (value - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            if start < self.warmup:  # resumed during warm-up: a ramp from where it stood, then the cosine
+                if step < self.warmup:
+                    return value + (1 - value) * (step - start) / (self.warmup - start)
+            else:
+                progress = min(1.0, (step - start) / max(1, self.total - start))
+                return self.floor + (value - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
         if self.warmup and step < self.warmup:
             return (step + 1) / self.warmup
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
@@ -52,8 +65,6 @@ class Schedule:
         fresh = Schedule.from_config(cfg)
         if (fresh.warmup, fresh.total, fresh.floor) == (self.warmup, self.total, self.floor):
             return self  # unchanged: exactly the uninterrupted run's schedule
-        if self.restart is None and step < fresh.warmup:
-            return fresh  # still warming up: the config's ramp, then its cosine
         return Schedule(fresh.warmup, fresh.total, fresh.floor, restart=(step, self(step)))
 
     def to_dict(self) -> dict:
