@@ -312,9 +312,11 @@ def evaluate_folder(
     if support:
         with steps("transfer"):
             try:
-                metrics |= retrieval.transfer_accuracy(emb, labels, support=support, seed=seed)
+                transfer = retrieval.transfer_accuracy(emb, labels, support=support, seed=seed)
             except ValueError as e:
                 raise EvalError(str(e)) from None
+            # Its counts are its own (queries = images beyond the support): kept apart from retrieval's.
+            metrics |= {k if k.startswith(("ncm_", "knn_")) else f"transfer_{k}": v for k, v in transfer.items()}
     scorer = None
     model = source.get("model")
     if model and Path(model).is_file():

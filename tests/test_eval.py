@@ -110,6 +110,7 @@ def test_eval_local_writes_embeddings_metrics_and_report_then_recomputes(split, 
     for key in ("recall@1", "recall@32", "r_precision", "map@r", "nmi", "ncm_top1", "knn_top5", "rerank@8/recall@1"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["rerank@8/ms_per_query"] > 0
+    assert metrics["queries"] == metrics["images"] == 60 and metrics["transfer_queries"] == 60 - 10 * 2
     emb = np.load(out / "embeddings.npy")
     assert emb.shape == (60, 16) and np.load(out / "labels.npy").shape == (60,) and len(np.load(out / "keys.npy")) == 60
     assert (out / "report.html").stat().st_size > 10_000
