@@ -2,10 +2,11 @@
 k-means clustering, and transfer accuracy to unseen classes. Pure numpy + faiss (no torch).
 
 Setting: class-disjoint retrieval, every image a query whose gallery is every other image. The search runs
-in blocks of queries, so memory is the embeddings (N x D floats, not copied on CPU) plus one block's
-neighbour lists, whatever N: at 9M x 128 that is 4.6 GB + tens of MB. The metrics are sums over queries,
-so ranks can each search their own queries against the whole gallery and all-reduce the sums
-(:func:`retrieval_sums`, :func:`finish_sums`).
+in blocks of queries, so memory is the embeddings (N x D float32, held once: not copied into a faiss index
+on CPU, queries gathered block by block) plus one block's neighbour lists and the metrics made from them (a
+few hundred MB), whatever N: about 5 GB at 9M x 128. The metrics are sums over queries, so ranks can each
+search their own queries against the whole gallery and all-reduce the sums (:func:`retrieval_sums`,
+:func:`finish_sums`).
 
 Conventions (the same in every function here):
 
@@ -160,14 +161,17 @@ def _drop_self(dist: np.ndarray, rows: np.ndarray, query_ids: np.ndarray) -> tup
 
 
 def _search_blocks(
-    queries: np.ndarray, gallery: np.ndarray, k: int, query_ids: np.ndarray | None, block: int | None, use_gpu
+    queries: np.ndarray | None, gallery: np.ndarray, k: int, query_ids: np.ndarray | None, block: int | None, use_gpu
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(first query of the block, distances, rows) for consecutive blocks of ``queries``."""
+    """(first query of the block, distances, rows) for consecutive blocks of ``queries``; ``queries=None``:
+    the gallery rows ``query_ids``, gathered block by block (never a second copy of the embeddings)."""
     depth = k + (query_ids is not None)
     block = block or block_rows(depth)
     fn = _searcher(gallery, depth, use_gpu)
-    for s in range(0, len(queries), block):
-        dist, rows = fn(np.ascontiguousarray(queries[s : s + block]), depth)
+    n = len(query_ids) if queries is None else len(queries)
+    for s in range(0, n, block):
+        q = gallery[query_ids[s : s + block]] if queries is None else queries[s : s + block]
+        dist, rows = fn(np.ascontiguousarray(q), depth)
         if query_ids is not None:
             dist, rows = _drop_self(dist, rows, query_ids[s : s + block])
         yield s, dist, rows
@@ -292,7 +296,7 @@ def retrieval_sums(
     if not len(counted):
         return sums
     block = block or block_rows(depth + 1)
-    for s, _, nn in _search_blocks(x[counted], x, depth, counted, block, use_gpu):
+    for s, _, nn in _search_blocks(None, x, depth, counted, block, use_gpu):
         q_cls = cls[counted[s : s + len(nn)]]
         same = cls[nn] == q_cls[:, None]
         for k, v in _recall_hits(same, ks).items():
