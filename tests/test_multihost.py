@@ -1,4 +1,4 @@
-"""Multi-host runs on real services: hosts are network namespaces joined by a veth link (tests/cluster.py), each
+"""Multi-host runs on real services (slow): hosts are network namespaces joined by a veth link (tests/cluster.py), each
 with its own Ray node; the shared filesystem plays the cluster's shared storage. CPU only."""
 
 import json
@@ -14,13 +14,35 @@ import torch
 
 from distpddm.data.shards import BuildOptions, build
 from distpddm.data.sources import read_source
+from distpddm.train.launch import missing_resources
 from tests import fixtures
 from tests.cluster import IFACE, Cluster, require_netns
 from tests.test_distributed import _single_process
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 WORKER_LINE = re.compile(r"rank (\d) of 2 on node ([\d.]+) \(host [^,]+, gloo interface (\S+)\)")
+
+
+def test_missing_resources_name_what_the_placement_strategy_lacks():
+    one = [("10.0.0.1", {"CPU": 2.0, "memory": 1e9})]
+    two = [*one, ("10.0.0.2", {"CPU": 1.0})]
+    assert missing_resources(two, {"CPU": 1.0}, 2, "STRICT_SPREAD") is None
+    assert missing_resources(one, {"CPU": 1.0}, 2, "PACK") is None  # two bundles fit on one node
+    assert missing_resources(one, {"CPU": 1.0}, 2, "STRICT_SPREAD").endswith(
+        "the cluster has 1 alive node(s) (10.0.0.1 {CPU: 2}), which host 1: missing 1 more node(s) with {CPU: 1}"
+    )
+    assert missing_resources(two, {"CPU": 2.0}, 2, "SPREAD").endswith(
+        "which host 1: missing 1 more bundle(s) of {CPU: 2}"
+    )
+    why = missing_resources(two, {"CPU": 1.0, "GPU": 1.0}, 2, "STRICT_PACK")
+    assert why.startswith("the run needs 2 bundles of {CPU: 1, GPU: 1} STRICT_PACK on one node")
+    assert why.endswith(
+        "(10.0.0.1 {CPU: 2, GPU: 0}; 10.0.0.2 {CPU: 1, GPU: 0}), which host 0: "
+        "missing one node with 2 x {CPU: 1, GPU: 1}"
+    )
+    assert missing_resources([], {"CPU": 1.0}, 1, "PACK").endswith(
+        "0 alive node(s) (none), which host 0: missing 1 more bundle(s) of {CPU: 1}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +108,7 @@ def _registered_step(run: Path) -> int:
     return int(latest["metrics"]["step"]) if latest else 0
 
 
+@pytest.mark.slow
 def test_two_hosts_one_run_survives_a_lost_node_and_resumes(font_shards, tmp_path, cluster):
     t0 = time.time()
     cluster.start_head("a")
@@ -125,12 +148,26 @@ def test_two_hosts_one_run_survives_a_lost_node_and_resumes(font_shards, tmp_pat
     print(f"two hosts, lost node at step {killed_at}, resumed from {resumed_from}: {time.time() - t0:.0f} s")
 
 
+@pytest.mark.slow
 def test_a_lost_node_that_never_returns_fails_the_run_naming_the_missing_resources(font_shards, tmp_path, cluster):
     t0 = time.time()
     cluster.start_head("a")
+    run, log = tmp_path / "mh", tmp_path / "driver.log"
+    # Host b not there yet: the run does not start, and says so after the timeout.
+    early = _train(cluster, font_shards, tmp_path, 1000, log, ["ray.resources_timeout_s=5"])
+    early.wait(timeout=300)
+    output = log.read_text()
+    assert early.returncode == 1, output[-5000:]
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [
+        "error: the run needs 2 bundles of {CPU: 1} STRICT_SPREAD over 2 nodes (ray.num_workers, ray.cpus_per_worker, "
+        "ray.use_gpu, ray.placement_strategy); the cluster has 1 alive node(s) "
+        f"({cluster.ip['a']} {{CPU: 2}}), which host 1: missing 1 more node(s) with {{CPU: 1}}; waited 5 s "
+        "(ray.resources_timeout_s): add or restart the missing nodes"
+    ], output[-5000:]
+    assert not _steps(run)
+
     cluster.start_node("b")
     cluster.wait_nodes(2)
-    run, log = tmp_path / "mh", tmp_path / "driver.log"
     proc = _train(cluster, font_shards, tmp_path, 1000, log, ["ray.resources_timeout_s=20"])
     _wait_for_step(proc, run, 5, timeout=600)
     cluster.kill_host("b")
@@ -151,6 +188,7 @@ def test_a_lost_node_that_never_returns_fails_the_run_naming_the_missing_resourc
     print(f"lost node never back: the run failed {waited:.0f} s after the kill, {time.time() - t0:.0f} s in all")
 
 
+@pytest.mark.slow
 def test_two_ranks_on_two_hosts_equal_one_process(tmp_path, cluster):
     # The gathered pool and its gradients cross the link: rank 1 can reach rank 0 only through it.
     t0 = time.time()

@@ -156,11 +156,13 @@ class ResourceWatch:
         """Before the run: until the cluster can host it (nodes still joining), at most the timeout."""
         if self.timeout is None:
             return
-        end = time.monotonic() + self.timeout
+        end, told = time.monotonic() + self.timeout, False
         while (why := self.missing()) is not None:
             if time.monotonic() >= end:
                 raise ClusterResourcesError(self._expired(why))
-            log.warning("waiting for resources: %s", why)
+            if not told:
+                log.warning("waiting up to %g s for resources: %s", self.timeout, why)
+                told = True
             time.sleep(self.poll)
 
     def __enter__(self) -> ResourceWatch:
@@ -203,7 +205,11 @@ class ResourceWatch:
             elif time.monotonic() - since >= self.timeout:
                 self.reason = self._expired(why)
                 log.warning("ending the run: the cluster could not host it for %g s", self.timeout)
-                self._end_controller()
+                try:
+                    self._end_controller()
+                except Exception as e:  # Ray's private state API changed: say so rather than hang silently
+                    log.error("could not end the run's Ray Train controller (%s: %s); stop it with Ctrl-C",
+                              type(e).__name__, e)  # fmt: skip
                 return
 
 
