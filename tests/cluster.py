@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 PREFIX = "dpddm-"  # namespace names: dpddm-<pid of the creating process>-<host>
+TMP_PREFIX = "dpddm"  # Ray temp dirs: /tmp/dpddm<pid>-<random>/<host><n>
 IFACE = "dpveth0"  # the link's interface name in every host (one GLOO_SOCKET_IFNAME fits all)
 SUBNET = "10.213.7"  # private addresses assigned here; each cluster's link is its own isolated segment
 APT = "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2"  # = make netns-tools
@@ -80,17 +81,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _stale(name: str, prefix: str) -> bool:
+    owner = name[len(prefix) :].split("-", 1)[0]
+    return name.startswith(prefix) and owner.isdigit() and not _alive(int(owner))
+
+
 def clean_stale() -> None:
-    """Namespaces left by a crashed session (its pid gone): their processes killed, the namespaces deleted."""
-    listing = _ip("netns", "list", check=False).stdout.split("\n")
-    for line in listing:
+    """What a crashed session (its pid gone) left: its namespaces' processes killed, the namespaces deleted,
+    its Ray temp dirs removed."""
+    for line in _ip("netns", "list", check=False).stdout.split("\n"):
         ns = line.split(" ", 1)[0]
-        if not ns.startswith(PREFIX):
-            continue
-        owner = ns[len(PREFIX) :].split("-", 1)[0]
-        if owner.isdigit() and not _alive(int(owner)):
+        if _stale(ns, PREFIX):
             kill_namespace(ns)
             _ip("netns", "del", ns, check=False)
+    for tmp in Path("/tmp").glob(f"{TMP_PREFIX}*-*"):
+        if _stale(tmp.name, TMP_PREFIX):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Cluster:
@@ -101,7 +107,8 @@ class Cluster:
         self.names = hosts
         self.ns = {h: f"{PREFIX}{os.getpid()}-{h}" for h in hosts}
         self.ip = {h: f"{SUBNET}.{i + 1}" for i, h in enumerate(hosts)}
-        self.tmp = Path(tempfile.mkdtemp(prefix="dpn", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
+        # Short (Ray's socket paths must fit 107 characters), and named by this pid like the namespaces.
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir="/tmp"))
         self._procs: list[subprocess.Popen] = []
         self._starts: dict[str, int] = {}
         self.token = secrets.token_hex(32)  # Ray's token auth, explicit: the same on every node and driver
