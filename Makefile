@@ -8,7 +8,7 @@ FONTS_DIR := /usr/share/fonts/truetype/aenigma
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install fonts chromium test test-fast demo demo-core shards-fonts lint format bench-mining bench-losses bench-builder rehearsal clean
+.PHONY: install fonts chromium netns-tools test test-fast demo demo-core shards-fonts lint format bench-mining bench-losses bench-builder rehearsal clean
 
 install: $(STAMP) fonts
 
@@ -36,6 +36,13 @@ fonts:
 chromium:
 	@if ! command -v chromium >/dev/null; then \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+
+# iproute2 (`ip netns`) for tests/test_multihost.py, whose hosts are network namespaces (root only; the test
+# installs it itself when missing and run as root, and skips saying why where it cannot build namespaces).
+netns-tools:
+	@if ! command -v ip >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; \
 	fi
 
 test: install

@@ -26,6 +26,7 @@ METRICS = ("pddm", "euclidean", "mahalanobis")  # distpddm.loss
 DISTANCES = ("euclidean", "squared")  # distpddm.loss
 POOLINGS = ("avg", "max", "avgmax")  # distpddm.model
 PRECISIONS = ("fp32", "bf16")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ class RayConfig:
     cpus_per_worker: int = 1
     max_failures: int = 3
     storage_path: str = "runs"  # local folder or a URI Ray understands (s3://, gs://, ...)
+    placement_strategy: str = "PACK"  # of the workers over the nodes; STRICT_SPREAD: one worker per node
+    # How long the run waits for a cluster that cannot host its workers (a lost node, before start or for a
+    # restart) before it fails naming the missing resources; null: wait for ever (Ray's own behaviour).
+    resources_timeout_s: float | None = 600.0
 
 
 @dataclass(frozen=True)
@@ -337,6 +342,14 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     need(t.val_every >= 0, f"train.val_every must be >= 0, got {t.val_every}")
     need(not (t.val_every and not d.val_shards), "train.val_every is set but data.val_shards is not")
     need(r.num_workers >= 1, f"ray.num_workers must be >= 1, got {r.num_workers}")
+    need(
+        r.placement_strategy in PLACEMENT_STRATEGIES,
+        f"ray.placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {r.placement_strategy!r}",
+    )
+    need(
+        r.resources_timeout_s is None or r.resources_timeout_s > 0,
+        f"ray.resources_timeout_s must be > 0 seconds, or null to wait for ever; got {r.resources_timeout_s}",
+    )
     need(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
     need(t.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
     if check_paths:

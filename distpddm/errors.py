@@ -30,3 +30,8 @@ class NonFiniteLossError(DeterministicError):
 
 class RunAborted(DeterministicError):
     """A run stopped by a :class:`DeterministicError` on one or more workers (the message says which)."""
+
+
+class ClusterResourcesError(DeterministicError):
+    """The Ray cluster could not host the run's workers for ``ray.resources_timeout_s`` (a node lost and not
+    back, too few nodes for the placement strategy): a restart of the workers cannot fix it."""

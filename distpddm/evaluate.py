@@ -237,15 +237,9 @@ def _extract_on_ray(config: dict, workers: int, gpu: bool, address: str | None) 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    started_here = not ray.is_initialized()
-    if started_here:
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False,
-                     logging_config=ray.LoggingConfig(log_level="WARNING"))  # fmt: skip
+    from .train.launch import connect_ray
+
+    started_here = connect_ray(address, workers)
     trainer = TorchTrainer(
         _eval_worker,
         train_loop_config=config,

@@ -26,7 +26,7 @@ def problem(metric: str, mode: str, dtype=torch.float64):
 
 def _init(rank: int, world: int, port: int) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),  # a rank on another host: the first host's
         MASTER_PORT=str(port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),

@@ -72,6 +72,8 @@ def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path
         (["train.deepspeed=/no/ds.json"], r"train.deepspeed: no DeepSpeed config"),
         (["steps"], r"override 'steps' must look like section.key=value"),
         (["train.precision=fp16"], r"train.precision must be one of \('fp32', 'bf16'\), got 'fp16'"),
+        (["ray.placement_strategy=spread"], r"ray.placement_strategy must be one of \('PACK', .*got 'spread'"),
+        (["ray.resources_timeout_s=0"], r"ray.resources_timeout_s must be > 0 seconds, or null to wait for ever"),
     ],
 )
 def test_bad_config_names_the_key_and_the_fix(config_file, overrides, message):

@@ -122,9 +122,11 @@ def test_a_resumed_run_trains_on_the_batches_of_an_uninterrupted_one(font_shards
         assert losses["parts"][step] == pytest.approx(losses["whole"][step], rel=1e-5, abs=1e-6), step
 
 
-def _ray_workers() -> list[psutil.Process]:
-    """The Ray Train worker actors (not their forked data-loader processes, which share the command line)."""
-    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "ray::RayTrainWorker"]
+def _ray_workers(driver: int) -> list[psutil.Process]:
+    """The Ray Train worker actors of the local cluster ``driver`` started (not their forked data-loader
+    processes, which share the command line, nor another Ray cluster's workers on this machine)."""
+    workers = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "ray::RayTrainWorker"]
+    return [p for p in workers if driver in {a.pid for a in p.parents()}]
 
 
 def test_ray_two_workers_learn_survive_a_sigkill_and_resume(font_shards, tmp_path):
@@ -157,7 +159,7 @@ def test_ray_two_workers_learn_survive_a_sigkill_and_resume(font_shards, tmp_pat
             if killed is None and (run / "metrics.jsonl").exists():
                 done = [m.get("step", 0) for m in _metrics(run)]
                 if max(done, default=0) >= 50:
-                    workers = _ray_workers()
+                    workers = _ray_workers(proc.pid)
                     assert len(workers) == 2, workers
                     killed = workers[-1].pid
                     os.kill(killed, signal.SIGKILL)

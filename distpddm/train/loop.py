@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import time
 import warnings
 
@@ -294,7 +295,12 @@ def ray_train_loop(loop_config: dict) -> None:
     A deterministic failure, which every rank meets together, is written to the run folder (``ABORTED``) and
     the workers return: the driver raises it, and Ray spends no retry on what a retry cannot fix."""
     own_log_handler()
-    if rank_and_world()[0] == 0:  # an earlier attempt's verdict does not hold for this one
+    import ray
+
+    rank, world = rank_and_world()  # where each rank runs, for a multi-node cluster's logs
+    log.info("rank %d of %d on node %s (host %s, gloo interface %s)", rank, world, ray.util.get_node_ip_address(),
+             socket.gethostname(), os.environ.get("GLOO_SOCKET_IFNAME", "default"))  # fmt: skip
+    if rank == 0:  # an earlier attempt's verdict does not hold for this one
         stale = RunOutput(loop_config["output"])
         stale.remove(ABORTED)
         stale.close()
