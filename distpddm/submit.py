@@ -16,6 +16,7 @@ stopped); ``--no-wait`` returns once it is submitted.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import tempfile
@@ -66,7 +67,9 @@ def package(root: Path, files: dict[str, bytes], dest: Path) -> Path:
 
     include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
     excludes = ray_constants.get_runtime_env_default_excludes() + EXCLUDES
-    create_package(str(root), dest, include_gitignore=include_gitignore, excludes=excludes)
+    quiet = logging.getLogger("distpddm.submit.package")  # not one INFO line per .gitignore found
+    quiet.setLevel(logging.WARNING)
+    create_package(str(root), dest, include_gitignore=include_gitignore, excludes=excludes, logger=quiet)
     with zipfile.ZipFile(dest, "a") as z:
         for name, data in files.items():
             z.writestr(f"{JOB_DIR}/{name}", data)
