@@ -49,9 +49,15 @@ def check_run(run: Path, warmup_rows: int = 1) -> dict:
         "loss_last": last,
         "loss_fell": len(losses) >= 2 and all(math.isfinite(x) for x in losses) and last < first,
     }
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    loss = cfg.get("loss") or {}
+    if {"alpha", "beta", "lam"} <= loss.keys():  # every distance and score equal: docs/collapse.md
+        result["loss_collapsed"] = 2 * loss["alpha"] + 2 * loss["lam"] * loss["beta"]
+    spreads = [float(r["spread"]) for r in rows[-n:] if "spread" in r]
+    if spreads:
+        result["spread_last"] = sum(spreads) / len(spreads)
     try:
         model = load_exported(run / "model.pt")
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
         images = [x for x, *_ in EvalDataset(cfg["data"]["train_shards"], cfg["data"]["image_size"], limit=8)]
         with torch.no_grad():
             emb = model(normalize_batch(torch.stack(images)))
@@ -112,6 +118,12 @@ def smoke(
         f"smoke: loss {result['loss_first']:.4f} -> {result['loss_last']:.4f} "
         f"({'fell' if result['loss_fell'] else 'DID NOT FALL'}; mean of the first / last logged values)"
     )
+    if not result["loss_fell"] and "loss_collapsed" in result:
+        print(
+            f"smoke: a collapsed embedding's loss is {result['loss_collapsed']:.4f} and the last embedding spread "
+            f"{result.get('spread_last', math.nan):.2f} (about 0.1-0.2 = collapsed): from random initialisation "
+            "it needs more steps or a larger batch (docs/collapse.md)"
+        )
     export = (
         f"loads and embeds {result['export_embedding']}"
         if result["export_loads"]

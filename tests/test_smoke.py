@@ -34,7 +34,8 @@ def _fake_run(run: Path, shards: Path, losses: list[float], model: bool = True) 
     run.mkdir(parents=True)
     rows = [{"step": 5 * (i + 1), "loss": x, "images_per_s": 100.0 + 10 * i} for i, x in enumerate(losses)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0, "val": 1}, *rows]))
-    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"train_shards": str(shards), "image_size": 32}}))
+    cfg = {"data": {"train_shards": str(shards), "image_size": 32}, "loss": {"alpha": 0.1, "beta": 0.2, "lam": 0.5}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     if model:
         export_model(create_model(ModelConfig(backbone="small_cnn", embed_dim=16, small_cnn_width=8)), run / "model.pt")
     return run
@@ -47,7 +48,8 @@ def test_check_run_reads_the_loss_the_speed_and_the_export(font_shards, tmp_path
     )
     assert fell["images_per_s"] == pytest.approx(145.0)  # the first logged row (warm-up) left out
     assert fell["export_loads"] and fell["export_embedding"] == [8, 16]  # real images of the split, embedded
-    assert not check_run(_fake_run(tmp_path / "b", font_shards / "train", [1.0, 1.2, 1.4]))["loss_fell"]
+    rose = check_run(_fake_run(tmp_path / "b", font_shards / "train", [1.0, 1.2, 1.4]))
+    assert not rose["loss_fell"] and rose["loss_collapsed"] == pytest.approx(0.4)  # 2 alpha + 2 lam beta
     assert not check_run(_fake_run(tmp_path / "c", font_shards / "train", [2.0, 1.0, float("nan")]))["loss_fell"]
     missing = check_run(_fake_run(tmp_path / "d", font_shards / "train", [2.0, 1.0], model=False))
     assert not missing["export_loads"] and "model.pt" in missing["export_error"]
