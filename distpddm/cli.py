@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("smoke", help="one device, a few hundred steps: images/s, the loss falls, the export loads")
     m.add_argument("config", type=Path, nargs="?", default=None, help="default: configs/smoke.yaml of the checkout")
     m.add_argument("overrides", nargs="*", help="section.key=value")
-    m.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    m.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
     m.add_argument(
         "--out", type=Path, help="storage folder, kept (default: a temporary one, removed); its smoke run is replaced"
     )

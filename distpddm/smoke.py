@@ -73,7 +73,7 @@ def smoke(
     config: str | Path | None = None,
     overrides: list[str] | None = None,
     *,
-    steps: int = 300,
+    steps: int = 400,
     out: str | Path | None = None,
     device: str = "auto",
 ) -> int:

@@ -60,7 +60,7 @@ def test_smoke_runs_on_cpu_in_fp32_and_its_exit_code_is_its_verdict(font_shards,
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "distpddm.cli", "smoke", "--steps", "12", "--device", "cpu", "--out", str(out),
-         f"data.train_shards={font_shards / 'train'}", "train.log_every=3"],
+         f"data.train_shards={font_shards / 'train'}", "data.classes_per_batch=8", "train.log_every=3"],
         cwd=tmp_path,  # any folder: configs/smoke.yaml is the checkout's
         env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0"},
         capture_output=True,
@@ -71,7 +71,7 @@ def test_smoke_runs_on_cpu_in_fp32_and_its_exit_code_is_its_verdict(font_shards,
     assert "smoke: CPU, fp32; 12 steps of 32 images" in text, text + result.stderr[-3000:]
     speed = re.search(r"smoke: CPU, fp32: (\d+) images/s", text)
     assert speed and int(speed.group(1)) > 0, text
-    assert "smoke: exported model.pt loads and embeds [8, 32]" in text, text
+    assert "smoke: exported model.pt loads and embeds [8, 64]" in text, text
     fell = re.search(r"smoke: loss ([\d.]+) -> ([\d.]+) \((fell|DID NOT FALL)", text)
     assert fell, text
     run = out / "smoke"
