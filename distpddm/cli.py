@@ -1,4 +1,4 @@
-"""``distpddm`` command line: ``shards build``, ``shards verify``, ``train``, ``eval``."""
+"""``distpddm`` command line: ``shards build``, ``shards verify``, ``train``, ``submit``, ``smoke``, ``eval``."""
 
 from __future__ import annotations
 
@@ -129,6 +129,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from .submit import submit
+
+    return submit(args.config, args.overrides, args.address, wait=not args.no_wait)
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    from .smoke import smoke
+
+    config, overrides = args.config, args.overrides
+    if config is not None and "=" in str(config) and not config.exists():  # no CONFIG, overrides only
+        config, overrides = None, [str(config), *overrides]
+    return smoke(config, overrides, steps=args.steps, out=args.out, device=args.device)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .errors import DeterministicError
     from .evaluate import RECALL_KS, evaluate_folder, extract, resolve_model
@@ -249,6 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--local", action="store_true", help="run in this process (or under torchrun), without Ray")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     t.set_defaults(func=_train)
+
+    j = sub.add_parser("submit", help="submit a training run to a running Ray cluster as a Ray Job")
+    j.add_argument("config", type=Path, help="a YAML run config; its paths are resolved here and sent absolute")
+    j.add_argument("overrides", nargs="*", help="section.key=value (relative paths: from the current folder)")
+    j.add_argument("--address", help="the job server, http://HEAD:8265 (default: RAY_ADDRESS)")
+    j.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following it")
+    j.set_defaults(func=_submit)
+
+    m = sub.add_parser("smoke", help="one device, a few hundred steps: images/s, the loss falls, the export loads")
+    m.add_argument("config", type=Path, nargs="?", default=None, help="default: configs/smoke.yaml of the checkout")
+    m.add_argument("overrides", nargs="*", help="section.key=value")
+    m.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    m.add_argument(
+        "--out", type=Path, help="storage folder, kept (default: a temporary one, removed); its smoke run is replaced"
+    )
+    m.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="gpu: bf16; cpu: fp32")
+    m.set_defaults(func=_smoke)
 
     e = sub.add_parser("eval", help="embed a split and measure retrieval, clustering, transfer; write a report")
     e.add_argument("run", nargs="?", metavar="RUN_OR_MODEL", help="a run folder (with model.pt) or a model.pt")

@@ -28,6 +28,11 @@ POOLINGS = ("avg", "max", "avgmax")  # distpddm.model
 PRECISIONS = ("fp32", "bf16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
 
+# Package data (shipped with every install, found from any folder): ZeRO-1 on CPU, as configs/deepspeed/zero1_cpu.json.
+DEFAULT_DEEPSPEED = str(Path(__file__).with_name("deepspeed_zero1_cpu.json"))
+# The keys that name local files or folders: relative values resolve by the rule of :func:`load_config`.
+PATH_KEYS = ("data.train_shards", "data.val_shards", "model.pretrained", "train.deepspeed", "ray.storage_path")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -94,7 +99,7 @@ class TrainConfig:
     nan_abort_after: int = 20  # consecutive non-finite losses before the run stops
     seed: int = 0
     precision: str = "fp32"  # bf16: the backbone under autocast; heads, mining, loss and master weights fp32
-    deepspeed: str = "configs/deepspeed/zero1_cpu.json"
+    deepspeed: str = DEFAULT_DEEPSPEED
     progress: bool = True
 
 
@@ -229,7 +234,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def load_config(
     path: str | os.PathLike | None, overrides: list[str] | None = None, *, check_paths: bool = True
 ) -> RunConfig:
-    """Read, override, type-check and validate. ``check_paths`` also checks that shards and files exist."""
+    """Read, override, type-check and validate. ``check_paths`` also checks that shards and files exist.
+
+    One rule for paths (:data:`PATH_KEYS`): a relative path written in the config file is relative to the file's
+    folder, a relative path given as an override is relative to the current directory; both are made absolute
+    here, so the same command gives the same run from any folder and workers (which start elsewhere) get
+    absolute paths. URLs (``s3://``, ``file://``...) and ``pipe:`` specs are left as written.
+    """
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -238,6 +249,7 @@ def load_config(
         tree = yaml.safe_load(p.read_text()) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{p} must hold a mapping of sections (data, model, loss, optim, train, ray)")
+        _anchor_paths(tree, p.expanduser().resolve().parent)
     for key, value in parse_overrides(overrides or []):
         _set(tree, key, value)
     cfg = resolve_paths(_build(RunConfig, tree, ""))
@@ -245,14 +257,34 @@ def load_config(
     return cfg
 
 
+def _is_local(path: str) -> bool:
+    return "://" not in path and not path.startswith("pipe:")
+
+
+def _anchor_paths(tree: dict, folder: Path) -> None:
+    """The config file's relative paths, made relative to its folder (in place; other values are left to
+    the type checks)."""
+    for dotted in PATH_KEYS:
+        *sections, key = dotted.split(".")
+        node = tree
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and _is_local(value):
+            expanded = Path(value).expanduser()
+            if not expanded.is_absolute():
+                node[key] = str(folder / expanded)
+
+
 def _absolute(path: str | None) -> str | None:
-    if not path or "://" in path or path.startswith("pipe:"):
+    if not path or not _is_local(path):
         return path
     return str(Path(path).expanduser().resolve())
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """Local paths made absolute here, where the command runs: workers start in other directories."""
+    """Local paths made absolute against the current directory (where the command runs): workers start in
+    other directories."""
     replace = dataclasses.replace
     return replace(
         cfg,
@@ -371,6 +403,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
                 "never downloaded; give a local state dict)",
             )
         errors += _check_deepspeed(cfg)
+        errors += _check_storage(r.storage_path)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
@@ -388,6 +421,22 @@ def _check_batchable(cfg: RunConfig) -> list[str]:
     return [
         f"data.train_shards: only {full} of its {len(counts)} classes have >= {d.images_per_class} images "
         f"(data.images_per_class), and a batch needs {d.classes_per_batch} such classes (data.classes_per_batch)"
+    ]
+
+
+def _check_storage(storage_path: str) -> list[str]:
+    """A local storage folder is created by the run, but its parent must exist: a mistyped path (or a shared
+    mount missing on this machine) is refused rather than silently created."""
+    if is_remote(storage_path):
+        return []
+    path = Path(storage_path.removeprefix("file://"))
+    if path.exists() and not path.is_dir():
+        return [f"ray.storage_path: {path} is a file, not a folder"]
+    if path.is_dir() or path.parent.is_dir():
+        return []
+    return [
+        f"ray.storage_path: neither {path} nor its parent folder exists (create it, or mount the shared storage "
+        "it names on this machine)"
     ]
 
 

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Submit a training run to a running Ray cluster (multi-node): the job runs `distpddm train` on the head.
-#   RAY_ADDRESS=http://head:8265 launch/ray_job.sh configs/imagenet10k.yaml [section.key=value ...]
-# The working directory (this repository) is shipped with the job; shards and ray.storage_path must be on
-# storage every node can read (shared filesystem or object store).
+# Submit a training run to a running Ray cluster as a Ray Job (`distpddm submit`, distpddm/submit.py):
+#   RAY_ADDRESS=http://head:8265 launch/ray_job.sh configs/imagenet10k.yaml [section.key=value ...] [--no-wait]
+# The config is validated here (a bad one is refused before anything is submitted) and its paths are resolved
+# here and sent absolute: shards and ray.storage_path must be visible at the same path on the cluster (a head
+# on this machine, or shared storage). This checkout's source is shipped without bulk; the job's logs are
+# followed and the exit code is the job's. Run it from any folder: it does not change directory.
 set -euo pipefail
-config=${1:?usage: launch/ray_job.sh CONFIG [overrides...]}; shift
-cd "$(dirname "$0")/.."
-exec ray job submit --working-dir . -- python -m distpddm.cli train "$config" "$@"
+repo=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "${PY:-}" ]; then
+  if [ -x "$repo/.venv/bin/python" ]; then PY=$repo/.venv/bin/python; else PY=python3; fi
+fi
+PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m distpddm.cli submit "$@"

@@ -1,9 +1,11 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+import distpddm.config
 from distpddm.config import ConfigError, deepspeed_config, from_dict, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +72,7 @@ def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path
         (["train.val_every=10"], r"train.val_every is set but data.val_shards is not"),
         (["model.pretrained=/no/weights.pt"], r"model.pretrained: no file at"),
         (["train.deepspeed=/no/ds.json"], r"train.deepspeed: no DeepSpeed config"),
+        (["ray.storage_path=/no/such/folder/runs"], r"ray.storage_path: neither /no/such/folder/runs nor its parent"),
         (["steps"], r"override 'steps' must look like section.key=value"),
         (["train.precision=fp16"], r"train.precision must be one of \('fp32', 'bf16'\), got 'fp16'"),
         (["ray.placement_strategy=spread"], r"ray.placement_strategy must be one of \('PACK', .*got 'spread'"),
@@ -138,11 +141,78 @@ def test_config_is_a_leaf_module():
     assert eval(out) == ["distpddm", "distpddm.config", "distpddm.errors"]  # no torch, nothing of train/
 
 
-def test_shipped_configs_parse(tmp_path):
+def test_shipped_configs_parse_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository: the configs' paths are relative to configs/
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(path, check_paths=False)
         assert cfg.local_batch == cfg.data.classes_per_batch * cfg.data.images_per_class, path
         assert Path(cfg.train.deepspeed).is_file(), path
+        assert Path(cfg.data.train_shards).is_relative_to(REPO / "shards" / "out"), path
+        assert cfg.ray.storage_path in (str(REPO / "runs"), "/shared/distpddm-runs"), path
+
+
+def _project(root: Path, shards: Path) -> Path:
+    """root/configs/run.yaml with relative paths, beside root/shards/train and root/configs/ds/zero.json."""
+    (root / "shards").mkdir(parents=True)
+    (root / "shards" / "train").symlink_to(shards, target_is_directory=True)
+    (root / "configs" / "ds").mkdir(parents=True)
+    (root / "configs" / "ds" / "zero.json").write_text((REPO / "configs/deepspeed/zero1_cpu.json").read_text())
+    tree = {
+        "data": {"train_shards": "../shards/train", "val_shards": "../shards/train"},
+        "train": {"deepspeed": "ds/zero.json"},
+        "ray": {"storage_path": "../runs"},
+    }
+    (root / "configs" / "run.yaml").write_text(yaml.safe_dump(tree))
+    return root / "configs" / "run.yaml"
+
+
+def test_paths_in_a_config_file_are_relative_to_its_folder_from_any_cwd(tmp_path, shards, monkeypatch):
+    config = _project(tmp_path / "proj", shards)
+    seen = []
+    for cwd in (tmp_path, tmp_path / "proj" / "configs", tmp_path / "proj" / "shards"):
+        monkeypatch.chdir(cwd)
+        seen.append(load_config(config))
+        seen.append(load_config(os.path.relpath(config, cwd)))  # the file named relative to the cwd
+    first = seen[0]
+    assert all(cfg == first for cfg in seen)  # the same absolute paths whatever the current directory
+    proj = (tmp_path / "proj").resolve()
+    assert first.data.train_shards == first.data.val_shards == str(shards.resolve())  # symlink resolved
+    assert first.train.deepspeed == str(proj / "configs" / "ds" / "zero.json")
+    assert first.ray.storage_path == str(proj / "runs")
+
+
+def test_paths_given_as_overrides_are_relative_to_the_current_directory(tmp_path, shards, monkeypatch):
+    config = _project(tmp_path / "proj", shards)
+    work = tmp_path / "work"
+    (work / "mine").mkdir(parents=True)
+    (work / "mine" / "ds.json").write_text("{}")
+    monkeypatch.chdir(work)
+    cfg = load_config(config, ["train.deepspeed=mine/ds.json", "ray.storage_path=out", "data.val_shards=null"])
+    assert cfg.train.deepspeed == str(work.resolve() / "mine" / "ds.json")
+    assert cfg.ray.storage_path == str(work.resolve() / "out")
+    with pytest.raises(ConfigError, match=r"data.train_shards: no shards at '.*/work/shards/train'"):
+        load_config(config, ["data.train_shards=shards/train"])  # the file's folder does not apply to overrides
+    # URLs and pipe: specs stay as written, in the file and on the command line.
+    remote = load_config(
+        config, ["ray.storage_path=s3://bucket/runs", "data.train_shards=pipe:cat x.tar"], check_paths=False
+    )
+    assert (remote.ray.storage_path, remote.data.train_shards) == ("s3://bucket/runs", "pipe:cat x.tar")
+
+
+def test_the_default_deepspeed_config_is_found_from_any_folder(tmp_path, shards, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"data": {"train_shards": str(shards)}}))
+    cfg = load_config(tmp_path / "run.yaml")  # no train.deepspeed: the package's own file
+    assert Path(cfg.train.deepspeed) == Path(distpddm.config.__file__).with_name("deepspeed_zero1_cpu.json")
+    same = json.loads((REPO / "configs/deepspeed/zero1_cpu.json").read_text())
+    assert json.loads(Path(cfg.train.deepspeed).read_text()) == same  # the package's copy of zero1_cpu.json
+
+
+def test_a_missing_storage_folder_is_fine_when_its_parent_exists(config_file, tmp_path):
+    assert load_config(config_file(), [f"ray.storage_path={tmp_path}/new"]).ray.storage_path == f"{tmp_path}/new"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match=r"ray.storage_path: .*afile is a file, not a folder"):
+        load_config(config_file(), [f"ray.storage_path={tmp_path}/afile"])
 
 
 def test_loss_config_mirrors_pddmloss_keywords():

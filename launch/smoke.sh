@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One device, configs/smoke.yaml, a few hundred steps (`distpddm smoke`, distpddm/smoke.py): prints images/s,
+# checks that the loss fell and that the exported model loads; bf16 on a GPU, fp32 on a CPU, and says which.
+#   launch/smoke.sh [--steps N] [--device auto|cpu|gpu] [--out DIR] [section.key=value ...]
+# Builds the glyph shards it trains on (shards/out/fonts, as `make shards-fonts`) when they are missing.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "${PY:-}" ]; then
+  if [ -x "$repo/.venv/bin/python" ]; then PY=$repo/.venv/bin/python; else PY=python3; fi
+fi
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" RAY_USAGE_STATS_ENABLED=0
+if [ ! -f "$repo/shards/out/fonts/train/index.json" ]; then
+  "$PY" -m distpddm.cli shards build --source fonts "$repo/shards/out/fonts" --font-size 32 --shard-size 8M --quiet
+fi
+exec "$PY" -m distpddm.cli smoke "$@"
