@@ -3,7 +3,8 @@
 The output folder is ``<ray.storage_path>/<name>/`` (local, shared, or remote through fsspec; see
 :mod:`.outputs`): the resolved config, ``metrics.jsonl``, TensorBoard curves, checkpoints and the exported
 ``model.pt``. Rerunning the same command resumes from the last
-checkpoint there and continues the schedule.
+checkpoint there and continues the schedule. A stop request (SIGUSR1 / SIGTERM; see :mod:`.stop`) saves a
+checkpoint at the current step and raises :class:`~.stop.Preempted`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig, save_config
 from ..errors import RunAborted
+from . import stop
 from .checkpoint import LocalPersistence
 from .loop import ABORTED, ray_train_loop, run_worker
 from .outputs import RunOutput, is_remote, run_location
@@ -51,7 +53,8 @@ def quiet_local_ray() -> None:
 
 
 def train_local(cfg: RunConfig) -> dict:
-    """One process (or every process of a torchrun launch): no Ray, the same worker code."""
+    """One process (or every process of a torchrun launch): no Ray, the same worker code. SIGUSR1 / SIGTERM
+    to any process stop the run at the next step with a checkpoint (:class:`~.stop.Preempted`)."""
     if is_remote(cfg.ray.storage_path):
         raise ValueError(
             f"ray.storage_path={cfg.ray.storage_path!r} is remote: --local keeps checkpoints in a local or shared "
@@ -66,16 +69,24 @@ def train_local(cfg: RunConfig) -> dict:
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     if dist.get_rank() == 0:
         save_config(cfg, out.local / "config.yaml")
+        stop.clear(out)
+    previous = stop.install()
     try:
-        return run_worker(cfg, LocalPersistence(out.local, cfg.train.keep_checkpoints), out)
+        metrics = run_worker(cfg, LocalPersistence(out.local, cfg.train.keep_checkpoints), out)
     finally:
+        stop.restore(previous)
         dist.destroy_process_group()
+    if metrics.pop("preempted", False):  # every rank alike
+        raise stop.Preempted(metrics["step"], out.location)
+    return metrics
 
 
 def train_ray(cfg: RunConfig, address: str | None = None):
     """Ray Train's TorchTrainer with ``ray.num_workers`` workers; restarts failed workers from the last
     checkpoint up to ``ray.max_failures`` times. A deterministic failure (bad data, non-finite losses, a config
-    that cannot work) spends no retry: it raises :class:`RunAborted` with the workers' message."""
+    that cannot work) spends no retry: it raises :class:`RunAborted` with the workers' message. SIGUSR1 /
+    SIGTERM to this process write the run folder's stop request: the workers checkpoint and return, and this
+    raises :class:`~.stop.Preempted`."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -100,6 +111,7 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     out = RunOutput(run_location(storage, cfg.name))
     save_config(cfg, out.local / "config.yaml")
     out.remove(ABORTED)  # an earlier attempt's; this one writes its own if it must stop
+    stop.clear(out)
     out.push()
     resources = {"CPU": cfg.ray.cpus_per_worker}
     trainer = TorchTrainer(
@@ -114,14 +126,29 @@ def train_ray(cfg: RunConfig, address: str | None = None):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )  # fmt: skip
+    # After ray.init, which sets its own SIGTERM handler (exit at once).
+    previous = stop.install(lambda signum, _frame: _request_stop(out, signum))
     try:
         result = trainer.fit()
         aborted = out.read_text(ABORTED)
+        preempted = stop.read_preempted(out)
     finally:
+        stop.restore(previous)
         out.close()
         if started_here:  # leave no local cluster (or a recovered run's leftovers) waiting at exit
             ray.shutdown()
     if aborted:
         why = json.loads(aborted)
         raise RunAborted(f"{why['error']}: {why['message']}")
+    if preempted is not None:
+        raise stop.Preempted(preempted, out.location)
     return result
+
+
+def _request_stop(out: RunOutput, signum: int) -> None:
+    """The driver's signal handler: the workers (elsewhere) see the request in the run folder."""
+    import signal
+    import threading
+
+    log.warning("%s: the workers save a checkpoint at their next step, then stop", signal.Signals(signum).name)
+    threading.Thread(target=out.write_text, args=(stop.STOP_REQUEST, str(signum)), daemon=False).start()
