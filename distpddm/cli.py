@@ -91,6 +91,9 @@ def _shards_verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .train import stop
+
+    stop.install()  # first: SIGUSR1 / SIGTERM from now on stop the run with a checkpoint (exit 3), never kill it
     from .config import ConfigError, load_config
 
     try:

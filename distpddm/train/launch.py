@@ -128,6 +128,8 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     )  # fmt: skip
     # After ray.init, which sets its own SIGTERM handler (exit at once).
     previous = stop.install(lambda signum, _frame: _request_stop(out, signum))
+    if stop.pending():  # a signal while Ray started
+        _request_stop(out, None)
     try:
         result = trainer.fit()
         aborted = out.read_text(ABORTED)
@@ -145,10 +147,11 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     return result
 
 
-def _request_stop(out: RunOutput, signum: int) -> None:
+def _request_stop(out: RunOutput, signum: int | None) -> None:
     """The driver's signal handler: the workers (elsewhere) see the request in the run folder."""
     import signal
     import threading
 
-    log.warning("%s: the workers save a checkpoint at their next step, then stop", signal.Signals(signum).name)
-    threading.Thread(target=out.write_text, args=(stop.STOP_REQUEST, str(signum)), daemon=False).start()
+    what = signal.Signals(signum).name if signum else "a stop request"
+    log.warning("%s: the workers save a checkpoint at their next step, then stop", what)
+    threading.Thread(target=out.write_text, args=(stop.STOP_REQUEST, what), daemon=False).start()

@@ -17,9 +17,6 @@ import signal
 import threading
 import time
 
-import torch
-import torch.distributed as dist
-
 from .outputs import RunOutput
 
 log = logging.getLogger("distpddm.train")
@@ -47,17 +44,24 @@ def request(signum: int | None = None, _frame=None) -> None:
     _requested.set()
 
 
+def pending() -> bool:
+    """A signal came to this process (before the run could pass it on, e.g. while Ray started)."""
+    return _requested.is_set()
+
+
 def install(handler=request) -> dict:
-    """``handler`` for :data:`SIGNALS` (main thread only); returns the previous handlers for :func:`restore`."""
+    """``handler`` for :data:`SIGNALS` (main thread only); returns the previous handlers for :func:`restore`.
+    The CLI installs :func:`request` first thing, so a signal during start-up is kept, not fatal."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    _requested.clear()
     return {s: signal.signal(s, handler) for s in SIGNALS}
 
 
 def restore(previous: dict) -> None:
+    """The handlers before :func:`install`; a request not acted on is dropped."""
     for s, h in previous.items():
         signal.signal(s, h)
+    _requested.clear()
 
 
 class StopWatch:
@@ -76,8 +80,11 @@ class StopWatch:
         self._next_poll = time.monotonic() + self.poll_s
         return self.out.read_text(STOP_REQUEST) is not None
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self, device) -> bool:
         """Collective: True on every rank when any rank has a request."""
+        import torch  # here: the CLI imports this module before anything heavy
+        import torch.distributed as dist
+
         flag = self._local()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return flag
