@@ -21,7 +21,7 @@ def test_workers_follow_the_gpus_else_one_per_node_with_all_its_cpus():
 def test_ports_differ_between_jobs_and_stay_below_the_ephemeral_range():
     a, b = ports(1000), ports(1001)
     assert len(set(a.values())) == len(a) and not set(a.values()) & set(b.values())
-    assert a["min-worker"] < a["max-worker"] < b["port"]
+    assert a["min-worker"] < a["max-worker"] < b["gcs"]
     assert max(max(ports(j).values()) for j in range(200)) < 32768
     assert 6379 not in {p for j in range(200) for p in ports(j).values()}  # not Ray's default
 

@@ -19,8 +19,8 @@ import time
 from collections.abc import Mapping
 
 BASE, BLOCK, SLOTS = 20000, 200, 63  # ports 20000..32599: below Linux's ephemeral range (32768-60999)
-PORT_NAMES = (  # ray start's --<name>-port, in the job's block
-    "port", "node-manager", "object-manager", "ray-client-server", "dashboard-agent-listen",
+PORT_NAMES = (  # ray start's --<name>-port ("gcs": --port), in the job's block
+    "gcs", "node-manager", "object-manager", "ray-client-server", "dashboard-agent-listen",
     "dashboard-agent-grpc", "metrics-export", "runtime-env-agent",
 )  # fmt: skip
 WORKER_PORTS = 10  # offset of the worker port range (to the end of the block)
