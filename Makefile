@@ -8,7 +8,7 @@ FONTS_DIR := /usr/share/fonts/truetype/aenigma
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install fonts chromium netns-tools test test-fast demo demo-core smoke shards-fonts lint format bench-mining bench-losses bench-builder rehearsal clean
+.PHONY: install fonts chromium netns-tools slurm test test-fast demo demo-core smoke shards-fonts lint format bench-mining bench-losses bench-builder rehearsal clean
 
 install: $(STAMP) fonts
 
@@ -43,6 +43,16 @@ chromium:
 netns-tools:
 	@if ! command -v ip >/dev/null; then \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; \
+	fi
+
+# Debian's Slurm and munge for tests/test_slurm.py, which starts a one-node cluster of its own on 127.0.0.1
+# (not part of `install`: the test installs them itself when missing and run as root, and skips saying why
+# otherwise). The test runs its own daemons with its own config, not the packages' services.
+slurm:
+	@if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null || \
+		! command -v munged >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd \
+			slurm-client munge; \
 	fi
 
 test: install

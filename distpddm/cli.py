@@ -91,6 +91,9 @@ def _shards_verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .train import stop
+
+    stop.install()  # first: SIGUSR1 / SIGTERM from now on stop the run with a checkpoint (exit 3), never kill it
     from .config import ConfigError, load_config
 
     try:
@@ -99,6 +102,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .errors import DeterministicError
+    from .train.stop import EXIT_PREEMPTED, Preempted
 
     try:
         if args.local:
@@ -116,6 +120,9 @@ def _train(args: argparse.Namespace) -> int:
     except DeterministicError as e:  # retrying cannot fix it: the message says what to change
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Preempted as p:
+        print(f"preempted: checkpoint at step {p.step} in {p.location}; the same command resumes from it")
+        return EXIT_PREEMPTED
     print(
         f"done: step {int(metrics.get('step', 0))}, loss {metrics.get('loss', float('nan')):.3f}, "
         f"embedding spread {metrics.get('spread', float('nan')):.3f}; output in {cfg.output_location()}"
@@ -305,10 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``train``'s ``key=value`` overrides may also follow its options
+    (``train CONFIG --address A ray.num_workers=4``), in the order given. (``parse_intermixed_args`` refuses
+    parsers with sub-commands.)"""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
     except (SourceError, FileNotFoundError, ValueError) as e:

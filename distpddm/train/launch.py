@@ -3,7 +3,8 @@
 The output folder is ``<ray.storage_path>/<name>/`` (local, shared, or remote through fsspec; see
 :mod:`.outputs`): the resolved config, ``metrics.jsonl``, TensorBoard curves, checkpoints and the exported
 ``model.pt``. Rerunning the same command resumes from the last
-checkpoint there and continues the schedule.
+checkpoint there and continues the schedule. A stop request (SIGUSR1 / SIGTERM; see :mod:`.stop`) saves a
+checkpoint at the current step and raises :class:`~.stop.Preempted`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig, save_config
 from ..errors import ClusterResourcesError, RunAborted
+from . import stop
 from .checkpoint import LocalPersistence
 from .loop import ABORTED, ray_train_loop, run_worker
 from .outputs import RunOutput, is_remote, run_location
@@ -214,7 +216,8 @@ class ResourceWatch:
 
 
 def train_local(cfg: RunConfig) -> dict:
-    """One process (or every process of a torchrun launch): no Ray, the same worker code."""
+    """One process (or every process of a torchrun launch): no Ray, the same worker code. SIGUSR1 / SIGTERM
+    to any process stop the run at the next step with a checkpoint (:class:`~.stop.Preempted`)."""
     if is_remote(cfg.ray.storage_path):
         raise ValueError(
             f"ray.storage_path={cfg.ray.storage_path!r} is remote: --local keeps checkpoints in a local or shared "
@@ -229,10 +232,16 @@ def train_local(cfg: RunConfig) -> dict:
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     if dist.get_rank() == 0:
         save_config(cfg, out.local / "config.yaml")
+        stop.clear(out)
+    previous = stop.install()
     try:
-        return run_worker(cfg, LocalPersistence(out.local, cfg.train.keep_checkpoints), out)
+        metrics = run_worker(cfg, LocalPersistence(out.local, cfg.train.keep_checkpoints), out)
     finally:
+        stop.restore(previous)
         dist.destroy_process_group()
+    if metrics.pop("preempted", False):  # every rank alike
+        raise stop.Preempted(metrics["step"], out.location)
+    return metrics
 
 
 def train_ray(cfg: RunConfig, address: str | None = None):
@@ -240,7 +249,8 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     failed workers from the last checkpoint up to ``ray.max_failures`` times. A deterministic failure (bad data,
     non-finite losses, a config that cannot work) spends no retry: it raises :class:`RunAborted` with the
     workers' message. A cluster that cannot host the workers for ``ray.resources_timeout_s`` (a lost node not
-    back) raises :class:`ClusterResourcesError`."""
+    back) raises :class:`ClusterResourcesError`. SIGUSR1 / SIGTERM to this process write the run folder's
+    stop request: the workers checkpoint and return, and this raises :class:`~.stop.Preempted`."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -252,6 +262,7 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     out = RunOutput(run_location(storage, cfg.name))
     save_config(cfg, out.local / "config.yaml")
     out.remove(ABORTED)  # an earlier attempt's; this one writes its own if it must stop
+    stop.clear(out)
     out.push()
     resources = {"CPU": cfg.ray.cpus_per_worker}
     trainer = TorchTrainer(
@@ -268,6 +279,10 @@ def train_ray(cfg: RunConfig, address: str | None = None):
         ),
     )  # fmt: skip
     watch = ResourceWatch(cfg)
+    # After ray.init, which sets its own SIGTERM handler (exit at once).
+    previous = stop.install(lambda signum, _frame: _request_stop(out, signum))
+    if stop.pending():  # a signal while Ray started
+        _request_stop(out, None)
     try:
         watch.wait_until_fit()
         with watch:
@@ -279,11 +294,25 @@ def train_ray(cfg: RunConfig, address: str | None = None):
         if watch.reason is not None:
             raise ClusterResourcesError(watch.reason)
         aborted = out.read_text(ABORTED)
+        preempted = stop.read_preempted(out)
     finally:
+        stop.restore(previous)
         out.close()
         if started_here:  # leave no local cluster (or a recovered run's leftovers) waiting at exit
             ray.shutdown()
     if aborted:
         why = json.loads(aborted)
         raise RunAborted(f"{why['error']}: {why['message']}")
+    if preempted is not None:
+        raise stop.Preempted(preempted, out.location)
     return result
+
+
+def _request_stop(out: RunOutput, signum: int | None) -> None:
+    """The driver's signal handler: the workers (elsewhere) see the request in the run folder."""
+    import signal
+    import threading
+
+    what = signal.Signals(signum).name if signum else "a stop request"
+    log.warning("%s: the workers save a checkpoint at their next step, then stop", what)
+    threading.Thread(target=out.write_text, args=(stop.STOP_REQUEST, what), daemon=False).start()

@@ -36,6 +36,7 @@ from .faults import agree
 from .metrics_log import MetricsLog, own_log_handler
 from .outputs import RunOutput
 from .schedule import Schedule, apply_config, param_groups, set_learning_rates
+from .stop import StopWatch, write_preempted
 
 log = logging.getLogger("distpddm.train")
 ABORTED = "aborted.json"  # in the run folder: why the last attempt stopped for good
@@ -118,7 +119,8 @@ def _open_stream(cfg: RunConfig, world: int, rank: int):
 def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict:
     """Train until ``train.steps``, resuming from the latest checkpoint when there is one. Returns the last
     metrics (on every rank). Rank 0 writes the run's files to ``out`` (copied up at each checkpoint and at
-    the end when the storage is remote). A :class:`DeterministicError` is raised on every rank together."""
+    the end when the storage is remote). A :class:`DeterministicError` is raised on every rank together. A stop
+    request (:mod:`.stop`) ends it early after a checkpoint at that step, with ``"preempted": True``."""
     # DeepSpeed 0.19's ZeRO all-gather calls a torch.distributed API that torch 2.14 deprecates: once per step.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated", category=FutureWarning)
     rank, world = rank_and_world()
@@ -186,6 +188,7 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
     baseline: dict = resumed.baseline  # the untrained network's Recall@K ("val0_*"), beside the current one
     nonfinite = skipped_steps = 0
     step = start
+    watch, stop = StopWatch(out, rank), False  # a stop request (preemption): checkpoint at once, then return
     try:
         if cfg.data.val_shards and cfg.train.val_at_start and start == 0:
             initial = validate(cfg, net, device)
@@ -266,9 +269,10 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
                     val_error = e
             last = last | fresh  # the latest of each figure: what checkpoints and Ray reports carry
             ckpt_due = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+            stop = step < cfg.train.steps and watch.agreed(device)
             if fresh:
                 metrics_log.write(step, fresh)
-            if ckpt_due:
+            if ckpt_due or stop:
                 stream_state.epoch_all = _max_over_ranks(stream_state.epoch, device)
                 staging = save_checkpoint(engine, persistence, cfg, step, schedule, stream_state, last, baseline)
                 persistence.report({"step": step, **baseline, **last}, staging)
@@ -279,14 +283,19 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
                 persistence.report({"step": step, **baseline, **last}, None)
             if val_error is not None:
                 raise val_error
-        if rank == 0:
+            if stop:
+                break
+        if rank == 0 and stop:  # the driver reads it: resumable, not finished
+            write_preempted(out, step)
+            log.warning("stopped on request at step %d (checkpoint saved); rerun the same command to resume", step)
+        elif rank == 0:
             export_model(net, out.local / "model.pt", criterion=criterion, image_size=cfg.data.image_size)
     finally:
         metrics_log.close()
         if rank == 0:
             out.push()
         out.close()
-    return baseline | last | {"step": step}
+    return baseline | last | {"step": step} | ({"preempted": True} if stop else {})
 
 
 def ray_train_loop(loop_config: dict) -> None:

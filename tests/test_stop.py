@@ -1,0 +1,128 @@
+"""Stop requests (preemption): SIGUSR1 / SIGTERM to ``distpddm train`` save a checkpoint at the current step
+and exit with status 3; the same command resumes from it. Local and Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def font_shards(tmp_path_factory):
+    from distpddm.data.shards import BuildOptions, build
+    from distpddm.data.sources import read_source
+
+    root = tmp_path_factory.mktemp("stop")
+    fixtures.copy_fonts(root / "fonts", 30)
+    os.environ.setdefault("DISTPDDM_CACHE", str(root / "cache"))
+    plan = read_source("fonts", None, fonts=[root / "fonts"], font_size=32)
+    build(plan, root / "shards", BuildOptions(shard_bytes=1_500_000, progress=False))
+    return root / "shards" / "train"
+
+
+def _args(shards, out, name, steps, extra=()):
+    return [
+        "train",
+        "configs/smoke.yaml",
+        f"name={name}",
+        f"ray.storage_path={out}",
+        f"data.train_shards={shards}",
+        f"train.steps={steps}",
+        "train.checkpoint_every=1000",  # no periodic checkpoint: the one found is the stop's
+        "train.log_every=1",
+        "train.progress=false",
+        "data.loader_workers=1",
+        *extra,
+    ]
+
+
+def _logged_steps(run: Path) -> list[int]:
+    if not (run / "metrics.jsonl").exists():
+        return []
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _signal_after(args, run: Path, sig, after_step: int, env) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``distpddm`` and send ``sig`` once ``after_step`` steps are logged; (result, seconds to exit)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distpddm.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    sent = None
+    try:
+        deadline = time.time() + 500
+        while proc.poll() is None and time.time() < deadline and sent is None:
+            time.sleep(0.2)
+            if max(_logged_steps(run), default=0) >= after_step:
+                proc.send_signal(sig)
+                sent = time.time()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sent is not None, f"the run ended before the signal: {err[-3000:]}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.time() - sent
+
+
+def _cli(args, env):
+    return subprocess.run(
+        [sys.executable, "-m", "distpddm.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_sigusr1_to_a_local_run_checkpoints_the_current_step_and_a_rerun_resumes_there(font_shards, tmp_path):
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    args = _args(font_shards, tmp_path, "local", 200)
+    run = tmp_path / "local"
+    result, took = _signal_after(["train", "--local", *args[1:]], run, signal.SIGUSR1, 3, env)
+    assert result.returncode == 3, result.stderr[-3000:]
+    stopped = json.loads((run / "preempted.json").read_text())["step"]
+    assert 3 <= stopped < 200
+    assert f"preempted: checkpoint at step {stopped}" in result.stdout
+    assert (run / "checkpoints" / "latest").read_text() == f"step-{stopped:08d}"
+    assert not (run / "model.pt").exists()  # not finished: no final export
+    assert max(_logged_steps(run)) == stopped
+    print(f"local: exit {took:.1f} s after SIGUSR1, at step {stopped}")
+
+    again = _cli(["train", "--local", *args[1:], f"train.steps={stopped + 3}"], env)  # the last one wins
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at step {stopped}" in again.stderr and not (run / "preempted.json").exists()
+    assert _logged_steps(run)[-3:] == [stopped + 1, stopped + 2, stopped + 3]
+    assert (run / "model.pt").exists()
+
+
+def test_sigterm_to_a_ray_driver_stops_every_worker_at_one_step_without_a_retry(font_shards, tmp_path):
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    args = _args(font_shards, tmp_path, "ray", 300, ["ray.num_workers=2", "ray.max_failures=2"])
+    run = tmp_path / "ray"
+    result, took = _signal_after(args, run, signal.SIGTERM, 3, env)
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-3000:]
+    stopped = json.loads((run / "preempted.json").read_text())["step"]
+    assert 3 <= stopped < 300 and f"preempted: checkpoint at step {stopped}" in result.stdout
+    saved = [json.loads(p.read_text())["step"] for p in run.glob("checkpoint_*/distpddm_state.json")]
+    assert saved == [stopped]  # the stop's checkpoint, reported to Ray by both ranks (data_rank0/1)
+    ckpt = next(run.glob("checkpoint_*"))
+    assert (ckpt / "data_rank0.json").exists() and (ckpt / "data_rank1.json").exists()
+    # A success to Ray, no retry: a restarted attempt would resume at the stop's checkpoint, meet the stop
+    # request again and save (and log) one step more.
+    assert max(_logged_steps(run)) == stopped and "TrainingFailedError" not in result.stderr
+    print(f"ray: exit {took:.1f} s after SIGTERM, at step {stopped}")
+
+    again = _cli([*args, f"train.steps={stopped + 2}"], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"done: step {stopped + 2}" in again.stdout and not (run / "preempted.json").exists()
+    assert _logged_steps(run)[-2:] == [stopped + 1, stopped + 2]  # resumed there, not from step 0
