@@ -507,9 +507,10 @@ def unsupported_deepspeed(ds: dict) -> list[str]:
     return why
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed config file with the batch sizes filled in from the run config."""
-    ds = json.loads(Path(cfg.train.deepspeed).read_text())
+def deepspeed_config(cfg: RunConfig, world_size: int, base: dict | None = None) -> dict:
+    """The DeepSpeed config file (or ``base``, its contents read by the driver: on another node the file's path
+    may not exist) with the batch sizes filled in from the run config."""
+    ds = json.loads(Path(cfg.train.deepspeed).read_text()) if base is None else json.loads(json.dumps(base))
     why = unsupported_deepspeed(ds)
     if why:  # configs are checked at load; this guards callers that build a RunConfig by hand
         raise ConfigError(f"{cfg.train.deepspeed}: " + "; ".join(why))

@@ -225,3 +225,21 @@ def test_loss_config_mirrors_pddmloss_keywords():
     params = inspect.signature(PDDMLoss).parameters
     for f in dataclasses.fields(LossConfig):
         assert f.name in params and params[f.name].default == f.default, f.name
+
+
+def test_workers_take_the_deepspeed_settings_the_driver_read(config_file):
+    """On Ray the driver ships the DeepSpeed file's contents: a worker on another node need not see its path
+    (a Ray job's working folder differs per node)."""
+    import dataclasses
+
+    cfg = load_config(config_file())
+    base = {"zero_optimization": {"stage": 1}, "gradient_clipping": 2.0}
+    moved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, deepspeed="/nowhere/zero1.json"))
+    ds = deepspeed_config(moved, 2, base)
+    assert ds["zero_optimization"] == {"stage": 1} and ds["gradient_clipping"] == 2.0
+    assert ds["train_batch_size"] == 2 * cfg.local_batch
+    assert "train_batch_size" not in base  # the shipped dict is not changed in place
+    with pytest.raises(FileNotFoundError):
+        deepspeed_config(moved, 2)
+    with pytest.raises(ConfigError, match="ZeRO-3|stage 3"):
+        deepspeed_config(moved, 2, {"zero_optimization": {"stage": 3}})

@@ -267,7 +267,8 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     resources = {"CPU": cfg.ray.cpus_per_worker}
     trainer = TorchTrainer(
         ray_train_loop,
-        train_loop_config={"config": cfg.to_dict(), "output": out.location},
+        train_loop_config={"config": cfg.to_dict(), "output": out.location,
+                           "deepspeed": json.loads(Path(cfg.train.deepspeed).read_text())},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                                resources_per_worker=resources,

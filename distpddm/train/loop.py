@@ -52,7 +52,7 @@ class Trainable(nn.Module):
         self.net, self.criterion = net, criterion
 
 
-def build_engine(cfg: RunConfig, device: torch.device, world: int):
+def build_engine(cfg: RunConfig, device: torch.device, world: int, deepspeed_base: dict | None = None):
     """(DeepSpeed engine, its optimiser, the parameter groups) for ``cfg``: every weight fp32, the backbone
     computing in ``train.precision``."""
     import deepspeed
@@ -65,7 +65,7 @@ def build_engine(cfg: RunConfig, device: torch.device, world: int):
     engine, optimizer, _, _ = deepspeed.initialize(
         model=Trainable(net, criterion),
         optimizer=optimizer,
-        config=deepspeed_config(cfg, world),
+        config=deepspeed_config(cfg, world, deepspeed_base),
         dist_init_required=world > 1 and not dist.is_initialized(),
     )
     return engine, optimizer, groups
@@ -116,7 +116,7 @@ def _open_stream(cfg: RunConfig, world: int, rank: int):
     return shard_set
 
 
-def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict:
+def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput, deepspeed_base: dict | None = None) -> dict:
     """Train until ``train.steps``, resuming from the latest checkpoint when there is one. Returns the last
     metrics (on every rank). Rank 0 writes the run's files to ``out`` (copied up at each checkpoint and at
     the end when the storage is remote). A :class:`DeterministicError` is raised on every rank together. A stop
@@ -135,7 +135,7 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput) -> dict
         error = e if isinstance(e, DeterministicError) else DeterministicError(str(e))
     agree(error, device)
 
-    engine, optimizer, groups = build_engine(cfg, device, world)
+    engine, optimizer, groups = build_engine(cfg, device, world, deepspeed_base)
     with persistence.latest() as ckpt:
         resumed = load_checkpoint(engine, ckpt, cfg)
     apply_config(optimizer, groups, cfg)
@@ -314,7 +314,12 @@ def ray_train_loop(loop_config: dict) -> None:
         stale.remove(ABORTED)
         stale.close()
     try:
-        run_worker(from_dict(loop_config["config"]), RayPersistence(), RunOutput(loop_config["output"]))
+        run_worker(
+            from_dict(loop_config["config"]),
+            RayPersistence(),
+            RunOutput(loop_config["output"]),
+            loop_config.get("deepspeed"),  # read by the driver: the file may sit in its own job folder
+        )
     except DeterministicError as e:
         log.error("the run stops: %s", e)
         if rank_and_world()[0] == 0:
