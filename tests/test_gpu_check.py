@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from distpddm.data.shards import BuildOptions, build
 from distpddm.data.sources import read_source
@@ -57,7 +58,8 @@ def test_without_a_gpu_the_reduced_checks_run_end_to_end_and_pass(glyph_shards, 
     assert smoke["steps"] == 30 and smoke["precision"] == "fp32"
     export = smoke["export"]
     assert export["ok"] and export["weights_fp32"] and export["embedding_dtype"] == "float32"
-    assert export["embedding_shape"] == [64, 32] and export["max_norm_error"] < 1e-3
+    smoke_dim = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())["model"]["embed_dim"]
+    assert export["embedding_shape"] == [64, smoke_dim] and export["max_norm_error"] < 1e-3
 
     tput = checks["throughput"]
     assert tput["backbone"] == "small_cnn" and tput["images_per_step"] == 32 and tput["steps"] == 20
