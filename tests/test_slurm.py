@@ -72,7 +72,10 @@ def _overrides(shards: Path, storage: Path, name: str, steps: int, extra=()) -> 
         f"train.steps={steps}",
         "train.progress=false",
         "data.loader_workers=1",
-        *extra,
+        "train.log_every=5",  # the assertions' own cadence, whatever configs/smoke.yaml says
+        "train.checkpoint_every=10",
+        "train.keep_checkpoints=1",
+        *extra,  # later overrides win
     ]
 
 

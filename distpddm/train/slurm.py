@@ -22,6 +22,7 @@ BASE, BLOCK, SLOTS = 20000, 200, 63  # ports 20000..32599: below Linux's ephemer
 PORT_NAMES = (  # ray start's --<name>-port ("gcs": --port), in the job's block
     "gcs", "node-manager", "object-manager", "ray-client-server", "dashboard-agent-listen",
     "dashboard-agent-grpc", "metrics-export", "runtime-env-agent",
+    "dashboard",  # with ray[default] the head runs a dashboard process even with --include-dashboard=false
 )  # fmt: skip
 WORKER_PORTS = 10  # offset of the worker port range (to the end of the block)
 
