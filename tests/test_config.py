@@ -153,3 +153,16 @@ def test_loss_config_mirrors_pddmloss_keywords():
     params = inspect.signature(PDDMLoss).parameters
     for f in dataclasses.fields(LossConfig):
         assert f.name in params and params[f.name].default == f.default, f.name
+
+
+def test_pretrained_takes_true_a_weights_name_or_a_file(config_file, tmp_path):
+    """true and torchvision weights names are kept as given (not made into paths, not checked on disk);
+    anything else is a file that must exist."""
+    assert load_config(config_file(), ["model.pretrained=true"]).model.pretrained is True
+    for name in ("IMAGENET1K_V1", "ResNet50_Weights.DEFAULT"):
+        assert load_config(config_file(), [f"model.pretrained={name}"]).model.pretrained == name
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    assert load_config(config_file(), [f"model.pretrained={weights}"]).model.pretrained == str(weights)
+    with pytest.raises(ConfigError, match="model.pretrained: no file at .*weights.pth"):
+        load_config(config_file(), ["model.pretrained=weights.pth"])
