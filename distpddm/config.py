@@ -73,6 +73,9 @@ class LossConfig:
     chunk: int | None = None
     candidates: int | None = None
     metric_grad: bool = True
+    metric_grad_after: int | None = None  # with metric_grad false: E_m's gradient reaches the embedding after it
+    memory: int = 0  # cross-batch memory: embeddings of recent global batches mined against (0: off)
+    memory_warmup: int = 0  # steps before the memory is mined against
 
 
 @dataclass(frozen=True)
@@ -340,6 +343,15 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     need(loss.distance in DISTANCES, f"loss.distance must be one of {DISTANCES}, got {loss.distance!r}")
     for k in ("alpha", "beta", "lam"):
         need(getattr(loss, k) >= 0, f"loss.{k} must be >= 0, got {getattr(loss, k)}")
+    if loss.metric_grad_after is not None:
+        need(
+            not loss.metric_grad,
+            "loss.metric_grad_after switches the metric head's gradient on after that step; set loss.metric_grad: "
+            "false (or drop metric_grad_after to keep it on throughout)",
+        )
+        need(loss.metric_grad_after >= 0, f"loss.metric_grad_after must be >= 0, got {loss.metric_grad_after}")
+    need(loss.memory >= 0, f"loss.memory must be >= 0 (0: no cross-batch memory), got {loss.memory}")
+    need(loss.memory_warmup >= 0, f"loss.memory_warmup must be >= 0, got {loss.memory_warmup}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
