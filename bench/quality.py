@@ -167,9 +167,10 @@ def cmd_table(args) -> None:
     names = [n for n in ROWS if any(r["name"] == n for r in rows)]
     keys = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
     print(
-        f"| criterion ({args.steps} steps) | seeds | R@1 | R@2 | R@4 | R@8 | MAP@R | R@1 curve | AUC Eucl. / learned |"
+        f"| criterion ({args.steps} steps) | seeds | R@1 | R@2 | R@4 | R@8 | MAP@R | R@1 curve | AUC Eucl. / learned"
+        " | distance pos / neg |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in names:
         rs = [r for r in rows if r["name"] == n]
         cells = [_ms([r["final"][k] for r in rs]) for k in keys]
@@ -179,7 +180,9 @@ def cmd_table(args) -> None:
         auc_e = np.mean([r["separation"]["negative Euclidean distance"] for r in rs])
         learned = [v for r in rs for k, v in r["separation"].items() if k.endswith("score")]
         auc = f"{auc_e:.3f}" + (f" / {np.mean(learned):.3f}" if learned else "")
-        print(f"| {ROWS[n][0]} | {len(rs)} | " + " | ".join(cells) + f" | {curve} | {auc} |")
+        pos, neg = np.mean([r["separation"]["negative Euclidean distance mean pos/neg"] for r in rs], axis=0)
+        dist = f"{-pos:.2f} / {-neg:.2f}"
+        print(f"| {ROWS[n][0]} | {len(rs)} | " + " | ".join(cells) + f" | {curve} | {auc} | {dist} |")
     rr = [r for r in rows if "rerank" in r]
     if rr:
         print("\n| criterion | Euclidean R@1 of the top 8 | re-ranked by the learned metric |\n|---|---|---|")
