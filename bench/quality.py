@@ -1,0 +1,214 @@
+"""The quality study: PDDMLoss variants beside pytorch-metric-learning losses, held-out classes, same everything.
+
+Same network (SmallCNN 32-64-128-128 with batch norm, from random init, 128-d), data (fonts-aenigma glyphs,
+32 px, train / test fonts disjoint, 4-px pad-and-crop), P x K batches (16 x 4), optimiser (AdamW 1e-3, weight
+decay 1e-4, cosine to zero) and steps for every row; only the criterion differs. Held-out Recall@1/2/4/8 and
+MAP@R (``distpddm.retrieval``) at the ``--curve`` steps; for PDDM rows also re-ranking of the top 8 by the
+learned metric and the separation (ROC AUC) of positive and negative pair similarities under the learned
+metric and under Euclidean distance. One training at a time (one thread); every finished run is appended to
+``--out`` (JSON lines) at once, so a stopped study keeps what it has and a rerun skips what is done::
+
+    python bench/quality.py run --rows pml_ms pddm_shipped --seeds 0 1 2 [--steps 1000]
+    python bench/quality.py table            # mean +- spread over seeds, markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distpddm import PDDMLoss  # noqa: E402
+from distpddm.data.glyphs import load_glyphs  # noqa: E402
+from distpddm.evaluate import embed  # noqa: E402
+from distpddm.model import SmallCNN  # noqa: E402
+from distpddm.retrieval import retrieval_metrics  # noqa: E402
+from distpddm.train.inmemory import fit_in_memory, images_to_tensor  # noqa: E402
+
+DIM = 128
+OUT = Path(__file__).resolve().parents[1] / "docs" / "quality.jsonl"
+SHIPPED = {"alpha": 0.1, "beta": 0.2, "lam": 0.5, "metric_grad": False}  # configs/fonts.yaml's loss
+
+#: name -> (description, PDDMLoss kwargs, or the name of a pytorch-metric-learning recipe)
+ROWS: dict[str, tuple[str, dict | str]] = {
+    "pml_triplet": ("PML TripletMarginLoss(0.2) + BatchHardMiner", "pml_triplet"),
+    "pml_ms": ("PML MultiSimilarityLoss + MultiSimilarityMiner", "pml_ms"),
+    "pml_contrastive": ("PML ContrastiveLoss (defaults)", "pml_contrastive"),
+    "pddm_shipped": ("PDDM shipped from-scratch (a .1, b .2, metric_grad off), per anchor", SHIPPED),
+    "pddm_batch": ("PDDM shipped, one quadruplet per batch (the paper's form)", SHIPPED | {"mode": "batch"}),
+    "pddm_defaults": ("PDDM loss defaults (a .5, b 1, lam .5, metric_grad on)", {}),
+    "pddm_mg250": ("PDDM shipped, metric_grad on after step 250", SHIPPED | {"metric_grad_after": 250}),
+    "pddm_mg500": ("PDDM shipped, metric_grad on after step 500", SHIPPED | {"metric_grad_after": 500}),
+    "pddm_xbm": ("PDDM shipped + cross-batch memory 1024 (after 100 steps)", SHIPPED | {"memory": 1024}),
+    "pddm_xbm4k": ("PDDM shipped + cross-batch memory 4096 (after 100 steps)", SHIPPED | {"memory": 4096}),
+    "pddm_b04": ("PDDM shipped with beta .4", SHIPPED | {"beta": 0.4}),
+    "pddm_lam1": ("PDDM shipped with lam 1", SHIPPED | {"lam": 1.0}),
+    "euclid_shipped": ("double-header loss, Euclidean mining (shipped margins)", SHIPPED | {"metric": "euclidean"}),
+    "mahal_shipped": ("double-header loss, Mahalanobis mining (shipped margins)", SHIPPED | {"metric": "mahalanobis"}),
+    "pddm_em_only": ("PDDM, E_m only (lam 0, metric_grad on)", {"alpha": 0.1, "beta": 0.2, "lam": 0.0}),
+    "pddm_both": ("PDDM, E_m + E_e both into the embedding (metric_grad on)", {"alpha": 0.1, "beta": 0.2}),
+}
+MEMORY_WARMUP = 100
+
+
+def criterion_for(spec):
+    if isinstance(spec, str):
+        from pytorch_metric_learning import losses, miners
+
+        loss, miner = {
+            "pml_ms": (losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()),
+            "pml_triplet": (losses.TripletMarginLoss(margin=0.2), miners.BatchHardMiner()),
+            "pml_contrastive": (losses.ContrastiveLoss(), None),
+        }[spec]
+        return lambda e, y: loss(e, y, miner(e, y)) if miner is not None else loss(e, y)
+    spec = dict(spec)
+    if "memory" in spec:
+        spec["memory_warmup"] = MEMORY_WARMUP
+    return PDDMLoss(DIM, **spec)
+
+
+def pad_crop(pad: int):
+    """Random ``pad``-pixel translation per image (the background, -1, fills the border)."""
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)
+        dy, dx = torch.randint(0, 2 * pad + 1, (2, n)).tolist()
+        return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+
+    return augment
+
+
+def separation(sims: dict) -> dict[str, float]:
+    """ROC AUC of positive over negative pair similarities (1 = perfectly separated, .5 = chance)."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for name, d in sims.items():
+        y = np.r_[np.ones(len(d["positive"])), np.zeros(len(d["negative"]))]
+        out[name] = float(roc_auc_score(y, np.r_[d["positive"], d["negative"]]))
+        out[f"{name} mean pos/neg"] = [float(d["positive"].mean()), float(d["negative"].mean())]
+    return out
+
+
+def run_one(name: str, seed: int, steps: int, curve_at: tuple[int, ...]) -> dict:
+    from distpddm.rerank import pair_similarities, rerank
+
+    glyphs = load_glyphs(size=32)
+    train, test = glyphs.split(0.5, seed=0)
+    x_test = images_to_tensor(test.images)
+    torch.manual_seed(seed)
+    model = SmallCNN(DIM, in_channels=1, width=32)
+    criterion = criterion_for(ROWS[name][1])
+
+    def evaluate(m) -> dict:
+        f = retrieval_metrics(embed(m, x_test), test.labels, (1, 2, 4, 8))
+        return {k: float(f[k]) for k in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")}
+
+    start = time.perf_counter()
+    res = fit_in_memory(
+        model, criterion, train.images, train.labels, test.images, test.labels, steps=steps, seed=seed,
+        progress=False, log_every=max(1, steps // 20), cosine=True, augment=pad_crop(4), eval_at=curve_at,
+        evaluate=evaluate, recall_before=False, lr=1e-3, weight_decay=1e-4,
+    )  # fmt: skip
+    out = {"name": name, "seed": seed, "steps": steps, "seconds": time.perf_counter() - start}
+    out["curve"] = {str(s): v for s, v in res.curve.items()}
+    out["final"] = res.curve.get(steps) or evaluate(model)
+    out["history"] = res.history
+    if isinstance(criterion, PDDMLoss):
+        emb = embed(model, x_test)
+        scorer = None if criterion.metric == "euclidean" else criterion.scorer
+        if scorer is not None:
+            out["rerank"] = rerank(emb, test.labels, scorer, top_n=8)
+        out["separation"] = separation(pair_similarities(emb, test.labels, scorer))
+    else:
+        out["separation"] = separation(pair_similarities(embed(model, x_test), test.labels, None))
+    return out
+
+
+def done(path: Path) -> set[tuple[str, int, int]]:
+    if not path.exists():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["name"], r["seed"], r["steps"]) for r in rows}
+
+
+def cmd_run(args) -> None:
+    torch.set_num_threads(args.threads)
+    curve_at = tuple(sorted({s for s in args.curve if s < args.steps} | {args.steps}))
+    for seed in args.seeds:  # every row's first seed before any row's second: partial studies stay comparable
+        for name in args.rows:
+            if (name, seed, args.steps) in done(args.out):
+                continue
+            r = run_one(name, seed, args.steps, curve_at)
+            with args.out.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            c = " ".join(f"{s}:{v['recall@1']:.3f}" for s, v in r["curve"].items())
+            print(
+                f"{name:>16} seed {seed}: R@1 {c}  MAP@R {r['final']['map@r']:.3f}  ({r['seconds']:.0f} s)", flush=True
+            )
+
+
+def _ms(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def cmd_table(args) -> None:
+    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["steps"] == args.steps]
+    names = [n for n in ROWS if any(r["name"] == n for r in rows)]
+    keys = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
+    print(
+        f"| criterion ({args.steps} steps) | seeds | R@1 | R@2 | R@4 | R@8 | MAP@R | R@1 curve | AUC Eucl. / learned"
+        " | distance pos / neg |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n in names:
+        rs = [r for r in rows if r["name"] == n]
+        cells = [_ms([r["final"][k] for r in rs]) for k in keys]
+        steps = sorted({int(s) for r in rs for s in r["curve"]})
+        curve = " / ".join(f"{np.mean([r['curve'][str(s)]['recall@1'] for r in rs if str(s) in r['curve']]):.3f}"
+                           for s in steps)  # fmt: skip
+        auc_e = np.mean([r["separation"]["negative Euclidean distance"] for r in rs])
+        learned = [v for r in rs for k, v in r["separation"].items() if k.endswith("score")]
+        auc = f"{auc_e:.3f}" + (f" / {np.mean(learned):.3f}" if learned else "")
+        pos, neg = np.mean([r["separation"]["negative Euclidean distance mean pos/neg"] for r in rs], axis=0)
+        dist = f"{-pos:.2f} / {-neg:.2f}"
+        print(f"| {ROWS[n][0]} | {len(rs)} | " + " | ".join(cells) + f" | {curve} | {auc} | {dist} |")
+    rr = [r for r in rows if "rerank" in r]
+    if rr:
+        print("\n| criterion | Euclidean R@1 of the top 8 | re-ranked by the learned metric |\n|---|---|---|")
+        for n in names:
+            rs = [r for r in rr if r["name"] == n]
+            if rs:
+                e = _ms([r["rerank"]["rerank@8/euclidean_recall@1"] for r in rs])
+                print(f"| {ROWS[n][0]} | {e} | {_ms([r['rerank']['rerank@8/recall@1'] for r in rs])} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--rows", nargs="+", choices=sorted(ROWS), required=True)
+    run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    run.add_argument("--steps", type=int, default=1000)
+    run.add_argument("--curve", nargs="*", type=int, default=[250, 500])
+    run.add_argument("--threads", type=int, default=1)
+    table = sub.add_parser("table")
+    table.add_argument("--steps", type=int, default=1000)
+    for q in (run, table):
+        q.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    cmd_run(args) if args.cmd == "run" else cmd_table(args)
+
+
+if __name__ == "__main__":
+    main()
