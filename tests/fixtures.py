@@ -116,6 +116,21 @@ def copy_fonts(dst: Path, n: int) -> list[Path]:
     return out
 
 
+def font_shards(root: Path, n_fonts: int) -> Path:
+    """``root/shards``: glyph shards of ``n_fonts`` real fonts (class = font), built as users build them; the
+    rendered glyphs cached in ``root/cache`` unless DISTPDDM_CACHE names another cache."""
+    import os
+
+    from distpddm.data.shards import BuildOptions, build
+    from distpddm.data.sources import read_source
+
+    copy_fonts(root / "fonts", n_fonts)
+    os.environ.setdefault("DISTPDDM_CACHE", str(root / "cache"))
+    plan = read_source("fonts", None, fonts=[root / "fonts"], font_size=32)
+    build(plan, root / "shards", BuildOptions(shard_bytes=1_500_000, progress=False))
+    return root / "shards"
+
+
 def jpeg_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).convert("RGB").save(buf, format="JPEG")

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from distpddm.data.shards import BuildOptions, build
-from distpddm.data.sources import read_source
 from distpddm.train.launch import missing_resources
 from tests import fixtures
 from tests.cluster import IFACE, Cluster, require_netns
@@ -47,12 +45,7 @@ def test_missing_resources_name_what_the_placement_strategy_lacks():
 
 @pytest.fixture(scope="module")
 def font_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multihost")
-    fixtures.copy_fonts(root / "fonts", 60)
-    os.environ.setdefault("DISTPDDM_CACHE", str(root / "cache"))
-    plan = read_source("fonts", None, fonts=[root / "fonts"], font_size=32)
-    build(plan, root / "shards", BuildOptions(shard_bytes=1_500_000, progress=False))
-    return root / "shards" / "train"
+    return fixtures.font_shards(tmp_path_factory.mktemp("multihost"), 60) / "train"
 
 
 @pytest.fixture

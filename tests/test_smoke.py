@@ -11,8 +11,6 @@ import pytest
 import torch
 import yaml
 
-from distpddm.data.shards import BuildOptions, build
-from distpddm.data.sources import read_source
 from distpddm.model import ModelConfig, create_model, export_model
 from distpddm.smoke import check_run
 from tests import fixtures
@@ -22,12 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def font_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke")
-    fixtures.copy_fonts(root / "fonts", 40)
-    os.environ.setdefault("DISTPDDM_CACHE", str(root / "cache"))
-    plan = read_source("fonts", None, fonts=[root / "fonts"], font_size=32)
-    build(plan, root / "shards", BuildOptions(shard_bytes=1_500_000, progress=False))
-    return root / "shards"
+    return fixtures.font_shards(tmp_path_factory.mktemp("smoke"), 40)
 
 
 def _fake_run(run: Path, shards: Path, losses: list[float], model: bool = True) -> Path:

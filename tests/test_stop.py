@@ -19,15 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def font_shards(tmp_path_factory):
-    from distpddm.data.shards import BuildOptions, build
-    from distpddm.data.sources import read_source
-
-    root = tmp_path_factory.mktemp("stop")
-    fixtures.copy_fonts(root / "fonts", 30)
-    os.environ.setdefault("DISTPDDM_CACHE", str(root / "cache"))
-    plan = read_source("fonts", None, fonts=[root / "fonts"], font_size=32)
-    build(plan, root / "shards", BuildOptions(shard_bytes=1_500_000, progress=False))
-    return root / "shards" / "train"
+    return fixtures.font_shards(tmp_path_factory.mktemp("stop"), 30) / "train"
 
 
 def _args(shards, out, name, steps, extra=()):

@@ -20,8 +20,6 @@ import psutil
 import pytest
 import yaml
 
-from distpddm.data.shards import BuildOptions, build
-from distpddm.data.sources import read_source
 from tests import fixtures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,10 +110,7 @@ def head(tmp_path_factory):
 def project(tmp_path_factory):
     """A user's folder: configs/run.yaml naming ../shards/train and ../runs relative to itself."""
     root = tmp_path_factory.mktemp("project")
-    fixtures.copy_fonts(root / "fonts", 40)
-    os.environ.setdefault("DISTPDDM_CACHE", str(root / "cache"))
-    plan = read_source("fonts", None, fonts=[root / "fonts"], font_size=32)
-    build(plan, root / "shards", BuildOptions(shard_bytes=1_500_000, progress=False))
+    fixtures.font_shards(root, 40)
     (root / "configs").mkdir()
     tree = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     tree["name"] = "submitted"

@@ -15,8 +15,6 @@ import pytest
 import torch
 
 from distpddm.data.evalset import EvalDataset
-from distpddm.data.shards import BuildOptions, build
-from distpddm.data.sources import read_source
 from distpddm.data.transforms import normalize_batch
 from distpddm.model import ModelConfig, create_model, load_exported
 from tests import fixtures
@@ -27,12 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def font_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    fixtures.copy_fonts(root / "fonts", 60)
-    os.environ.setdefault("DISTPDDM_CACHE", str(root / "cache"))
-    plan = read_source("fonts", None, fonts=[root / "fonts"], font_size=32)
-    build(plan, root / "shards", BuildOptions(shard_bytes=1_500_000, progress=False))
-    return root / "shards"
+    return fixtures.font_shards(tmp_path_factory.mktemp("train"), 60)
 
 
 def _cli(args, env=None, timeout=600, **kw):
