@@ -24,6 +24,15 @@ def unwrap(error: DeterministicError) -> DeterministicError:
     return type(error)(original)
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Collective: True on every rank when ``flag`` is True on any rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def agree(error: DeterministicError | None, device: torch.device) -> None:
     """Collective: raise a :class:`DeterministicError` on every rank when any rank brings one."""
     error = None if error is None else unwrap(error)
@@ -32,9 +41,7 @@ def agree(error: DeterministicError | None, device: torch.device) -> None:
         if error is not None:
             raise error
         return
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if not flag.item():
+    if not any_rank(error is not None, device):
         return
     messages: list = [None] * world
     dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")

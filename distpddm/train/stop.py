@@ -82,15 +82,9 @@ class StopWatch:
 
     def agreed(self, device) -> bool:
         """Collective: True on every rank when any rank has a request."""
-        import torch  # here: the CLI imports this module before anything heavy
-        import torch.distributed as dist
+        from .faults import any_rank  # here: the CLI imports this module before anything heavy (torch)
 
-        flag = self._local()
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return any_rank(self._local(), device)
 
 
 def write_preempted(out: RunOutput, step: int) -> None:
