@@ -53,6 +53,20 @@ ROWS: dict[str, tuple[str, dict | str]] = {
     "mahal_shipped": ("double-header loss, Mahalanobis mining (shipped margins)", SHIPPED | {"metric": "mahalanobis"}),
     "pddm_em_only": ("PDDM, E_m only (lam 0, metric_grad on)", {"alpha": 0.1, "beta": 0.2, "lam": 0.0}),
     "pddm_both": ("PDDM, E_m + E_e both into the embedding (metric_grad on)", {"alpha": 0.1, "beta": 0.2}),
+    "pddm_allpos": ("PDDM shipped, every positive per anchor", SHIPPED | {"positives": "all"}),
+    "pddm_neg4": ("PDDM shipped, 4 hardest negatives per anchor", SHIPPED | {"negatives": 4}),
+    "pddm_soft": ("PDDM shipped, soft embedding hinge (t .1)", SHIPPED | {"soft": 0.1}),
+    "pddm_soft05": ("PDDM shipped, soft embedding hinge (t .05)", SHIPPED | {"soft": 0.05}),
+    "pddm_allpos_soft": (
+        "PDDM shipped, every positive, soft hinge (t .1)",
+        SHIPPED | {"positives": "all", "soft": 0.1},
+    ),
+    "pddm_allpos_b03": ("PDDM shipped, every positive, beta .3", SHIPPED | {"positives": "all", "beta": 0.3}),
+    "pddm_allpos_b01": ("PDDM shipped, every positive, beta .1", SHIPPED | {"positives": "all", "beta": 0.1}),
+    "pddm_allpos_neg4": (
+        "PDDM shipped, every positive x 4 hardest negatives",
+        SHIPPED | {"positives": "all", "negatives": 4},
+    ),
 }
 MEMORY_WARMUP = 100
 

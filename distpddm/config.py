@@ -25,6 +25,7 @@ __all__ = ["ConfigError", "RunConfig", "load_config", "from_dict", "save_config"
 MINING_MODES = ("anchor", "batch")  # distpddm.mining
 METRICS = ("pddm", "euclidean", "mahalanobis")  # distpddm.loss
 DISTANCES = ("euclidean", "squared")  # distpddm.loss
+POSITIVES = ("hardest", "all")  # distpddm.mining: which positives of an anchor make quadruplets
 POOLINGS = ("avg", "max", "avgmax")  # distpddm.model
 PRECISIONS = ("fp32", "bf16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
@@ -82,6 +83,9 @@ class LossConfig:
     metric_grad_after: int | None = None  # with metric_grad false: E_m's gradient reaches the embedding after it
     memory: int = 0  # cross-batch memory: embeddings of recent global batches mined against (0: off)
     memory_warmup: int = 0  # steps before the memory is mined against
+    positives: str = "hardest"  # quadruplets per anchor: its hardest positive, or every positive ("all")
+    negatives: int = 1  # hardest negatives of i (and of j) per positive pair, paired rank by rank
+    soft: float = 0.0  # E_e's hinge smoothed, t log(1 + exp(x / t)); 0: the paper's hard hinge
 
 
 @dataclass(frozen=True)
@@ -391,6 +395,14 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         need(loss.metric_grad_after >= 0, f"loss.metric_grad_after must be >= 0, got {loss.metric_grad_after}")
     need(loss.memory >= 0, f"loss.memory must be >= 0 (0: no cross-batch memory), got {loss.memory}")
     need(loss.memory_warmup >= 0, f"loss.memory_warmup must be >= 0, got {loss.memory_warmup}")
+    need(loss.positives in POSITIVES, f"loss.positives must be one of {POSITIVES}, got {loss.positives!r}")
+    need(loss.negatives >= 1, f"loss.negatives must be >= 1, got {loss.negatives}")
+    need(loss.soft >= 0, f"loss.soft must be >= 0 (0: the hard hinge), got {loss.soft}")
+    need(
+        loss.mode == "anchor" or (loss.positives == "hardest" and loss.negatives == 1),
+        "loss.mode: batch mines the paper's single quadruplet per batch; loss.positives / loss.negatives need "
+        "loss.mode: anchor",
+    )
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DISTANCES, METRICS
+from .config import DISTANCES, METRICS, POSITIVES
 from .gather import GlobalBatch, all_gather_no_grad, all_reduce_sum, gather_batch, rank_and_world
 from .metrics import Euclidean, Mahalanobis
 from .mining import MODES, Quadruplets, mine_quadruplets
@@ -73,6 +73,11 @@ class PDDMLoss(nn.Module):
     same memory (it enqueues the gathered batch). The memory is not checkpointed: after a resume it refills.
     Steps are counted by calls, or set by the trainer with :meth:`set_step`.
 
+    ``positives="all"`` / ``negatives=n`` mine more than one quadruplet per anchor (every positive of it,
+    each with the ``n`` hardest negatives of ``i`` and of ``j``; see :func:`~distpddm.mining.mine_quadruplets`);
+    the mean is then over all of them. ``soft=t`` replaces the embedding head's hinge by the smooth
+    ``t log(1 + exp(x / t))`` (0: the hard hinge of the paper).
+
     Across N workers the returned loss is ``N * sum(local E) / (global count)``, so that the average the
     data-parallel engine takes over workers equals the mean over every quadruplet of the global batch, even
     when workers mined different numbers; with one worker it is the plain mean. In ``mode="batch"`` the
@@ -96,6 +101,9 @@ class PDDMLoss(nn.Module):
         metric_grad_after: int | None = None,
         memory: int = 0,
         memory_warmup: int = 0,
+        positives: str = "hardest",
+        negatives: int = 1,
+        soft: float = 0.0,
         group=None,
     ):
         super().__init__()
@@ -117,6 +125,15 @@ class PDDMLoss(nn.Module):
                 f"metric_grad_after={metric_grad_after} switches metric_grad on after that step: it needs "
                 "metric_grad=False and a step >= 0"
             )
+        if positives not in POSITIVES:
+            raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
+        if negatives < 1:
+            raise ValueError(f"negatives must be >= 1, got {negatives}")
+        if mode == "batch" and (positives != "hardest" or negatives != 1):
+            raise ValueError("mode='batch' mines one quadruplet per batch: positives / negatives need mode='anchor'")
+        if soft < 0:
+            raise ValueError(f"soft must be >= 0 (0: the hard hinge), got {soft}")
+        self.positives, self.negatives, self.soft = positives, negatives, soft
         if memory < 0 or memory_warmup < 0:
             raise ValueError(f"memory and memory_warmup must be >= 0, got {memory} and {memory_warmup}")
         self.metric_grad_after, self.memory, self.memory_warmup = metric_grad_after, memory, memory_warmup
@@ -179,6 +196,8 @@ class PDDMLoss(nn.Module):
             self.mode,
             chunk=self.chunk,
             candidates=self.candidates,
+            positives=self.positives,
+            negatives=self.negatives,
         )
 
     def _distance(self, a: Tensor, b: Tensor) -> Tensor:
@@ -187,6 +206,11 @@ class PDDMLoss(nn.Module):
             return sq
         # Clamped so that identical embeddings get a zero gradient, not the infinite one of sqrt at 0.
         return sq.clamp_min(1e-12).sqrt()
+
+    def _hinge(self, x: Tensor) -> Tensor:
+        """``[x]_+``, or with ``soft = t > 0`` its smooth upper bound ``t log(1 + e^(x/t))``, which keeps
+        pushing (ever more gently) once the margin holds, as the soft-margin triplet loss does."""
+        return F.relu(x) if self.soft == 0 else self.soft * F.softplus(x / self.soft)
 
     def _global_hardest(self, q: Quadruplets) -> Quadruplets:
         """Batch mode across workers: keep only the globally hardest positive pair (first rank on ties)."""
@@ -239,7 +263,8 @@ class PDDMLoss(nn.Module):
             s = self.scorer(left.detach(), right.detach()).reshape(3, n)
         d = self._distance(left, right).reshape(3, n)
         hinge_m = F.relu(self.alpha + s[1:] - s[0])  # (2, n)
-        hinge_e = F.relu(self.beta + d[0] - d[1:])  # (2, n)
+        margin_e = self.beta + d[0] - d[1:]  # (2, n); > 0: the margin is violated
+        hinge_e = self._hinge(margin_e)
         e_m, e_e = hinge_m.sum(0), hinge_e.sum(0)
 
         _, world = rank_and_world(self.group)
@@ -254,7 +279,7 @@ class PDDMLoss(nn.Module):
                 quadruplets=n_local,
                 skipped=q.skipped.float(),
                 active_metric=_mean((hinge_m > 0).float()),
-                active_embedding=_mean((hinge_e > 0).float()),
+                active_embedding=_mean((margin_e > 0).float()),
                 metric_loss=_mean(e_m),
                 embedding_loss=_mean(e_e),
                 pos_score=_mean(s[0]),

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .config import MINING_MODES as MODES
+from .config import POSITIVES
 
 
 class Scorer(Protocol):
@@ -70,6 +71,14 @@ def candidate_scores(
     return out
 
 
+def _hardest(scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The ``n`` highest scores of each row and their columns (argmax for one: first column on ties)."""
+    if n == 1:
+        idx = scores.argmax(1, keepdim=True)
+        return scores.gather(1, idx), idx
+    return scores.topk(n, dim=1)
+
+
 @torch.no_grad()
 def mine_quadruplets(
     scorer: Scorer,
@@ -81,6 +90,8 @@ def mine_quadruplets(
     *,
     chunk: int | None = None,
     candidates: int | None = None,
+    positives: str = "hardest",
+    negatives: int = 1,
 ) -> Quadruplets:
     """Mine hard quadruplets for anchors ``pool[offset : offset + count]`` against the whole ``pool``.
 
@@ -89,6 +100,11 @@ def mine_quadruplets(
     in row-major order on ties), with each member's hardest negative. A sample is never its own positive.
     ``candidates=c`` scores only all positives and the ``c`` nearest negatives by dot product (cheaper,
     approximate; see :func:`candidate_scores`); ``None`` scores every pair (exact).
+
+    More than one quadruplet per anchor (``mode="anchor"`` only; the paper leaves the count open):
+    ``positives="all"`` takes every positive ``j`` of the anchor, not only the hardest, and ``negatives=n``
+    pairs the ``n`` hardest negatives of ``i`` with the ``n`` hardest of ``j``, rank by rank. Each
+    ``(i, j)`` then yields up to ``n`` quadruplets; ``score`` is that pair's ``S_ij``.
     """
     if mode not in MODES:
         raise ValueError(f"mining mode must be one of {MODES}, got {mode!r}")
@@ -104,6 +120,12 @@ def mine_quadruplets(
 
     if candidates is not None and candidates < 1:
         raise ValueError(f"candidates must be >= 1 or None, got {candidates}")
+    if positives not in POSITIVES:
+        raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
+    if negatives < 1:
+        raise ValueError(f"negatives must be >= 1, got {negatives}")
+    if mode == "batch" and (positives != "hardest" or negatives != 1):
+        raise ValueError("mode='batch' mines the paper's single quadruplet: it takes positives='hardest', negatives=1")
 
     def similarity(rows: Tensor, row_neg_mask: Tensor) -> Tensor:
         if candidates is None:
@@ -120,15 +142,21 @@ def mine_quadruplets(
     valid = pos_mask.any(1) & neg_mask.any(1)
     skipped = (~valid).sum()
     pos_scores = scores.masked_fill(~pos_mask, float("inf"))
-    pos_score, j = pos_scores.min(1)
-    k = scores.masked_fill(~neg_mask, float("-inf")).argmax(1)
+    neg_scores = scores.masked_fill(~neg_mask, float("-inf"))
+    if positives == "hardest":
+        pos_score, j = pos_scores.min(1)
+        keep = valid.nonzero().squeeze(1)
+        if mode == "batch" and keep.numel() > 0:
+            keep = keep[pos_score[keep].argmin()].reshape(1)
+        a, j, pos_score = keep, j[keep], pos_score[keep]  # a: the anchor's row in the block
+    else:
+        a, j = (pos_mask & valid[:, None]).nonzero(as_tuple=True)
+        pos_score = scores[a, j]
+    n_neg = min(negatives, n_pool)
+    k_score, k = _hardest(neg_scores, n_neg)
+    k_score, k = k_score[a], k[a]  # (pairs, n_neg)
 
-    keep = valid.nonzero().squeeze(1)
-    if mode == "batch" and keep.numel() > 0:
-        keep = keep[pos_score[keep].argmin()].reshape(1)
-    i, j, k, pos_score = anchors[keep], j[keep], k[keep], pos_score[keep]
-
-    # l: j's hardest negative. j shares i's label, so j's negatives are i's; reuse the block's score rows
+    # l: j's hardest negatives. j shares i's label, so j's negatives are i's; reuse the block's score rows
     # where j is itself an anchor of the block, and score the other j's (on other workers) once each.
     j_scores = scores.new_empty(len(j), n_pool)
     inside = (j >= offset) & (j < offset + count)
@@ -137,5 +165,13 @@ def mine_quadruplets(
         outside_ids, inverse = torch.unique(j[~inside], return_inverse=True)
         outside_neg = labels[outside_ids, None] != labels[None, :]
         j_scores[~inside] = similarity(pool[outside_ids], outside_neg)[inverse]
-    l = j_scores.masked_fill(~neg_mask[keep], float("-inf")).argmax(1)
-    return Quadruplets(i, j, k, l, pos_score, skipped)
+    j_neg = j_scores.masked_fill(~neg_mask[a], float("-inf"))
+    l_score, l = _hardest(j_neg, n_neg)
+    if n_neg == 1:  # one quadruplet per pair: argmax ties resolve as before
+        i = anchors[a]
+        return Quadruplets(i, j, k[:, 0], l[:, 0], pos_score, skipped)
+    # Rank r pairs i's r-th and j's r-th hardest negative; ranks beyond an anchor's negatives are dropped.
+    real = torch.isfinite(k_score) & torch.isfinite(l_score)
+    rows = real.nonzero(as_tuple=True)[0]
+    i, j, pos_score = anchors[a][rows], j[rows], pos_score[rows]
+    return Quadruplets(i, j, k[real], l[real], pos_score, skipped)

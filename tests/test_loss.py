@@ -21,7 +21,8 @@ def _reference_loss(crit, x, y):
         S = lambda a, b: crit.scorer(f[a][None], f[b][None])[0]  # noqa: E731
         D = lambda a, b: (f[a] - f[b]).norm() if crit.distance == "euclidean" else ((f[a] - f[b]) ** 2).sum()  # noqa: E731
         e_m = F.relu(crit.alpha + S(i, k) - S(i, j)) + F.relu(crit.alpha + S(j, l) - S(i, j))
-        e_e = F.relu(crit.beta + D(i, j) - D(i, k)) + F.relu(crit.beta + D(i, j) - D(j, l))
+        h = (lambda v: crit.soft * torch.log1p(torch.exp(v / crit.soft))) if crit.soft else F.relu  # noqa: E731
+        e_e = h(crit.beta + D(i, j) - D(i, k)) + h(crit.beta + D(i, j) - D(j, l))
         total = total + e_m + crit.lam * e_e
     return total / len(q)
 
@@ -36,6 +37,34 @@ def test_loss_equals_written_out_formula(metric, distance, mode):
     loss, stats = crit(x, y)
     torch.testing.assert_close(loss, _reference_loss(crit, x, y), rtol=1e-10, atol=1e-10)
     assert int(stats.quadruplets) == (15 if mode == "anchor" else 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"positives": "all"}, {"negatives": 3}, {"positives": "all", "negatives": 2, "soft": 0.1}, {"soft": 0.05}],
+)
+def test_several_quadruplets_per_anchor_and_the_soft_hinge_equal_the_written_out_formula(kwargs):
+    torch.manual_seed(0)
+    crit = PDDMLoss(8, alpha=0.1, beta=0.2, **kwargs).double()
+    x, y = _batch()
+    loss, stats = crit(x, y)
+    torch.testing.assert_close(loss, _reference_loss(crit, x, y), rtol=1e-10, atol=1e-10)
+    per_anchor = (2 if kwargs.get("positives") == "all" else 1) * kwargs.get("negatives", 1)  # 5 x 3 batch
+    assert int(stats.quadruplets) == 15 * per_anchor
+
+
+def test_the_soft_hinge_keeps_pushing_once_the_margin_holds():
+    """Far-apart classes satisfy every margin: the hard hinge gives no gradient, the soft one still does."""
+    x = torch.tensor([[1.0, 0.02], [1.0, -0.02], [-1.0, 0.02], [-1.0, -0.02]], dtype=torch.float64)
+    x.requires_grad_(True)
+    y = torch.tensor([0, 0, 1, 1])
+    for soft, moves in ((0.0, False), (0.1, True)):
+        crit = PDDMLoss(2, metric="euclidean", beta=0.2, lam=1.0, alpha=0.0, soft=soft).double()
+        x.grad = None
+        loss, stats = crit(x, y)
+        loss.backward()
+        assert float(stats.active_embedding) == 0.0  # margins hold either way
+        assert bool((x.grad.abs() > 1e-8).any()) == moves
 
 
 @pytest.mark.parametrize("metric", ["pddm", "mahalanobis"])
@@ -113,6 +142,10 @@ def test_duplicated_embeddings_give_finite_gradients():
         ({"metric_grad_after": 5}, "needs metric_grad=False"),
         ({"metric_grad": False, "metric_grad_after": -1}, "step >= 0"),
         ({"memory": -1}, "memory"),
+        ({"positives": "easiest"}, "positives"),
+        ({"negatives": 0}, "negatives"),
+        ({"mode": "batch", "positives": "all"}, "mode='batch'"),
+        ({"soft": -1.0}, "soft"),
     ],
 )
 def test_bad_config_is_named(kwargs, match):

@@ -153,3 +153,52 @@ def test_candidates_are_the_nearest_negatives_by_dot_product():
     assert torch.equal(got.j, exact.j)  # positives are always all scored
     with pytest.raises(ValueError, match="candidates"):
         mine_quadruplets(far, pool, y, candidates=0)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("positives", ["hardest", "all"])
+@pytest.mark.parametrize("negatives", [1, 3])
+def test_several_quadruplets_per_anchor_match_brute_force(metric, positives, negatives):
+    """Every (anchor, positive) pair of the block, each with the n hardest negatives of i and of j, ranked."""
+    scorer = _scorer(metric, 6)
+    labels = [0, 0, 0, 1, 1, 2, 2, 2, 3, 4, 4]  # class 3 has no positive: skipped as an anchor
+    pool, y = _pool(labels, seed=3)
+    offset, count = 2, 7  # a block in the middle: some j's lie outside it
+    got = mine_quadruplets(scorer, pool, y, offset, count, positives=positives, negatives=negatives)
+    S = _reference_scores(scorer, pool)
+    want = []
+    for i in range(offset, offset + count):
+        pos = [j for j in range(len(y)) if y[j] == y[i] and j != i]
+        neg = [k for k in range(len(y)) if y[k] != y[i]]
+        if not pos:
+            continue
+        if positives == "hardest":
+            pos = [min(pos, key=lambda j: float(S[i, j]))]
+        for j in pos:
+            ks = sorted(neg, key=lambda k: -float(S[i, k]))[:negatives]
+            ls = sorted(neg, key=lambda k: -float(S[j, k]))[:negatives]
+            want += [(i, j, k, l) for k, l in zip(ks, ls, strict=True)]
+    quads = list(zip(got.i.tolist(), got.j.tolist(), got.k.tolist(), got.l.tolist(), strict=True))
+    assert sorted(quads) == sorted(want)
+    assert int(got.skipped) == 1
+    assert torch.allclose(got.score, S[got.i, got.j].to(got.score))
+
+
+def test_more_negatives_than_exist_keep_the_ones_there_are():
+    pool, y = _pool([0, 0, 1], seed=4)
+    got = mine_quadruplets(Euclidean(), pool, y, positives="all", negatives=5)
+    # anchors 0 and 1 each have one positive and one negative: one quadruplet each; anchor 2 is skipped
+    assert sorted(zip(got.i.tolist(), got.j.tolist(), got.k.tolist(), got.l.tolist(), strict=True)) == [
+        (0, 1, 2, 2),
+        (1, 0, 2, 2),
+    ]
+
+
+def test_several_quadruplets_refuse_the_batch_mode_and_bad_counts():
+    pool, y = _pool([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="batch"):
+        mine_quadruplets(Euclidean(), pool, y, mode="batch", negatives=2)
+    with pytest.raises(ValueError, match="positives"):
+        mine_quadruplets(Euclidean(), pool, y, positives="easiest")
+    with pytest.raises(ValueError, match="negatives"):
+        mine_quadruplets(Euclidean(), pool, y, negatives=0)
