@@ -10,6 +10,7 @@ metric and under Euclidean distance. One training at a time (one thread); every 
 
     python bench/quality.py run --rows pml_ms pddm_shipped --seeds 0 1 2 [--steps 1000]
     python bench/quality.py table            # mean +- spread over seeds, markdown
+    python bench/quality.py run --protocol lite0 --rows pml_ms ... --steps 300   # from ImageNet weights
 """
 
 from __future__ import annotations
@@ -33,40 +34,56 @@ from distpddm.train.inmemory import fit_in_memory, images_to_tensor  # noqa: E40
 
 DIM = 128
 OUT = Path(__file__).resolve().parents[1] / "docs" / "quality.jsonl"
-SHIPPED = {"alpha": 0.1, "beta": 0.2, "lam": 0.5, "metric_grad": False}  # configs/fonts.yaml's loss
+#: the from-scratch setting before this study (configs/fonts.yaml until then): hardest positive per anchor
+HARDEST = {"alpha": 0.1, "beta": 0.2, "lam": 0.5, "metric_grad": False}
+#: the study's winner, now configs/fonts.yaml's loss: every positive of an anchor, beta .1
+SHIPPED = HARDEST | {"positives": "all", "beta": 0.1}
+ALL = HARDEST | {"positives": "all"}
 
 #: name -> (description, PDDMLoss kwargs, or the name of a pytorch-metric-learning recipe)
 ROWS: dict[str, tuple[str, dict | str]] = {
     "pml_triplet": ("PML TripletMarginLoss(0.2) + BatchHardMiner", "pml_triplet"),
     "pml_ms": ("PML MultiSimilarityLoss + MultiSimilarityMiner", "pml_ms"),
     "pml_contrastive": ("PML ContrastiveLoss (defaults)", "pml_contrastive"),
-    "pddm_shipped": ("PDDM shipped from-scratch (a .1, b .2, metric_grad off), per anchor", SHIPPED),
-    "pddm_batch": ("PDDM shipped, one quadruplet per batch (the paper's form)", SHIPPED | {"mode": "batch"}),
+    # the shipped setting and what mines for it
+    "pddm_allpos_b01": ("**PDDM shipped**: every positive per anchor, a .1, b .1, metric_grad off", SHIPPED),
+    "euclid_allpos_b01": ("shipped loss, Euclidean mining", SHIPPED | {"metric": "euclidean"}),
+    "mahal_allpos_b01": ("shipped loss, Mahalanobis mining", SHIPPED | {"metric": "mahalanobis"}),
+    "pddm_allpos_em_only": (
+        "shipped mining, E_m only into the embedding (lam 0, metric_grad on)",
+        SHIPPED | {"lam": 0.0, "metric_grad": True},
+    ),
+    "pddm_allpos_both": (
+        "shipped, E_m and E_e both into the embedding (metric_grad on)",
+        SHIPPED | {"metric_grad": True},
+    ),
+    # variants of the shipped setting
+    "pddm_allpos": ("every positive, b .2", ALL),
+    "pddm_allpos_b005": ("every positive, b .05", ALL | {"beta": 0.05}),
+    "pddm_allpos_b03": ("every positive, b .3", ALL | {"beta": 0.3}),
+    "pddm_allpos_a02": ("every positive, a .2, b .1", SHIPPED | {"alpha": 0.2}),
+    "pddm_allpos_neg2": ("every positive x 2 hardest negatives, b .2", ALL | {"negatives": 2}),
+    "pddm_allpos_neg4": ("every positive x 4 hardest negatives, b .2", ALL | {"negatives": 4}),
+    "pddm_allpos_soft": ("every positive, soft hinge t .1, b .2", ALL | {"soft": 0.1}),
+    "pddm_allpos_sq": ("every positive, squared distance, b .2", ALL | {"distance": "squared"}),
+    "pddm_allpos_mg500": ("every positive, b .2, metric_grad on after step 500", ALL | {"metric_grad_after": 500}),
+    "pddm_allpos_xbm": ("every positive, b .1, cross-batch memory 1024", SHIPPED | {"memory": 1024}),
+    "euclid_allpos": ("every positive, b .2, Euclidean mining", ALL | {"metric": "euclidean"}),
+    # the hardest-positive setting shipped before, and its variants
+    "pddm_shipped": ("PDDM hardest positive per anchor (shipped before), a .1, b .2, metric_grad off", HARDEST),
+    "pddm_batch": ("PDDM one quadruplet per batch (the paper's form), a .1, b .2", HARDEST | {"mode": "batch"}),
     "pddm_defaults": ("PDDM loss defaults (a .5, b 1, lam .5, metric_grad on)", {}),
-    "pddm_mg250": ("PDDM shipped, metric_grad on after step 250", SHIPPED | {"metric_grad_after": 250}),
-    "pddm_mg500": ("PDDM shipped, metric_grad on after step 500", SHIPPED | {"metric_grad_after": 500}),
-    "pddm_xbm": ("PDDM shipped + cross-batch memory 1024 (after 100 steps)", SHIPPED | {"memory": 1024}),
-    "pddm_xbm4k": ("PDDM shipped + cross-batch memory 4096 (after 100 steps)", SHIPPED | {"memory": 4096}),
-    "pddm_b04": ("PDDM shipped with beta .4", SHIPPED | {"beta": 0.4}),
-    "pddm_lam1": ("PDDM shipped with lam 1", SHIPPED | {"lam": 1.0}),
-    "euclid_shipped": ("double-header loss, Euclidean mining (shipped margins)", SHIPPED | {"metric": "euclidean"}),
-    "mahal_shipped": ("double-header loss, Mahalanobis mining (shipped margins)", SHIPPED | {"metric": "mahalanobis"}),
-    "pddm_em_only": ("PDDM, E_m only (lam 0, metric_grad on)", {"alpha": 0.1, "beta": 0.2, "lam": 0.0}),
-    "pddm_both": ("PDDM, E_m + E_e both into the embedding (metric_grad on)", {"alpha": 0.1, "beta": 0.2}),
-    "pddm_allpos": ("PDDM shipped, every positive per anchor", SHIPPED | {"positives": "all"}),
-    "pddm_neg4": ("PDDM shipped, 4 hardest negatives per anchor", SHIPPED | {"negatives": 4}),
-    "pddm_soft": ("PDDM shipped, soft embedding hinge (t .1)", SHIPPED | {"soft": 0.1}),
-    "pddm_soft05": ("PDDM shipped, soft embedding hinge (t .05)", SHIPPED | {"soft": 0.05}),
-    "pddm_allpos_soft": (
-        "PDDM shipped, every positive, soft hinge (t .1)",
-        SHIPPED | {"positives": "all", "soft": 0.1},
-    ),
-    "pddm_allpos_b03": ("PDDM shipped, every positive, beta .3", SHIPPED | {"positives": "all", "beta": 0.3}),
-    "pddm_allpos_b01": ("PDDM shipped, every positive, beta .1", SHIPPED | {"positives": "all", "beta": 0.1}),
-    "pddm_allpos_neg4": (
-        "PDDM shipped, every positive x 4 hardest negatives",
-        SHIPPED | {"positives": "all", "negatives": 4},
-    ),
+    "pddm_neg4": ("hardest positive x 4 hardest negatives", HARDEST | {"negatives": 4}),
+    "pddm_mg250": ("hardest positive, metric_grad on after step 250", HARDEST | {"metric_grad_after": 250}),
+    "pddm_mg500": ("hardest positive, metric_grad on after step 500", HARDEST | {"metric_grad_after": 500}),
+    "pddm_xbm": ("hardest positive + cross-batch memory 1024 (after 100 steps)", HARDEST | {"memory": 1024}),
+    "pddm_xbm4k": ("hardest positive + cross-batch memory 4096 (after 100 steps)", HARDEST | {"memory": 4096}),
+    "pddm_b04": ("hardest positive, b .4", HARDEST | {"beta": 0.4}),
+    "pddm_lam1": ("hardest positive, lam 1", HARDEST | {"lam": 1.0}),
+    "euclid_shipped": ("hardest positive, Euclidean mining", HARDEST | {"metric": "euclidean"}),
+    "mahal_shipped": ("hardest positive, Mahalanobis mining", HARDEST | {"metric": "mahalanobis"}),
+    "pddm_em_only": ("hardest positive, E_m only (lam 0, metric_grad on)", {"alpha": 0.1, "beta": 0.2, "lam": 0.0}),
+    "pddm_both": ("hardest positive, E_m + E_e both into the embedding (metric_grad on)", {"alpha": 0.1, "beta": 0.2}),
 }
 MEMORY_WARMUP = 100
 
@@ -111,38 +128,61 @@ def separation(sims: dict) -> dict[str, float]:
     return out
 
 
-def run_one(name: str, seed: int, steps: int, curve_at: tuple[int, ...]) -> dict:
+#: protocol -> (glyph size, pad-and-crop pixels, rates); "lite0" fine-tunes the packaged ImageNet weights the
+#: paper's way: pretrained backbone at a tenth of the new embedding layer's rate, frozen batch norm.
+PROTOCOLS = {
+    "scratch": {"size": 32, "pad": 4, "lr": 1e-3, "backbone_lr": None},
+    "lite0": {"size": 64, "pad": 8, "lr": 1e-3, "backbone_lr": 1e-4},
+}
+
+
+def make_model(protocol: str) -> torch.nn.Module:
+    if protocol == "scratch":
+        return SmallCNN(DIM, in_channels=1, width=32)
+    from distpddm.config import ModelConfig
+    from distpddm.model import create_model
+
+    cfg = ModelConfig(backbone="efficientnet_lite0", pretrained=True, embed_dim=DIM, freeze_bn=True, in_channels=1)
+    return create_model(cfg)
+
+
+def run_one(name: str, seed: int, steps: int, curve_at: tuple[int, ...], protocol: str = "scratch") -> dict:
     from distpddm.rerank import pair_similarities, rerank
 
-    glyphs = load_glyphs(size=32)
+    proto = PROTOCOLS[protocol]
+    glyphs = load_glyphs(size=proto["size"])
     train, test = glyphs.split(0.5, seed=0)
     x_test = images_to_tensor(test.images)
     torch.manual_seed(seed)
-    model = SmallCNN(DIM, in_channels=1, width=32)
+    model = make_model(protocol)
     criterion = criterion_for(ROWS[name][1])
 
+    last = {}  # the latest test embedding: the final one serves the re-ranking and separation too
+
     def evaluate(m) -> dict:
-        f = retrieval_metrics(embed(m, x_test), test.labels, (1, 2, 4, 8))
+        last["emb"] = embed(m, x_test)
+        f = retrieval_metrics(last["emb"], test.labels, (1, 2, 4, 8))
         return {k: float(f[k]) for k in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")}
 
     start = time.perf_counter()
     res = fit_in_memory(
         model, criterion, train.images, train.labels, test.images, test.labels, steps=steps, seed=seed,
-        progress=False, log_every=max(1, steps // 20), cosine=True, augment=pad_crop(4), eval_at=curve_at,
-        evaluate=evaluate, recall_before=False, lr=1e-3, weight_decay=1e-4,
+        progress=False, log_every=max(1, steps // 20), cosine=True, augment=pad_crop(proto["pad"]),
+        eval_at=curve_at, evaluate=evaluate, recall_before=False, recall_after=False, lr=proto["lr"],
+        backbone_lr=proto["backbone_lr"], weight_decay=1e-4,
     )  # fmt: skip
-    out = {"name": name, "seed": seed, "steps": steps, "seconds": time.perf_counter() - start}
+    out = {"name": name, "seed": seed, "steps": steps, "protocol": protocol, "seconds": time.perf_counter() - start}
     out["curve"] = {str(s): v for s, v in res.curve.items()}
     out["final"] = res.curve.get(steps) or evaluate(model)
     out["history"] = res.history
+    emb = last["emb"]
     if isinstance(criterion, PDDMLoss):
-        emb = embed(model, x_test)
         scorer = None if criterion.metric == "euclidean" else criterion.scorer
         if scorer is not None:
             out["rerank"] = rerank(emb, test.labels, scorer, top_n=8)
         out["separation"] = separation(pair_similarities(emb, test.labels, scorer))
     else:
-        out["separation"] = separation(pair_similarities(embed(model, x_test), test.labels, None))
+        out["separation"] = separation(pair_similarities(emb, test.labels, None))
     return out
 
 
@@ -150,7 +190,7 @@ def done(path: Path) -> set[tuple[str, int, int]]:
     if not path.exists():
         return set()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["name"], r["seed"], r["steps"]) for r in rows}
+    return {(r["name"], r["seed"], r["steps"], r.get("protocol", "scratch")) for r in rows}
 
 
 def cmd_run(args) -> None:
@@ -158,9 +198,9 @@ def cmd_run(args) -> None:
     curve_at = tuple(sorted({s for s in args.curve if s < args.steps} | {args.steps}))
     for seed in args.seeds:  # every row's first seed before any row's second: partial studies stay comparable
         for name in args.rows:
-            if (name, seed, args.steps) in done(args.out):
+            if (name, seed, args.steps, args.protocol) in done(args.out):
                 continue
-            r = run_one(name, seed, args.steps, curve_at)
+            r = run_one(name, seed, args.steps, curve_at, args.protocol)
             with args.out.open("a") as f:
                 f.write(json.dumps(r) + "\n")
             c = " ".join(f"{s}:{v['recall@1']:.3f}" for s, v in r["curve"].items())
@@ -177,7 +217,7 @@ def _ms(values: list[float]) -> str:
 
 def cmd_table(args) -> None:
     rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["steps"] == args.steps]
+    rows = [r for r in rows if r["steps"] == args.steps and r.get("protocol", "scratch") == args.protocol]
     names = [n for n in ROWS if any(r["name"] == n for r in rows)]
     keys = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
     print(
@@ -220,6 +260,7 @@ def main() -> None:
     table.add_argument("--steps", type=int, default=1000)
     for q in (run, table):
         q.add_argument("--out", type=Path, default=OUT)
+        q.add_argument("--protocol", choices=sorted(PROTOCOLS), default="scratch", help="see PROTOCOLS")
     args = p.parse_args()
     cmd_run(args) if args.cmd == "run" else cmd_table(args)
 

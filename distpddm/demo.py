@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from .config import POSITIVES
 from .data.glyphs import FontsNotFound, load_glyphs
 from .evaluate import recall_at_k
 from .loss import DISTANCES, METRICS, PDDMLoss
@@ -39,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distance", choices=DISTANCES, default="euclidean")
     # From random initialisation: small margins, metric head not steering the embedding (docs/collapse.md).
     p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--beta", type=float, default=0.2)
+    p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lam", type=float, default=0.5)
+    p.add_argument("--positives", choices=POSITIVES, default="all", help="quadruplets per anchor: every positive")
+    p.add_argument("--negatives", type=int, default=1, help="hardest negatives per positive pair")
     p.add_argument("--metric-grad", action="store_true", help="back-propagate E_m into the embedding too")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         beta=args.beta,
         lam=args.lam,
         metric_grad=args.metric_grad,
+        positives=args.positives,
+        negatives=args.negatives,
     )
     print(f"training {args.steps} steps: SmallCNN from random init + PDDMLoss({criterion.extra_repr()})")
     start = time.perf_counter()

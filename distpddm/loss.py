@@ -155,7 +155,8 @@ class PDDMLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, mode={self.mode!r}, metric={self.metric!r}, distance={self.distance!r}, "
-            f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}"
+            f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, positives={self.positives!r}, "
+            f"negatives={self.negatives}" + (f", soft={self.soft}" if self.soft else "")
         )
 
     def set_step(self, step: int) -> None:

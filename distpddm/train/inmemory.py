@@ -52,6 +52,7 @@ def fit_in_memory(
     images_per_class: int = 4,
     lr: float = 1e-3,
     head_lr: float | None = None,
+    backbone_lr: float | None = None,
     weight_decay: float = 1e-4,
     seed: int = 0,
     log_every: int = 50,
@@ -62,10 +63,13 @@ def fit_in_memory(
     eval_at: tuple[int, ...] = (),
     evaluate: Callable[[nn.Module], dict] | None = None,
     recall_before: bool = True,
+    recall_after: bool = True,
 ) -> FitResult:
     """Train ``model`` with ``criterion`` on P x K batches; Recall@K on the test set before and after.
 
-    The criterion's own parameters (a PDDM unit, say) train at ``head_lr`` (default ``lr``). ``cosine``
+    The criterion's own parameters (a PDDM unit, say) train at ``head_lr`` (default ``lr``); with
+    ``backbone_lr``, a model with ``param_groups()`` (:class:`~distpddm.model.EmbeddingNet`) trains its
+    (pretrained) backbone at that rate and its new embedding layer at ``lr``. ``cosine``
     decays every rate to zero at ``steps``; ``augment`` maps a training batch before the network;
     ``evaluate(model)`` runs at the ``eval_at`` steps (the convergence curve). A criterion with
     ``set_step`` (PDDMLoss: its ``metric_grad_after`` and memory warm-up) is told the step before each call.
@@ -73,7 +77,13 @@ def fit_in_memory(
     torch.manual_seed(seed)
     x_train, x_test = images_to_tensor(train_images), images_to_tensor(test_images)
     y_train = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
-    groups = [{"params": list(model.parameters()), "lr": lr}]
+    if backbone_lr is not None:
+        if not hasattr(model, "param_groups"):
+            raise ValueError("backbone_lr needs a model with param_groups() (an EmbeddingNet)")
+        backbone, new = model.param_groups()
+        groups = [{"params": backbone, "lr": backbone_lr}, {"params": new, "lr": lr}]
+    else:
+        groups = [{"params": list(model.parameters()), "lr": lr}]
     if isinstance(criterion, nn.Module) and any(True for _ in criterion.parameters()):
         groups.append({"params": list(criterion.parameters()), "lr": head_lr or lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
@@ -109,5 +119,5 @@ def fit_in_memory(
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", spread=f"{row.get('spread', float('nan')):.3f}")
     seconds = time.perf_counter() - start
-    after = recall_at_k(embed(model, x_test), test_labels, ks)
+    after = recall_at_k(embed(model, x_test), test_labels, ks) if recall_after else {}
     return FitResult(before, after, steps, seconds, history, curve)
