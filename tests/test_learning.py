@@ -22,8 +22,8 @@ def glyphs():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"alpha": 0.1, "beta": 0.2, "metric_grad": False}],
-    ids=["defaults", "from-scratch-settings"],
+    [{}, {"alpha": 0.1, "beta": 0.1, "metric_grad": False, "positives": "all"}],
+    ids=["defaults", "shipped-from-scratch-settings"],
 )
 def test_recall_rises_above_untrained_network_and_raw_pixels(glyphs, kwargs):
     train, test, raw = glyphs
