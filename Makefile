@@ -99,7 +99,7 @@ bench-losses: install
 bench-quality: install
 	$(PY) bench/quality.py run --rows $(QUALITY_ROWS)
 	$(PY) bench/quality.py table
-QUALITY_ROWS ?= pml_triplet pml_ms pml_contrastive pddm_shipped pddm_batch pddm_mg250 pddm_xbm euclid_shipped mahal_shipped
+QUALITY_ROWS ?= pml_triplet pml_ms pml_contrastive pddm_allpos_b01 euclid_allpos_b01 mahal_allpos_b01 pddm_allpos_both pddm_shipped pddm_batch
 
 bench-builder: install
 	$(PY) bench/builder.py
