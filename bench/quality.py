@@ -67,6 +67,7 @@ ROWS: dict[str, tuple[str, dict | str]] = {
     "pddm_allpos_soft": ("every positive, soft hinge t .1, b .2", ALL | {"soft": 0.1}),
     "pddm_allpos_sq": ("every positive, squared distance, b .2", ALL | {"distance": "squared"}),
     "pddm_allpos_mg500": ("every positive, b .2, metric_grad on after step 500", ALL | {"metric_grad_after": 500}),
+    "pddm_allpos_hlr10": ("every positive, b .1, PDDM unit at 10 x the rate", SHIPPED | {"_head_lr": 1e-2}),
     "pddm_allpos_xbm": ("every positive, b .1, cross-batch memory 1024", SHIPPED | {"memory": 1024}),
     "euclid_allpos": ("every positive, b .2, Euclidean mining", ALL | {"metric": "euclidean"}),
     # the hardest-positive setting shipped before, and its variants
@@ -98,7 +99,7 @@ def criterion_for(spec):
             "pml_contrastive": (losses.ContrastiveLoss(), None),
         }[spec]
         return lambda e, y: loss(e, y, miner(e, y)) if miner is not None else loss(e, y)
-    spec = dict(spec)
+    spec = {k: v for k, v in spec.items() if not k.startswith("_")}  # "_head_lr": a training option
     if "memory" in spec:
         spec["memory_warmup"] = MEMORY_WARMUP
     return PDDMLoss(DIM, **spec)
@@ -155,7 +156,8 @@ def run_one(name: str, seed: int, steps: int, curve_at: tuple[int, ...], protoco
     x_test = images_to_tensor(test.images)
     torch.manual_seed(seed)
     model = make_model(protocol)
-    criterion = criterion_for(ROWS[name][1])
+    spec = ROWS[name][1]
+    criterion = criterion_for(spec)
 
     last = {}  # the latest test embedding: the final one serves the re-ranking and separation too
 
@@ -169,7 +171,8 @@ def run_one(name: str, seed: int, steps: int, curve_at: tuple[int, ...], protoco
         model, criterion, train.images, train.labels, test.images, test.labels, steps=steps, seed=seed,
         progress=False, log_every=max(1, steps // 20), cosine=True, augment=pad_crop(proto["pad"]),
         eval_at=curve_at, evaluate=evaluate, recall_before=False, recall_after=False, lr=proto["lr"],
-        backbone_lr=proto["backbone_lr"], weight_decay=1e-4,
+        backbone_lr=proto["backbone_lr"], head_lr=spec.get("_head_lr") if isinstance(spec, dict) else None,
+        weight_decay=1e-4,
     )  # fmt: skip
     out = {"name": name, "seed": seed, "steps": steps, "protocol": protocol, "seconds": time.perf_counter() - start}
     out["curve"] = {str(s): v for s, v in res.curve.items()}
