@@ -397,7 +397,12 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     need(loss.memory_warmup >= 0, f"loss.memory_warmup must be >= 0, got {loss.memory_warmup}")
     need(loss.positives in POSITIVES, f"loss.positives must be one of {POSITIVES}, got {loss.positives!r}")
     need(loss.negatives >= 1, f"loss.negatives must be >= 1, got {loss.negatives}")
-    need(loss.soft >= 0, f"loss.soft must be >= 0 (0: the hard hinge), got {loss.soft}")
+    need(0 <= loss.soft < float("inf"), f"loss.soft must be finite and >= 0 (0: the hard hinge), got {loss.soft}")
+    need(
+        loss.candidates is None or loss.candidates >= loss.negatives,
+        f"loss.negatives={loss.negatives} hardest negatives need loss.candidates >= {loss.negatives} scored "
+        f"negatives per anchor, got {loss.candidates}",
+    )
     need(
         loss.mode == "anchor" or (loss.positives == "hardest" and loss.negatives == 1),
         "loss.mode: batch mines the paper's single quadruplet per batch; loss.positives / loss.negatives need "

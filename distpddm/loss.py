@@ -75,8 +75,10 @@ class PDDMLoss(nn.Module):
 
     ``positives="all"`` / ``negatives=n`` mine more than one quadruplet per anchor (every positive of it,
     each with the ``n`` hardest negatives of ``i`` and of ``j``; see :func:`~distpddm.mining.mine_quadruplets`);
-    the mean is then over all of them. ``soft=t`` replaces the embedding head's hinge by the smooth
-    ``t log(1 + exp(x / t))`` (0: the hard hinge of the paper).
+    the mean is then over all of them. With ``"all"`` a pair of two anchors comes twice, as ``(i, j, k, l)``
+    and ``(j, i, l, k)``, equal terms for a symmetric metric: every in-batch pair has the same weight (twice
+    the work, not a bias), but memory rows, never anchors, count once. ``soft=t`` replaces the embedding
+    head's hinge by the smooth ``t log(1 + exp(x / t))`` (0: the hard hinge of the paper).
 
     Across N workers the returned loss is ``N * sum(local E) / (global count)``, so that the average the
     data-parallel engine takes over workers equals the mean over every quadruplet of the global batch, even
@@ -131,8 +133,12 @@ class PDDMLoss(nn.Module):
             raise ValueError(f"negatives must be >= 1, got {negatives}")
         if mode == "batch" and (positives != "hardest" or negatives != 1):
             raise ValueError("mode='batch' mines one quadruplet per batch: positives / negatives need mode='anchor'")
-        if soft < 0:
-            raise ValueError(f"soft must be >= 0 (0: the hard hinge), got {soft}")
+        if not 0 <= soft < float("inf"):
+            raise ValueError(f"soft must be finite and >= 0 (0: the hard hinge), got {soft}")
+        if isinstance(negatives, bool) or not isinstance(negatives, int):
+            raise ValueError(f"negatives must be an int >= 1, got {negatives!r}")
+        if candidates is not None and candidates < negatives:
+            raise ValueError(f"negatives={negatives} needs candidates >= {negatives} (or None), got {candidates}")
         self.positives, self.negatives, self.soft = positives, negatives, soft
         if memory < 0 or memory_warmup < 0:
             raise ValueError(f"memory and memory_warmup must be >= 0, got {memory} and {memory_warmup}")

@@ -146,6 +146,9 @@ def test_duplicated_embeddings_give_finite_gradients():
         ({"negatives": 0}, "negatives"),
         ({"mode": "batch", "positives": "all"}, "mode='batch'"),
         ({"soft": -1.0}, "soft"),
+        ({"soft": float("inf")}, "soft"),
+        ({"negatives": 2.0}, "negatives"),
+        ({"negatives": 4, "candidates": 3}, "candidates >= 4"),
     ],
 )
 def test_bad_config_is_named(kwargs, match):
