@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DISTANCES, METRICS, POSITIVES
+from .config import DISTANCES, METRICS
 from .gather import GlobalBatch, all_gather_no_grad, all_reduce_sum, gather_batch, rank_and_world
 from .metrics import Euclidean, Mahalanobis
-from .mining import MODES, Quadruplets, mine_quadruplets
+from .mining import MODES, Quadruplets, check_quadruplets_per_anchor, mine_quadruplets
 from .pddm import PDDM
 
 
@@ -127,16 +127,9 @@ class PDDMLoss(nn.Module):
                 f"metric_grad_after={metric_grad_after} switches metric_grad on after that step: it needs "
                 "metric_grad=False and a step >= 0"
             )
-        if positives not in POSITIVES:
-            raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
-        if negatives < 1:
-            raise ValueError(f"negatives must be >= 1, got {negatives}")
-        if mode == "batch" and (positives != "hardest" or negatives != 1):
-            raise ValueError("mode='batch' mines one quadruplet per batch: positives / negatives need mode='anchor'")
+        check_quadruplets_per_anchor(mode, positives, negatives)
         if not 0 <= soft < float("inf"):
             raise ValueError(f"soft must be finite and >= 0 (0: the hard hinge), got {soft}")
-        if isinstance(negatives, bool) or not isinstance(negatives, int):
-            raise ValueError(f"negatives must be an int >= 1, got {negatives!r}")
         if candidates is not None and candidates < negatives:
             raise ValueError(f"negatives={negatives} needs candidates >= {negatives} (or None), got {candidates}")
         self.positives, self.negatives, self.soft = positives, negatives, soft

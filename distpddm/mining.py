@@ -71,6 +71,18 @@ def candidate_scores(
     return out
 
 
+def check_quadruplets_per_anchor(mode: str, positives: str, negatives: int) -> None:
+    """``ValueError`` unless ``positives`` / ``negatives`` are valid and, in batch mode, the paper's one."""
+    if positives not in POSITIVES:
+        raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
+    if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 1:
+        raise ValueError(f"negatives must be an int >= 1, got {negatives!r}")
+    if mode == "batch" and (positives != "hardest" or negatives != 1):
+        raise ValueError(
+            "mode='batch' mines the paper's single quadruplet per batch: positives / negatives need mode='anchor'"
+        )
+
+
 def _hardest(scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """The ``n`` highest scores of each row and their columns (argmax for one: first column on ties)."""
     if n == 1:
@@ -120,12 +132,7 @@ def mine_quadruplets(
 
     if candidates is not None and candidates < 1:
         raise ValueError(f"candidates must be >= 1 or None, got {candidates}")
-    if positives not in POSITIVES:
-        raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
-    if negatives < 1:
-        raise ValueError(f"negatives must be >= 1, got {negatives}")
-    if mode == "batch" and (positives != "hardest" or negatives != 1):
-        raise ValueError("mode='batch' mines the paper's single quadruplet: it takes positives='hardest', negatives=1")
+    check_quadruplets_per_anchor(mode, positives, negatives)
 
     def similarity(rows: Tensor, row_neg_mask: Tensor) -> Tensor:
         if candidates is None:
@@ -153,20 +160,20 @@ def mine_quadruplets(
         a, j = (pos_mask & valid[:, None]).nonzero(as_tuple=True)
         pos_score = scores[a, j]
     n_neg = min(negatives, n_pool)
-    k_score, k = _hardest(neg_scores, n_neg)
-    k_score, k = k_score[a], k[a]  # (pairs, n_neg)
+    block_k_score, block_k = _hardest(neg_scores, n_neg)  # every block row's hardest negatives, once
+    k_score, k = block_k_score[a], block_k[a]  # (pairs, n_neg)
 
-    # l: j's hardest negatives. j shares i's label, so j's negatives are i's; reuse the block's score rows
-    # where j is itself an anchor of the block, and score the other j's (on other workers) once each.
-    j_scores = scores.new_empty(len(j), n_pool)
+    # l: j's hardest negatives. j shares i's label, so j's negatives are i's: where j is itself an anchor of
+    # the block they were found above; the other j's (on other workers) are scored once each.
+    l_score, l = k_score.new_empty(k_score.shape), k.new_empty(k.shape)
     inside = (j >= offset) & (j < offset + count)
-    j_scores[inside] = scores[j[inside] - offset]
+    l_score[inside], l[inside] = block_k_score[j[inside] - offset], block_k[j[inside] - offset]
     if not bool(inside.all()):
         outside_ids, inverse = torch.unique(j[~inside], return_inverse=True)
         outside_neg = labels[outside_ids, None] != labels[None, :]
-        j_scores[~inside] = similarity(pool[outside_ids], outside_neg)[inverse]
-    j_neg = j_scores.masked_fill(~neg_mask[a], float("-inf"))
-    l_score, l = _hardest(j_neg, n_neg)
+        outside = similarity(pool[outside_ids], outside_neg).masked_fill_(~outside_neg, float("-inf"))
+        out_score, out_l = _hardest(outside, n_neg)
+        l_score[~inside], l[~inside] = out_score[inverse], out_l[inverse]
     if n_neg == 1:  # one quadruplet per pair: argmax ties resolve as before
         i = anchors[a]
         return Quadruplets(i, j, k[:, 0], l[:, 0], pos_score, skipped)
