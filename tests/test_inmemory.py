@@ -35,3 +35,30 @@ def test_backbone_lr_needs_a_model_with_rate_groups():
     with pytest.raises(ValueError, match="param_groups"):
         fit_in_memory(SmallCNN(8, in_channels=1, width=4), PDDMLoss(8), x, y, x, y, steps=1, classes_per_batch=3,
                       backbone_lr=1e-4, progress=False)  # fmt: skip
+
+
+def _fit(device, steps=4):
+    torch.manual_seed(0)
+    model = SmallCNN(8, in_channels=1, width=4)
+    crit = PDDMLoss(8, alpha=0.1, beta=0.1, positives="all")
+    x, y = _data()
+    res = fit_in_memory(model, crit, x, y, x, y, steps=steps, classes_per_batch=3, log_every=1, progress=False,
+                        recall_before=False, recall_after=False, device=device)  # fmt: skip
+    return model, crit, res
+
+
+def test_device_receives_model_and_criterion():
+    """``device`` moves the model and the PDDM unit; on the CPU an explicit device trains exactly as the default."""
+    model, crit, res = _fit("cpu")
+    _, _, default = _fit(None)
+    assert next(model.parameters()).device.type == "cpu" and next(crit.parameters()).device.type == "cpu"
+    assert [r["loss"] for r in res.history] == [r["loss"] for r in default.history]
+    assert len(res.history) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_cuda_trains_there():
+    model, crit, res = _fit("cuda")
+    assert next(model.parameters()).is_cuda and next(crit.parameters()).is_cuda
+    _, _, cpu = _fit("cpu")
+    assert np.allclose([r["loss"] for r in res.history][:1], [r["loss"] for r in cpu.history][:1], rtol=1e-3)

