@@ -256,3 +256,24 @@ def test_memory_gives_anchors_positives_from_earlier_batches():
     _, first = crit(x, y)
     _, second = crit(_batch(n_classes=6, k=1, seed=4)[0], y)
     assert int(first.quadruplets) == 0 and int(second.quadruplets) == 6
+
+
+def test_memory_with_every_positive_and_several_negatives():
+    """positives all x 2 negatives with a memory: remembered rows serve as positives and negatives, each memory
+    positive counts once (only the batch holds anchors), and the loss is the plain loss on [batch; memory]."""
+    from distpddm.gather import GlobalBatch
+
+    opts = {"positives": "all", "negatives": 2, "alpha": 0.1, "beta": 0.1}
+    crit = PDDMLoss(8, memory=12, **opts).double()
+    y = _batch(n_classes=6, k=1, seed=3)[1]
+    old = [F.normalize(_batch(n_classes=6, k=1, seed=s)[0], dim=1) for s in (5, 6)]
+    for x_old in old:
+        crit(x_old, y)
+    x = _batch(n_classes=6, k=1, seed=7)[0].requires_grad_()
+    loss, stats = crit(x, y)
+    assert int(stats.quadruplets) == 6 * 2 * 2  # 6 anchors x 2 remembered positives x 2 negatives
+    plain = PDDMLoss(8, **opts).double()
+    plain.load_state_dict(crit.state_dict())
+    pool = torch.cat([F.normalize(x, dim=1), *(o.detach() for o in old)])
+    ref, _ = plain.pool_loss(GlobalBatch(pool, torch.cat([y, y, y]), 0, 6))
+    torch.testing.assert_close(loss, ref)

@@ -202,3 +202,34 @@ def test_several_quadruplets_refuse_the_batch_mode_and_bad_counts():
         mine_quadruplets(Euclidean(), pool, y, positives="easiest")
     with pytest.raises(ValueError, match="negatives"):
         mine_quadruplets(Euclidean(), pool, y, negatives=0)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("candidates", [3, 14])
+def test_candidates_with_several_quadruplets_per_anchor(metric, candidates):
+    """Every positive x 2 negatives under ``candidates``: each sample's negatives come from its own ``c``
+    dot-nearest ones (all of them when c covers the pool: then it is the exact miner)."""
+    scorer = _scorer(metric, 6)
+    labels = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 4, 4, 4]
+    pool, y = _pool(labels, seed=21)
+    offset, count = 2, 9
+    got = mine_quadruplets(scorer, pool, y, offset, count, candidates=candidates, positives="all", negatives=2)
+    S, dots = _reference_scores(scorer, pool), pool @ pool.T
+
+    def hardest(a):  # the 2 best-scored among a's `candidates` dot-nearest negatives
+        near = sorted((q for q in range(len(y)) if y[q] != y[a]), key=lambda q: -float(dots[a, q]))[:candidates]
+        return sorted(near, key=lambda q: -float(S[a, q]))[:2]
+
+    want = [
+        (i, j, k, l)
+        for i in range(offset, offset + count)
+        for j in range(len(y))
+        if y[j] == y[i] and j != i
+        for k, l in zip(hardest(i), hardest(j), strict=True)
+    ]
+    quads = list(zip(got.i.tolist(), got.j.tolist(), got.k.tolist(), got.l.tolist(), strict=True))
+    assert sorted(quads) == sorted(want)
+    if candidates >= len(labels):
+        exact = mine_quadruplets(scorer, pool, y, offset, count, positives="all", negatives=2)
+        cols = (exact.i.tolist(), exact.j.tolist(), exact.k.tolist(), exact.l.tolist())
+        assert sorted(quads) == sorted(zip(*cols, strict=True))
