@@ -70,6 +70,11 @@ ROWS: dict[str, tuple[str, dict | str]] = {
     "pddm_allpos_hlr10": ("every positive, b .1, PDDM unit at 10 x the rate", SHIPPED | {"_head_lr": 1e-2}),
     "pddm_allpos_xbm": ("every positive, b .1, cross-batch memory 1024", SHIPPED | {"memory": 1024}),
     "euclid_allpos": ("every positive, b .2, Euclidean mining", ALL | {"metric": "euclidean"}),
+    "pddm_allpos_nz": (
+        "every positive, b .1, each header over its non-zero quadruplets",
+        SHIPPED | {"reduction": "nonzero"},
+    ),
+    "pddm_allpos_nz_b02": ("every positive, b .2, non-zero reduction", ALL | {"reduction": "nonzero"}),
     # the hardest-positive setting shipped before, and its variants
     "pddm_shipped": ("PDDM hardest positive per anchor (shipped before), a .1, b .2, metric_grad off", HARDEST),
     "pddm_batch": ("PDDM one quadruplet per batch (the paper's form), a .1, b .2", HARDEST | {"mode": "batch"}),

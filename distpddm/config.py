@@ -26,6 +26,7 @@ MINING_MODES = ("anchor", "batch")  # distpddm.mining
 METRICS = ("pddm", "euclidean", "mahalanobis")  # distpddm.loss
 DISTANCES = ("euclidean", "squared")  # distpddm.loss
 POSITIVES = ("hardest", "all")  # distpddm.mining: which positives of an anchor make quadruplets
+REDUCTIONS = ("mean", "nonzero")  # distpddm.loss: each header's mean over all quadruplets / its non-zero ones
 POOLINGS = ("avg", "max", "avgmax")  # distpddm.model
 PRECISIONS = ("fp32", "bf16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
@@ -86,6 +87,7 @@ class LossConfig:
     positives: str = "hardest"  # quadruplets per anchor: its hardest positive, or every positive ("all")
     negatives: int = 1  # hardest negatives of i (and of j) per positive pair, paired rank by rank
     soft: float = 0.0  # E_e's hinge smoothed, t log(1 + exp(x / t)); 0: the paper's hard hinge
+    reduction: str = "mean"  # each header averaged over every quadruplet, or over its non-zero ones ("nonzero")
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     need(loss.positives in POSITIVES, f"loss.positives must be one of {POSITIVES}, got {loss.positives!r}")
     need(loss.negatives >= 1, f"loss.negatives must be >= 1, got {loss.negatives}")
     need(0 <= loss.soft < float("inf"), f"loss.soft must be finite and >= 0 (0: the hard hinge), got {loss.soft}")
+    need(loss.reduction in REDUCTIONS, f"loss.reduction must be one of {REDUCTIONS}, got {loss.reduction!r}")
     need(
         loss.candidates is None or loss.candidates >= loss.negatives,
         f"loss.negatives={loss.negatives} hardest negatives need loss.candidates >= {loss.negatives} scored "

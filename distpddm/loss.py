@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DISTANCES, METRICS
+from .config import DISTANCES, METRICS, REDUCTIONS
 from .gather import GlobalBatch, all_gather_no_grad, all_reduce_sum, gather_batch, rank_and_world
 from .metrics import Euclidean, Mahalanobis
 from .mining import MODES, Quadruplets, check_quadruplets_per_anchor, mine_quadruplets
@@ -80,6 +80,10 @@ class PDDMLoss(nn.Module):
     the work, not a bias), but memory rows, never anchors, count once. ``soft=t`` replaces the embedding
     head's hinge by the smooth ``t log(1 + exp(x / t))`` (0: the hard hinge of the paper).
 
+    ``reduction="nonzero"`` averages each header over the quadruplets where it is non-zero (as
+    pytorch-metric-learning's ``AvgNonZeroReducer`` does for its triplet loss) instead of over every
+    quadruplet: the gradient does not fade as more margins hold. Counted over the global batch.
+
     Across N workers the returned loss is ``N * sum(local E) / (global count)``, so that the average the
     data-parallel engine takes over workers equals the mean over every quadruplet of the global batch, even
     when workers mined different numbers; with one worker it is the plain mean. In ``mode="batch"`` the
@@ -106,6 +110,7 @@ class PDDMLoss(nn.Module):
         positives: str = "hardest",
         negatives: int = 1,
         soft: float = 0.0,
+        reduction: str = "mean",
         group=None,
     ):
         super().__init__()
@@ -132,7 +137,9 @@ class PDDMLoss(nn.Module):
             raise ValueError(f"soft must be finite and >= 0 (0: the hard hinge), got {soft}")
         if candidates is not None and candidates < negatives:
             raise ValueError(f"negatives={negatives} needs candidates >= {negatives} (or None), got {candidates}")
-        self.positives, self.negatives, self.soft = positives, negatives, soft
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.positives, self.negatives, self.soft, self.reduction = positives, negatives, soft, reduction
         if memory < 0 or memory_warmup < 0:
             raise ValueError(f"memory and memory_warmup must be >= 0, got {memory} and {memory_warmup}")
         self.metric_grad_after, self.memory, self.memory_warmup = metric_grad_after, memory, memory_warmup
@@ -156,7 +163,8 @@ class PDDMLoss(nn.Module):
             f"dim={self.dim}, mode={self.mode!r}, metric={self.metric!r}, distance={self.distance!r}, "
             f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, positives={self.positives!r}, "
             f"negatives={self.negatives}" + (f", soft={self.soft}" if self.soft else "")
-        )
+            + (f", reduction={self.reduction!r}" if self.reduction != "mean" else "")
+        )  # fmt: skip
 
     def set_step(self, step: int) -> None:
         """The training step of the next call (1-based): ``metric_grad_after`` and ``memory_warmup`` count it."""
@@ -270,8 +278,13 @@ class PDDMLoss(nn.Module):
         _, world = rank_and_world(self.group)
         count_dtype = torch.promote_types(feats.dtype, torch.float32)  # exact counts even under bf16
         n_local = torch.tensor(float(n), dtype=count_dtype, device=feats.device)
-        n_global = all_reduce_sum(n_local, self.group)
-        loss = (e_m + self.lam * e_e).sum() * (world / n_global.clamp_min(1.0))
+        with torch.no_grad():  # quadruplets, and those each header still pushes: one all-reduce for the three
+            counts = torch.stack([n_local, (e_m > 0).sum().to(count_dtype), (e_e > 0).sum().to(count_dtype)])
+        n_global, m_global, e_global = all_reduce_sum(counts, self.group).clamp_min(1.0).unbind()
+        if self.reduction == "mean":
+            loss = (e_m + self.lam * e_e).sum() * (world / n_global)
+        else:  # "nonzero": each header's mean over the quadruplets it still has a loss on
+            loss = (e_m.sum() / m_global + self.lam * e_e.sum() / e_global) * world
 
         with torch.no_grad():
             spread = (feats - feats.mean(0)).norm(dim=1).mean() if len(feats) else feats.new_zeros(())

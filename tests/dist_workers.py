@@ -17,10 +17,12 @@ def problem(metric: str, mode: str, dtype=torch.float64):
     sample: its anchor is skipped) and put positives on the other rank (classes 0 and 1 straddle)."""
     torch.manual_seed(0)
     model = SmallCNN(embed_dim=12, width=8, norm="group").to(dtype)
-    # "several": every positive of an anchor, each with its 2 hardest negatives, under the soft hinge
-    extra = (
-        {"mode": "anchor", "positives": "all", "negatives": 2, "soft": 0.05} if mode == "several" else {"mode": mode}
-    )
+    # "several": every positive of an anchor, each with its 2 hardest negatives, under the soft hinge;
+    # "nonzero": every positive, each header averaged over its non-zero quadruplets (global counts)
+    extra = {
+        "several": {"mode": "anchor", "positives": "all", "negatives": 2, "soft": 0.05},
+        "nonzero": {"mode": "anchor", "positives": "all", "reduction": "nonzero", "alpha": 0.05, "beta": 0.1},
+    }.get(mode, {"mode": mode})
     crit = PDDMLoss(12, metric=metric, chunk=5, **extra).to(dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(16, 1, 12, 12, generator=g, dtype=dtype)

@@ -29,14 +29,14 @@ def _single_process(metric, mode):
 
 
 @pytest.mark.parametrize("metric", ["pddm", "euclidean", "mahalanobis"])
-@pytest.mark.parametrize("mode", ["anchor", "batch", "several"])
+@pytest.mark.parametrize("mode", ["anchor", "batch", "several", "nonzero"])
 def test_two_processes_equal_one(tmp_path, metric, mode):
     out = tmp_path / "rank0.pt"
     mp.spawn(loss_and_grads, args=(WORLD, free_port(), metric, mode, str(out)), nprocs=WORLD, join=True)
     got = torch.load(out)
     loss, grads, quads = _single_process(metric, mode)
     # 15 anchors with a positive; "several": 2 per (anchor, positive) pair, 3 x 2 (class 0) + 6 x 2 = 18 pairs
-    assert got["quadruplets"] == quads == {"anchor": 15, "batch": 1, "several": 2 * 18}[mode]
+    assert got["quadruplets"] == quads == {"anchor": 15, "batch": 1, "several": 2 * 18, "nonzero": 18}[mode]
     torch.testing.assert_close(got["loss"], loss, rtol=1e-9, atol=1e-12)
     assert grads.keys() == got["grads"].keys()
     for name, g in grads.items():

@@ -16,15 +16,17 @@ def _reference_loss(crit, x, y):
     """E_m + lam * E_e, written out quadruplet by quadruplet from docs/method.md."""
     f = F.normalize(x, dim=1)
     q = crit.mine(f, y)
-    total = 0.0
+    e_ms, e_es = [], []
     for i, j, k, l in zip(q.i.tolist(), q.j.tolist(), q.k.tolist(), q.l.tolist(), strict=True):
         S = lambda a, b: crit.scorer(f[a][None], f[b][None])[0]  # noqa: E731
         D = lambda a, b: (f[a] - f[b]).norm() if crit.distance == "euclidean" else ((f[a] - f[b]) ** 2).sum()  # noqa: E731
-        e_m = F.relu(crit.alpha + S(i, k) - S(i, j)) + F.relu(crit.alpha + S(j, l) - S(i, j))
+        e_ms.append(F.relu(crit.alpha + S(i, k) - S(i, j)) + F.relu(crit.alpha + S(j, l) - S(i, j)))
         h = (lambda v: crit.soft * torch.log1p(torch.exp(v / crit.soft))) if crit.soft else F.relu  # noqa: E731
-        e_e = h(crit.beta + D(i, j) - D(i, k)) + h(crit.beta + D(i, j) - D(j, l))
-        total = total + e_m + crit.lam * e_e
-    return total / len(q)
+        e_es.append(h(crit.beta + D(i, j) - D(i, k)) + h(crit.beta + D(i, j) - D(j, l)))
+    if crit.reduction == "nonzero":  # each header over the quadruplets it is non-zero on
+        m, e = (max(1, sum(float(v) > 0 for v in vs)) for vs in (e_ms, e_es))
+        return sum(e_ms) / m + crit.lam * sum(e_es) / e
+    return (sum(e_ms) + crit.lam * sum(e_es)) / len(q)
 
 
 @pytest.mark.parametrize("metric", ["pddm", "euclidean", "mahalanobis"])
@@ -41,7 +43,14 @@ def test_loss_equals_written_out_formula(metric, distance, mode):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"positives": "all"}, {"negatives": 3}, {"positives": "all", "negatives": 2, "soft": 0.1}, {"soft": 0.05}],
+    [
+        {"positives": "all"},
+        {"negatives": 3},
+        {"positives": "all", "negatives": 2, "soft": 0.1},
+        {"soft": 0.05},
+        {"reduction": "nonzero"},
+        {"positives": "all", "negatives": 2, "reduction": "nonzero"},
+    ],
 )
 def test_several_quadruplets_per_anchor_and_the_soft_hinge_equal_the_written_out_formula(kwargs):
     torch.manual_seed(0)
@@ -147,6 +156,7 @@ def test_duplicated_embeddings_give_finite_gradients():
         ({"mode": "batch", "positives": "all"}, "mode='batch'"),
         ({"soft": -1.0}, "soft"),
         ({"soft": float("inf")}, "soft"),
+        ({"reduction": "sum"}, "reduction"),
         ({"negatives": 2.0}, "negatives"),
         ({"negatives": 4, "candidates": 3}, "candidates >= 4"),
     ],
@@ -277,3 +287,21 @@ def test_memory_with_every_positive_and_several_negatives():
     pool = torch.cat([F.normalize(x, dim=1), *(o.detach() for o in old)])
     ref, _ = plain.pool_loss(GlobalBatch(pool, torch.cat([y, y, y]), 0, 6))
     torch.testing.assert_close(loss, ref)
+
+
+def test_nonzero_reduction_averages_over_the_quadruplets_still_pushing():
+    """Where some margins hold, "nonzero" is larger than "mean" by the share of zero terms, header by header;
+    where none holds the two agree."""
+    noise, y = _batch(n_classes=6, k=4)
+    centres = _batch(n_classes=6, k=1, seed=9)[0]
+    x = centres[y] + 0.6 * noise  # loose clusters: some quadruplets meet both margins, some do not
+    mean = PDDMLoss(8, metric="euclidean", alpha=0.0, beta=0.2, lam=1.0).double()
+    nonzero = PDDMLoss(8, metric="euclidean", alpha=0.0, beta=0.2, lam=1.0, reduction="nonzero").double()
+    loss_mean, stats = mean(x, y)
+    loss_nonzero, _ = nonzero(x, y)
+    assert 0 < float(stats.active_embedding) < 1  # share of E_e's hinge terms violated: some, not all
+    assert float(loss_nonzero) > float(loss_mean) > 0
+    torch.testing.assert_close(loss_nonzero, _reference_loss(nonzero, x, y), rtol=1e-10, atol=1e-10)
+    wide = PDDMLoss(8, metric="euclidean", alpha=5.0, beta=5.0, lam=1.0, reduction="nonzero").double()
+    same = PDDMLoss(8, metric="euclidean", alpha=5.0, beta=5.0, lam=1.0).double()
+    torch.testing.assert_close(wide(x, y)[0], same(x, y)[0])  # margins of 5: every one violated
