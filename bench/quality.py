@@ -75,6 +75,14 @@ ROWS: dict[str, tuple[str, dict | str]] = {
         SHIPPED | {"reduction": "nonzero"},
     ),
     "pddm_allpos_nz_b02": ("every positive, b .2, non-zero reduction", ALL | {"reduction": "nonzero"}),
+    "pddm_allpos_nz_neg4": (
+        "every positive x 4 hardest negatives, b .1, non-zero reduction",
+        SHIPPED | {"reduction": "nonzero", "negatives": 4},
+    ),
+    "pddm_allpos_nz_lam1": (
+        "every positive, b .1, lam 1, non-zero reduction",
+        SHIPPED | {"reduction": "nonzero", "lam": 1.0},
+    ),
     # the hardest-positive setting shipped before, and its variants
     "pddm_shipped": ("PDDM hardest positive per anchor (shipped before), a .1, b .2, metric_grad off", HARDEST),
     "pddm_batch": ("PDDM one quadruplet per batch (the paper's form), a .1, b .2", HARDEST | {"mode": "batch"}),
