@@ -142,7 +142,11 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes_at_the_saved_ste
     )
     t_requeued = time.time()
     print(f"slurm: requeued job pending, reason {state.get('Reason')}")
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # no begin-time delay (Slurm's default)
+    # No begin-time delay (Slurm's default), but not within the second of the requeue: slurmd revokes the job's
+    # credential at whole-second resolution and kills a relaunch whose credential dates from that same second
+    # ("Killing non-startable batch JobId=...: Job credential revoked"; seen once, the job then ends FAILED).
+    time.sleep(max(0.0, 2.0 - (time.time() - t_requeued)))
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     final = _wait_for(
         "the second attempt to end",
         lambda: (j := cluster.job(job)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and j,
