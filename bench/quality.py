@@ -127,7 +127,7 @@ def pad_crop(pad: int):
         dy, dx = torch.randint(0, 2 * pad + 1, (2, n)).to(x.device)  # one indexing op, not one per image (GPU)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
-        return padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+        return padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
     return augment
 
@@ -259,22 +259,27 @@ def cmd_run(args) -> None:
     else:  # several trainings at once (one GPU has room for many small ones); spawn: CUDA cannot fork
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
 
         with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
             todo, running, futures = list(jobs), set(), {}
             while todo or running:
-                while todo and len(running) < args.workers and not late():
-                    n, s = todo.pop(0)
-                    fut = pool.submit(run_one, n, s, args.steps, curve_at, **opts)
-                    futures[fut] = (n, s)
-                    running.add(fut)
+                try:
+                    while todo and len(running) < args.workers and not late():
+                        n, s = todo.pop(0)
+                        fut = pool.submit(run_one, n, s, args.steps, curve_at, **opts)
+                        futures[fut] = (n, s)
+                        running.add(fut)
+                except BrokenProcessPool as e:  # a worker died (killed, out of memory): no new starts
+                    failed += [(n, s, e) for n, s in [(n, s), *todo]]
+                    todo = []
                 if not running:
                     break
                 finished_now, running = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished_now:
                     try:
                         record(fut.result())
-                    except Exception as e:
+                    except Exception as e:  # the row's own error, or BrokenProcessPool for every row in flight
                         failed.append((*futures[fut], e))
     for n, s, e in failed:
         print(f"FAILED {n} seed {s}: {type(e).__name__}: {e}", flush=True)

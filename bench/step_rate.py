@@ -2,7 +2,8 @@
 
 Times the part of a step that runs on the accelerator: the config's backbone (random init: no download) at its
 image size and per-worker P x K batch, its PDDMLoss, backward and an AdamW step, on synthetic images held on the
-device. Not timed: decoding and augmenting images (the loader), the all-gather across workers, DeepSpeed.
+device. Not timed: decoding and augmenting images (the loader), the all-gather across workers, DeepSpeed;
+and the miner sees one worker's batch, not the gathered one (so mining is cheaper than in a real run).
 So the figure is an upper bound on a real run's rate; the device-hours assume every worker keeps that rate::
 
     python bench/step_rate.py configs/cub200.yaml configs/cars196.yaml --device cuda [--steps 60 --warmup 15]
@@ -68,7 +69,8 @@ def measure(config: str, device: str, steps: int, warmup: int) -> dict:
         "ms_per_step": round(1000 * seconds / steps, 2), "run_steps": cfg.train.steps, "workers": workers,
         "run_images": images, "device_hours": round(images / rate / 3600, 3),
         "wall_hours_on_workers": round(images / rate / 3600 / workers, 3),
-        "not_timed": "image decoding and augmentation, the cross-worker gather, DeepSpeed",
+        "not_timed": "image decoding and augmentation, the cross-worker gather, DeepSpeed; mining here is over one "
+        "worker's batch, not the gathered batch of all workers (cheaper)",
     }  # fmt: skip
 
 

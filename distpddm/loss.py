@@ -82,7 +82,8 @@ class PDDMLoss(nn.Module):
 
     ``reduction="nonzero"`` averages each header over the quadruplets where it is non-zero (as
     pytorch-metric-learning's ``AvgNonZeroReducer`` does for its triplet loss) instead of over every
-    quadruplet: the gradient does not fade as more margins hold. Counted over the global batch.
+    quadruplet: the gradient does not fade as more margins hold. Counted over the global batch. With
+    ``soft > 0`` the embedding header is never zero, so it is then averaged over every quadruplet.
 
     Across N workers the returned loss is ``N * sum(local E) / (global count)``, so that the average the
     data-parallel engine takes over workers equals the mean over every quadruplet of the global batch, even

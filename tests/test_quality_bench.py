@@ -23,6 +23,13 @@ def test_pad_crop_is_a_translation_within_the_pad():
         windows = [padded[i, :, dy : dy + 12, dx : dx + 10] for dy in range(5) for dx in range(5)]
         assert any(torch.equal(out[i], w) for w in windows)
     assert not torch.equal(out, x)  # 16 images all left in place by chance: (1/25)^16
+    # the same crops as cutting each image's window one by one, for the same random draw
+    torch.manual_seed(3)
+    got = quality.pad_crop(2)(x)
+    torch.manual_seed(3)
+    dy, dx = torch.randint(0, 5, (2, len(x))).tolist()
+    want = torch.stack([padded[i, :, dy[i] : dy[i] + 12, dx[i] : dx[i] + 10] for i in range(len(x))])
+    assert torch.equal(got, want) and got.is_contiguous()
 
 
 def _glyph_file(tmp_path, fonts: int) -> Path:
