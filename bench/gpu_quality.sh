@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The quality study's GPU rows in one run of about 8 minutes on one GPU (an H200): many small trainings at once.
+# The quality study's GPU rows in one run on one GPU (an H200), many small trainings at once; its phases' time
+# limits end it within about 9 minutes (never run on a GPU yet: how much fits is not measured).
 #
 #   bash bench/gpu_quality.sh OUT_DIR
 #

@@ -167,10 +167,7 @@ def make_model(protocol: str) -> torch.nn.Module:
 def glyph_set(size: int, glyphs: str | None) -> GlyphSet:
     """The fonts' glyphs: rendered (or read from the cache), or from ``glyphs`` (an ``.npz`` written by
     ``save`` below, ``{size}`` filled in) where the fonts are not installed (the GPU machine)."""
-    if glyphs is None:
-        return load_glyphs(size=size)
-    with np.load(glyphs.format(size=size), allow_pickle=False) as z:
-        return GlyphSet(z["images"], z["labels"], [str(n) for n in z["class_names"]])
+    return load_glyphs(size=size) if glyphs is None else GlyphSet.load(glyphs.format(size=size))
 
 
 def run_one(
@@ -358,7 +355,7 @@ def cmd_save(args) -> None:
     for size in sorted({p["size"] for p in PROTOCOLS.values()}):
         g = load_glyphs(size=size)
         path = args.dir / f"glyphs-{size}px.npz"
-        np.savez_compressed(path, images=g.images, labels=g.labels, class_names=np.array(g.class_names))
+        g.save(path)
         print(f"{path}: {len(g.labels)} images of {len(g.class_names)} fonts")
 
 

@@ -44,8 +44,7 @@ def measure(config: str, device: str, steps: int, warmup: int) -> dict:
     model.train()
 
     def step() -> None:
-        out = loss_fn(model(x), y)
-        loss = out[0] if isinstance(out, tuple) else out
+        loss, _ = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distpddm.data.glyphs import GlyphSet
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import quality  # noqa: E402
@@ -37,9 +39,11 @@ def _glyph_file(tmp_path, fonts: int) -> Path:
     rng = np.random.default_rng(0)
     glyphs = tmp_path / "glyphs-{size}px.npz"
     images = rng.integers(0, 256, (fonts * 6, 32, 32), dtype=np.uint8)
-    names = np.array([f"f{i}" for i in range(fonts)])
-    np.savez_compressed(str(glyphs).format(size=32), images=images, labels=np.repeat(np.arange(fonts), 6),
-                        class_names=names)  # fmt: skip
+    g = GlyphSet(images, np.repeat(np.arange(fonts), 6), [f"f{i}" for i in range(fonts)])
+    g.save(str(glyphs).format(size=32))
+    back = GlyphSet.load(str(glyphs).format(size=32))
+    assert np.array_equal(back.images, g.images) and np.array_equal(back.labels, g.labels)
+    assert back.class_names == g.class_names
     return glyphs
 
 

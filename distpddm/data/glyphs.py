@@ -80,6 +80,15 @@ class GlyphSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def save(self, path: str | os.PathLike) -> None:
+        """One compressed ``.npz`` (the render cache's format, read back by :meth:`load`)."""
+        np.savez_compressed(path, images=self.images, labels=self.labels, class_names=np.array(self.class_names))
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> GlyphSet:
+        with np.load(path, allow_pickle=False) as z:
+            return GlyphSet(z["images"], z["labels"], [str(n) for n in z["class_names"]])
+
     def classes(self, keep: Sequence[int]) -> GlyphSet:
         """The samples of the classes ``keep``, relabelled 0..len(keep)-1 in that order."""
         keep = list(keep)
@@ -122,8 +131,7 @@ def load_glyphs(
         raise FontsNotFound(f"no font files under {list(font_dirs or [])}")
     cache = _cache_path(fonts, size, Path(cache_dir) if cache_dir else default_cache_dir())
     if cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
-            return GlyphSet(z["images"], z["labels"], [str(n) for n in z["class_names"]])
+        return GlyphSet.load(cache)
     workers = workers or min(4, os.cpu_count() or 1)
     with ProcessPoolExecutor(workers) as pool:
         rendered = list(pool.map(render_font, fonts, [size] * len(fonts), chunksize=8))
@@ -132,9 +140,9 @@ def load_glyphs(
         raise FontsNotFound(f"none of the {len(fonts)} font files rendered usable glyphs")
     images = np.concatenate([r for _, r in kept])
     labels = np.repeat(np.arange(len(kept), dtype=np.int64), len(GLYPHS))
-    names = [n for n, _ in kept]
+    glyphs = GlyphSet(images, labels, [n for n, _ in kept])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, images=images, labels=labels, class_names=np.array(names))
+    glyphs.save(tmp)
     os.replace(tmp, cache)
-    return GlyphSet(images, labels, names)
+    return glyphs
