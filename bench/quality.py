@@ -150,6 +150,9 @@ def separation(sims: dict) -> dict[str, float]:
 PROTOCOLS = {
     "scratch": {"size": 32, "pad": 4, "lr": 1e-3, "backbone_lr": None, "widths": (32, 64, 128, 128)},
     "scratch64": {"size": 64, "pad": 4, "lr": 1e-3, "backbone_lr": None, "widths": (32, 64, 128, 256)},
+    # the two halves of the difference between "scratch" and "scratch64": which one flips the order?
+    "scratch_w256": {"size": 32, "pad": 4, "lr": 1e-3, "backbone_lr": None, "widths": (32, 64, 128, 256)},
+    "scratch64_w128": {"size": 64, "pad": 4, "lr": 1e-3, "backbone_lr": None, "widths": (32, 64, 128, 128)},
     "lite0": {"size": 64, "pad": 8, "lr": 1e-3, "backbone_lr": 1e-4},
 }
 

@@ -25,6 +25,8 @@ def _single_process(metric, mode):
     loss, stats = crit(model(x), y)
     loss.backward()
     grads = {n: p.grad for n, p in [*model.named_parameters(), *crit.named_parameters()]}
+    if mode == "nonzero":  # the case is only a case if some hinges are zero (else it equals "mean")
+        assert 0 < float(stats.active_embedding) < 1, metric
     return loss.detach(), grads, int(stats.quadruplets)
 
 

@@ -73,3 +73,38 @@ def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path):
     assert r.returncode == 1
     assert "FAILED pml_ms seed 0: ValueError: classes_per_batch" in r.stdout
     assert "FAILED pml_triplet seed 0" in r.stdout
+
+
+def test_start_within_starts_nothing_once_its_time_has_passed(tmp_path):
+    """A study cut to the time left (a GPU lease): rows not started are named, none is recorded or failed."""
+    glyphs = _glyph_file(tmp_path, 40)
+    out = tmp_path / "q.jsonl"
+    for workers in ("1", "2"):
+        cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "run", "--rows", "pml_ms", "--seeds", "0", "1",
+               "--steps", "2", "--glyphs", str(glyphs), "--out", str(out), "--workers", workers,
+               "--start-within", "0"]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "not started (--start-within 0.0 s passed): [('pml_ms', 0), ('pml_ms', 1)]" in r.stdout
+        assert not out.exists() or out.read_text() == ""
+
+
+def test_save_writes_what_glyphs_reads_for_every_protocol_size(tmp_path, monkeypatch):
+    """`save DIR` on a machine with the fonts, `run --glyphs DIR/glyphs-{size}px.npz` on one without."""
+    import argparse
+
+    sizes = []
+
+    def fake_load_glyphs(size):
+        sizes.append(size)
+        rng = np.random.default_rng(size)
+        return GlyphSet(rng.integers(0, 256, (12, size, size), dtype=np.uint8), np.repeat(np.arange(3), 4),
+                        ["a", "b", "c"])  # fmt: skip
+
+    monkeypatch.setattr(quality, "load_glyphs", fake_load_glyphs)
+    quality.cmd_save(argparse.Namespace(dir=tmp_path / "g"))
+    assert sorted(sizes) == sorted({p["size"] for p in quality.PROTOCOLS.values()})
+    for name, proto in quality.PROTOCOLS.items():
+        back = quality.glyph_set(proto["size"], str(tmp_path / "g" / "glyphs-{size}px.npz"))
+        assert back.images.shape == (12, proto["size"], proto["size"]), name
+        assert np.array_equal(back.images, fake_load_glyphs(proto["size"]).images)
