@@ -10,6 +10,7 @@ metric and under Euclidean distance. One training at a time (one thread); every 
 
     python bench/quality.py run --rows pml_ms pddm_shipped --seeds 0 1 2 [--steps 1000]
     python bench/quality.py table            # mean +- spread over seeds, markdown
+    python bench/quality.py plot docs/quality_scratch.png --rows pml_ms pddm_allpos_b01   # curves, PNG
     python bench/quality.py run --protocol lite0 --rows pml_ms ... --steps 300   # from ImageNet weights
 """
 
@@ -297,10 +298,48 @@ def _ms(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
-def cmd_table(args) -> None:
+def _records(args) -> tuple[list[dict], list[str]]:
+    """The recorded runs of one protocol and budget, and their row names in ROWS' order."""
     rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["steps"] == args.steps and r.get("protocol", "scratch") == args.protocol]
     names = [n for n in ROWS if any(r["name"] == n for r in rows)]
+    return rows, names
+
+
+def cmd_plot(args) -> None:
+    """Held-out Recall@1 and MAP@R against training step, mean over seeds with a +- one-spread band."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, names = _records(args)
+    names = [n for n in names if not args.rows or n in args.rows]
+    if not names:
+        sys.exit(f"no runs of {args.rows or 'any row'} at {args.steps} steps, protocol {args.protocol}")
+    fig = Figure(figsize=(11, 4.2 + 0.22 * len(names)), layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for n in names:
+        rs = [r for r in rows if r["name"] == n]
+        steps = sorted({int(s) for r in rs for s in r["curve"]})
+        label = f"{ROWS[n][0].replace('**', '')} ({len(rs)} seed{'s' if len(rs) > 1 else ''})"
+        for ax, key in zip(axes, ("recall@1", "map@r"), strict=True):
+            v = [[r["curve"][str(s)][key] for r in rs if str(s) in r["curve"]] for s in steps]
+            mean = np.array([np.mean(x) for x in v])
+            sd = np.array([np.std(x, ddof=1) if len(x) > 1 else 0.0 for x in v])
+            (line,) = ax.plot(steps, mean, marker="o", label=label if key == "recall@1" else None)
+            ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, linewidth=0)
+    for ax, title in zip(axes, ("held-out Recall@1", "held-out MAP@R"), strict=True):
+        ax.set_xlabel("training step")
+        ax.set_title(f"{title} ({args.protocol}, band: ± 1 seed s.d.)")
+        ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.print_png(str(args.png))
+    print(f"wrote {args.png}")
+
+
+def cmd_table(args) -> None:
+    rows, names = _records(args)
     keys = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
     print(
         f"| criterion ({args.steps} steps) | seeds | R@1 | R@2 | R@4 | R@8 | MAP@R | R@1 curve | AUC Eucl. / learned"
@@ -346,11 +385,15 @@ def main() -> None:
     save.add_argument("dir", type=Path)
     table = sub.add_parser("table")
     table.add_argument("--steps", type=int, default=1000)
-    for q in (run, table):
+    plot = sub.add_parser("plot", help="Recall@1 and MAP@R against step, as a PNG")
+    plot.add_argument("png", type=Path)
+    plot.add_argument("--steps", type=int, default=1000)
+    plot.add_argument("--rows", nargs="+", choices=sorted(ROWS), help="default: every row with runs")
+    for q in (run, table, plot):
         q.add_argument("--out", type=Path, default=OUT)
         q.add_argument("--protocol", choices=sorted(PROTOCOLS), default="scratch", help="see PROTOCOLS")
     args = p.parse_args()
-    {"run": cmd_run, "table": cmd_table, "save": cmd_save}[args.cmd](args)
+    {"run": cmd_run, "table": cmd_table, "plot": cmd_plot, "save": cmd_save}[args.cmd](args)
 
 
 def cmd_save(args) -> None:

@@ -108,3 +108,24 @@ def test_save_writes_what_glyphs_reads_for_every_protocol_size(tmp_path, monkeyp
         back = quality.glyph_set(proto["size"], str(tmp_path / "g" / "glyphs-{size}px.npz"))
         assert back.images.shape == (12, proto["size"], proto["size"]), name
         assert np.array_equal(back.images, fake_load_glyphs(proto["size"]).images)
+
+
+def test_plot_draws_the_recorded_curves_and_refuses_rows_without_runs(tmp_path):
+    def rec(name, seed, r1):
+        curve = {str(s): {"recall@1": r1 * s / 100, "map@r": r1 * s / 300} for s in (50, 100)}
+        return {"name": name, "seed": seed, "steps": 100, "protocol": "scratch", "curve": curve}
+
+    out = tmp_path / "q.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in [rec("pml_ms", 0, 0.8), rec("pml_ms", 1, 0.7),
+                                                          rec("pddm_allpos_b01", 0, 0.9)]))  # fmt: skip
+    png = tmp_path / "curves.png"
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "plot", str(png), "--steps", "100", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 500
+        # coloured lines on a white canvas: a plot, not an empty figure
+        assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 50
+    r = subprocess.run([*cmd, "--rows", "pml_triplet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no runs of ['pml_triplet'] at 100 steps" in r.stderr
