@@ -99,6 +99,7 @@ bench-losses: install
 bench-quality: install
 	$(PY) bench/quality.py run --rows $(QUALITY_ROWS)
 	$(PY) bench/quality.py table
+	$(PY) bench/quality.py plot docs/quality_scratch.png --rows $(QUALITY_ROWS)
 QUALITY_ROWS ?= pml_triplet pml_ms pml_contrastive pddm_allpos_b01 euclid_allpos_b01 mahal_allpos_b01 pddm_allpos_both pddm_shipped pddm_batch
 
 bench-builder: install
