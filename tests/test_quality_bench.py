@@ -120,12 +120,19 @@ def test_plot_draws_the_recorded_curves_and_refuses_rows_without_runs(tmp_path):
                                                           rec("pddm_allpos_b01", 0, 0.9)]))  # fmt: skip
     png = tmp_path / "curves.png"
     cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "plot", str(png), "--steps", "100", "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
     from PIL import Image
 
-    with Image.open(png) as im:
-        assert im.format == "PNG" and im.width > 500
-        # coloured lines on a white canvas: a plot, not an empty figure
-        assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 50
+    def colour_pixels(args) -> tuple[int, int]:
+        """Pixels of matplotlib's first two line colours (C0, C1): the rows' markers, lines and legend handles."""
+        subprocess.run([*cmd, *args], check=True, capture_output=True, text=True, timeout=120)
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width > 500
+            rgb = np.asarray(im.convert("RGB")).reshape(-1, 3)
+        return tuple(int((rgb == c).all(axis=1).sum()) for c in ((31, 119, 180), (255, 127, 14)))
+
+    both = colour_pixels([])
+    assert min(both) > 100  # two rows drawn, each in its own colour
+    only_ms = colour_pixels(["--rows", "pml_ms"])
+    assert only_ms[0] > 100 and only_ms[1] == 0  # --rows keeps one row: no second colour
     r = subprocess.run([*cmd, "--rows", "pml_triplet"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "no runs of ['pml_triplet'] at 100 steps" in r.stderr
