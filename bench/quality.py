@@ -148,12 +148,13 @@ def separation(sims: dict) -> dict[str, float]:
 #: protocol -> (glyph size, pad-and-crop pixels, rates); "lite0" fine-tunes the packaged ImageNet weights the
 #: paper's way: pretrained backbone at a tenth of the new embedding layer's rate, frozen batch norm. "scratch64"
 #: is the issue's own harness (64 px, 4-px pad-and-crop, blocks 32-64-128-256); "scratch" shrinks it for a CPU.
+_SCRATCH = {"size": 32, "pad": 4, "lr": 1e-3, "backbone_lr": None, "widths": (32, 64, 128, 128)}
 PROTOCOLS = {
-    "scratch": {"size": 32, "pad": 4, "lr": 1e-3, "backbone_lr": None, "widths": (32, 64, 128, 128)},
-    "scratch64": {"size": 64, "pad": 4, "lr": 1e-3, "backbone_lr": None, "widths": (32, 64, 128, 256)},
+    "scratch": _SCRATCH,
+    "scratch64": _SCRATCH | {"size": 64, "widths": (32, 64, 128, 256)},
     # the two halves of the difference between "scratch" and "scratch64": which one flips the order?
-    "scratch_w256": {"size": 32, "pad": 4, "lr": 1e-3, "backbone_lr": None, "widths": (32, 64, 128, 256)},
-    "scratch64_w128": {"size": 64, "pad": 4, "lr": 1e-3, "backbone_lr": None, "widths": (32, 64, 128, 128)},
+    "scratch_w256": _SCRATCH | {"widths": (32, 64, 128, 256)},
+    "scratch64_w128": _SCRATCH | {"size": 64},
     "lite0": {"size": 64, "pad": 8, "lr": 1e-3, "backbone_lr": 1e-4},
 }
 
