@@ -11,6 +11,7 @@ metric and under Euclidean distance. One training at a time (one thread); every 
     python bench/quality.py run --rows pml_ms pddm_shipped --seeds 0 1 2 [--steps 1000]
     python bench/quality.py table            # mean +- spread over seeds, markdown
     python bench/quality.py plot docs/quality_scratch.png --rows pml_ms pddm_allpos_b01   # curves, PNG
+    python bench/quality.py plot-separation docs/separation.png --rows pml_ms pddm_allpos_b01   # histograms
     python bench/quality.py run --protocol lite0 --rows pml_ms ... --steps 300   # from ImageNet weights
 """
 
@@ -133,8 +134,12 @@ def pad_crop(pad: int):
     return augment
 
 
-def separation(sims: dict) -> dict[str, float]:
-    """ROC AUC of positive over negative pair similarities (1 = perfectly separated, .5 = chance)."""
+HIST_BINS = 40
+
+
+def separation(sims: dict) -> dict:
+    """ROC AUC of positive over negative pair similarities (1 = perfectly separated, .5 = chance), their
+    means, and both histograms on shared bins (what ``plot-separation`` draws)."""
     from sklearn.metrics import roc_auc_score
 
     out = {}
@@ -142,6 +147,13 @@ def separation(sims: dict) -> dict[str, float]:
         y = np.r_[np.ones(len(d["positive"])), np.zeros(len(d["negative"]))]
         out[name] = float(roc_auc_score(y, np.r_[d["positive"], d["negative"]]))
         out[f"{name} mean pos/neg"] = [float(d["positive"].mean()), float(d["negative"].mean())]
+        both = np.r_[d["positive"], d["negative"]]
+        pos, edges = np.histogram(d["positive"], bins=HIST_BINS, range=(float(both.min()), float(both.max())))
+        out[f"{name} histogram"] = {
+            "edges": edges.tolist(),
+            "positive": pos.tolist(),
+            "negative": np.histogram(d["negative"], bins=edges)[0].tolist(),
+        }
     return out
 
 
@@ -339,6 +351,71 @@ def cmd_plot(args) -> None:
     print(f"wrote {args.png}")
 
 
+def _histograms(record: dict) -> list[tuple[str, dict, float]]:
+    """``(metric, histogram, AUC)`` of a run, Euclidean first; the Euclidean one as a distance (higher =
+    farther), as people read it, not the negative distance the AUC is computed on."""
+    sep, out = record.get("separation", {}), []
+    for key, h in sep.items():
+        if not key.endswith(" histogram"):
+            continue
+        metric = key.removesuffix(" histogram")
+        if metric == "negative Euclidean distance":
+            h = {"edges": [-e for e in h["edges"][::-1]], "positive": h["positive"][::-1],
+                 "negative": h["negative"][::-1]}  # fmt: skip
+            out.insert(0, ("Euclidean distance", h, sep[metric]))
+        else:
+            out.append((metric, h, sep[metric]))
+    return out
+
+
+def _short(name: str) -> str:
+    """A row's description up to its first colon (``PDDM shipped``), or its key where that is long."""
+    desc = ROWS[name][0].replace("**", "").split(":")[0]
+    return desc if len(desc) <= 60 else name
+
+
+def cmd_plot_separation(args) -> None:
+    """Held-out positive and negative pair similarities of one seed per row: under Euclidean distance and,
+    for PDDM rows, under the learned metric (the paper's question: does the learned metric separate better?)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, names = _records(args)
+    names = [n for n in names if not args.rows or n in args.rows]
+    runs = {}
+    for n in names:
+        rs = sorted((r for r in rows if r["name"] == n and _histograms(r)), key=lambda r: r["seed"])
+        rs = [r for r in rs if args.seed is None or r["seed"] == args.seed]
+        if rs:
+            runs[n] = rs[0]
+    if not runs:
+        sys.exit(
+            f"no runs of {args.rows or 'any row'} at {args.steps} steps, protocol {args.protocol}"
+            + (f", seed {args.seed}" if args.seed is not None else "")
+            + " with recorded histograms (runs recorded before they were added have none)"
+        )
+    fig = Figure(figsize=(10, 2.6 * len(runs)), layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(len(runs), 2, squeeze=False)
+    for (n, r), ax_row in zip(runs.items(), axes, strict=True):
+        hists = _histograms(r)
+        for ax, (metric, h, auc) in zip(ax_row, hists, strict=False):
+            edges = np.asarray(h["edges"])
+            for kind, colour in (("positive", "C0"), ("negative", "C1")):
+                counts = np.asarray(h[kind], dtype=float)
+                density = counts / max(counts.sum(), 1.0) / np.diff(edges)
+                ax.stairs(density, edges, fill=True, alpha=0.45, color=colour, label=f"{kind} pairs")
+            ax.set_title(f"{_short(n)}\n{metric}, AUC {auc:.3f} (seed {r['seed']})", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=7)
+        for ax in ax_row[len(hists) :]:
+            ax.set_axis_off()
+    fig.suptitle(f"held-out pair similarities ({args.protocol}, {args.steps} steps)")
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.print_png(str(args.png))
+    print(f"wrote {args.png}")
+
+
 def cmd_table(args) -> None:
     rows, names = _records(args)
     keys = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
@@ -390,11 +467,18 @@ def main() -> None:
     plot.add_argument("png", type=Path)
     plot.add_argument("--steps", type=int, default=1000)
     plot.add_argument("--rows", nargs="+", choices=sorted(ROWS), help="default: every row with runs")
-    for q in (run, table, plot):
+    sep = sub.add_parser("plot-separation", help="positive / negative pair similarity histograms, as a PNG")
+    sep.add_argument("png", type=Path)
+    sep.add_argument("--steps", type=int, default=1000)
+    sep.add_argument("--rows", nargs="+", choices=sorted(ROWS), help="default: every row with histograms")
+    sep.add_argument("--seed", type=int, help="default: each row's lowest seed with histograms")
+    for q in (run, table, plot, sep):
         q.add_argument("--out", type=Path, default=OUT)
         q.add_argument("--protocol", choices=sorted(PROTOCOLS), default="scratch", help="see PROTOCOLS")
     args = p.parse_args()
-    {"run": cmd_run, "table": cmd_table, "plot": cmd_plot, "save": cmd_save}[args.cmd](args)
+    {"run": cmd_run, "table": cmd_table, "plot": cmd_plot, "plot-separation": cmd_plot_separation, "save": cmd_save}[
+        args.cmd
+    ](args)
 
 
 def cmd_save(args) -> None:

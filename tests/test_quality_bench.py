@@ -136,3 +136,43 @@ def test_plot_draws_the_recorded_curves_and_refuses_rows_without_runs(tmp_path):
     assert only_ms[0] > 100 and only_ms[1] == 0  # --rows keeps one row: no second colour
     r = subprocess.run([*cmd, "--rows", "pml_triplet"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "no runs of ['pml_triplet'] at 100 steps" in r.stderr
+
+
+def test_separation_histograms_count_every_pair_and_plot_one_panel_row_per_criterion(tmp_path):
+    rng = np.random.default_rng(0)
+    sims = {
+        "negative Euclidean distance": {"positive": -rng.uniform(0.1, 0.5, 300), "negative": -rng.uniform(0.4, 1, 500)},
+        "PDDM score": {"positive": rng.normal(1, 0.2, 300), "negative": rng.normal(0, 0.2, 500)},
+    }
+    sep = quality.separation(sims)
+    for metric, d in sims.items():
+        h = sep[f"{metric} histogram"]
+        assert len(h["edges"]) == quality.HIST_BINS + 1
+        assert sum(h["positive"]) == len(d["positive"]) and sum(h["negative"]) == len(d["negative"])
+        assert h["edges"][0] == min(d["positive"].min(), d["negative"].min())
+    # Euclidean drawn as a distance: bins flipped to increasing distance, positives nearer (lower bins)
+    (name, h, auc), (learned, _, _) = quality._histograms({"separation": sep})
+    assert (name, learned) == ("Euclidean distance", "PDDM score") and auc == sep["negative Euclidean distance"]
+    assert np.all(np.diff(h["edges"]) > 0) and h["edges"][0] >= 0.1 and h["edges"][-1] <= 1
+    assert np.argmax(h["positive"]) < np.argmax(h["negative"])
+
+    def rec(name, seed, separation):
+        return {"name": name, "seed": seed, "steps": 100, "protocol": "scratch", "separation": separation}
+
+    euclid_only = {k: v for k, v in sep.items() if "PDDM" not in k}
+    old = {k: v for k, v in euclid_only.items() if "histogram" not in k}  # recorded before histograms
+    out = tmp_path / "q.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in [rec("pml_ms", 0, euclid_only),
+        rec("pddm_allpos_b01", 0, sep), rec("pml_triplet", 0, old)]))  # fmt: skip
+    png = tmp_path / "sep.png"
+    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "plot-separation", str(png), "--steps", "100"]
+    from PIL import Image
+
+    def height(args) -> int:
+        subprocess.run([*cmd, "--out", str(out), *args], check=True, capture_output=True, text=True, timeout=120)
+        with Image.open(png) as im:
+            return im.height
+
+    assert height([]) == 2 * height(["--rows", "pml_ms"])  # a panel row per criterion with histograms
+    r = subprocess.run([*cmd, "--out", str(out), "--rows", "pml_triplet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "with recorded histograms" in r.stderr
