@@ -76,6 +76,10 @@ ROWS: dict[str, tuple[str, dict | str]] = {
         "every positive, b .1, each header over its non-zero quadruplets",
         SHIPPED | {"reduction": "nonzero"},
     ),
+    "pddm_allpos_semi": (
+        "every positive, b .1, semi-hard negatives (best-scored below S_ij, else hardest)",
+        SHIPPED | {"semihard": True},
+    ),
     "pddm_allpos_nz_b02": ("every positive, b .2, non-zero reduction", ALL | {"reduction": "nonzero"}),
     "pddm_allpos_nz_neg4": (
         "every positive x 4 hardest negatives, b .1, non-zero reduction",

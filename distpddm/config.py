@@ -86,6 +86,7 @@ class LossConfig:
     memory_warmup: int = 0  # steps before the memory is mined against
     positives: str = "hardest"  # quadruplets per anchor: its hardest positive, or every positive ("all")
     negatives: int = 1  # hardest negatives of i (and of j) per positive pair, paired rank by rank
+    semihard: bool = False  # per pair, the negatives scored highest below S_ij (else the hardest); negatives: 1
     soft: float = 0.0  # E_e's hinge smoothed, t log(1 + exp(x / t)); 0: the paper's hard hinge
     reduction: str = "mean"  # each header averaged over every quadruplet, or over its non-zero ones ("nonzero")
 
@@ -400,6 +401,11 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     need(loss.positives in POSITIVES, f"loss.positives must be one of {POSITIVES}, got {loss.positives!r}")
     need(loss.negatives >= 1, f"loss.negatives must be >= 1, got {loss.negatives}")
     need(0 <= loss.soft < float("inf"), f"loss.soft must be finite and >= 0 (0: the hard hinge), got {loss.soft}")
+    need(
+        not loss.semihard or (loss.mode == "anchor" and loss.negatives == 1),
+        "loss.semihard picks one negative of i and of j per positive pair: it needs loss.mode: anchor and "
+        f"loss.negatives: 1, got {loss.mode!r} and {loss.negatives}",
+    )
     need(loss.reduction in REDUCTIONS, f"loss.reduction must be one of {REDUCTIONS}, got {loss.reduction!r}")
     need(
         loss.candidates is None or loss.candidates >= loss.negatives,

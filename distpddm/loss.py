@@ -77,8 +77,10 @@ class PDDMLoss(nn.Module):
     each with the ``n`` hardest negatives of ``i`` and of ``j``; see :func:`~distpddm.mining.mine_quadruplets`);
     the mean is then over all of them. With ``"all"`` a pair of two anchors comes twice, as ``(i, j, k, l)``
     and ``(j, i, l, k)``, equal terms for a symmetric metric: every in-batch pair has the same weight (twice
-    the work, not a bias), but memory rows, never anchors, count once. ``soft=t`` replaces the embedding
-    head's hinge by the smooth ``t log(1 + exp(x / t))`` (0: the hard hinge of the paper).
+    the work, not a bias), but memory rows, never anchors, count once. ``semihard=True`` takes, for each
+    positive pair, the negatives of i and j that the metric scores highest *below* ``S_ij`` (else the
+    hardest). ``soft=t`` replaces the embedding head's hinge by the smooth ``t log(1 + exp(x / t))`` (0: the
+    hard hinge of the paper).
 
     ``reduction="nonzero"`` averages each header over the quadruplets where it is non-zero (as
     pytorch-metric-learning's ``AvgNonZeroReducer`` does for its triplet loss) instead of over every
@@ -110,6 +112,7 @@ class PDDMLoss(nn.Module):
         memory_warmup: int = 0,
         positives: str = "hardest",
         negatives: int = 1,
+        semihard: bool = False,
         soft: float = 0.0,
         reduction: str = "mean",
         group=None,
@@ -133,7 +136,7 @@ class PDDMLoss(nn.Module):
                 f"metric_grad_after={metric_grad_after} switches metric_grad on after that step: it needs "
                 "metric_grad=False and a step >= 0"
             )
-        check_quadruplets_per_anchor(mode, positives, negatives)
+        check_quadruplets_per_anchor(mode, positives, negatives, semihard)
         if not 0 <= soft < float("inf"):
             raise ValueError(f"soft must be finite and >= 0 (0: the hard hinge), got {soft}")
         if candidates is not None and candidates < negatives:
@@ -141,6 +144,7 @@ class PDDMLoss(nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.positives, self.negatives, self.soft, self.reduction = positives, negatives, soft, reduction
+        self.semihard = bool(semihard)
         if memory < 0 or memory_warmup < 0:
             raise ValueError(f"memory and memory_warmup must be >= 0, got {memory} and {memory_warmup}")
         self.metric_grad_after, self.memory, self.memory_warmup = metric_grad_after, memory, memory_warmup
@@ -165,6 +169,7 @@ class PDDMLoss(nn.Module):
             f"alpha={self.alpha}, beta={self.beta}, lam={self.lam}, positives={self.positives!r}, "
             f"negatives={self.negatives}" + (f", soft={self.soft}" if self.soft else "")
             + (f", reduction={self.reduction!r}" if self.reduction != "mean" else "")
+            + (", semihard=True" if self.semihard else "")
         )  # fmt: skip
 
     def set_step(self, step: int) -> None:
@@ -207,6 +212,7 @@ class PDDMLoss(nn.Module):
             candidates=self.candidates,
             positives=self.positives,
             negatives=self.negatives,
+            semihard=self.semihard,
         )
 
     def _distance(self, a: Tensor, b: Tensor) -> Tensor:

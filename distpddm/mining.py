@@ -71,7 +71,7 @@ def candidate_scores(
     return out
 
 
-def check_quadruplets_per_anchor(mode: str, positives: str, negatives: int) -> None:
+def check_quadruplets_per_anchor(mode: str, positives: str, negatives: int, semihard: bool = False) -> None:
     """``ValueError`` unless ``positives`` / ``negatives`` are valid and, in batch mode, the paper's one."""
     if positives not in POSITIVES:
         raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
@@ -81,6 +81,20 @@ def check_quadruplets_per_anchor(mode: str, positives: str, negatives: int) -> N
         raise ValueError(
             "mode='batch' mines the paper's single quadruplet per batch: positives / negatives need mode='anchor'"
         )
+    if semihard and (mode != "anchor" or negatives != 1):
+        raise ValueError(
+            "semihard picks one negative of i and of j per positive pair: it needs mode='anchor', negatives=1"
+        )
+
+
+def _semihard(rows: Tensor, pos_score: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's most similar negative that is still less similar than the pair's positive (``-inf`` off the
+    negatives); rows without one fall back to their hardest negative."""
+    hardest_score, hardest = rows.max(1)
+    below = rows.masked_fill(rows >= pos_score[:, None], float("-inf"))
+    score, col = below.max(1)
+    found = torch.isfinite(score)
+    return torch.where(found, score, hardest_score), torch.where(found, col, hardest)
 
 
 def _hardest(scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -104,6 +118,7 @@ def mine_quadruplets(
     candidates: int | None = None,
     positives: str = "hardest",
     negatives: int = 1,
+    semihard: bool = False,
 ) -> Quadruplets:
     """Mine hard quadruplets for anchors ``pool[offset : offset + count]`` against the whole ``pool``.
 
@@ -117,6 +132,11 @@ def mine_quadruplets(
     ``positives="all"`` takes every positive ``j`` of the anchor, not only the hardest, and ``negatives=n``
     pairs the ``n`` hardest negatives of ``i`` with the ``n`` hardest of ``j``, rank by rank. Each
     ``(i, j)`` then yields up to ``n`` quadruplets; ``score`` is that pair's ``S_ij``.
+
+    ``semihard=True`` (one negative each) takes, for each pair, i's and j's most similar negative that is
+    still *less* similar than the positive (``S_ik < S_ij``, ``S_jl < S_ij``; FaceNet's semi-hard choice,
+    in the mining metric), or the hardest where there is none: negatives the metric cannot yet tell from
+    the positive (near-duplicate classes) no longer get the whole push.
     """
     if mode not in MODES:
         raise ValueError(f"mining mode must be one of {MODES}, got {mode!r}")
@@ -132,7 +152,7 @@ def mine_quadruplets(
 
     if candidates is not None and candidates < 1:
         raise ValueError(f"candidates must be >= 1 or None, got {candidates}")
-    check_quadruplets_per_anchor(mode, positives, negatives)
+    check_quadruplets_per_anchor(mode, positives, negatives, semihard)
 
     def similarity(rows: Tensor, row_neg_mask: Tensor) -> Tensor:
         if candidates is None:
@@ -159,6 +179,8 @@ def mine_quadruplets(
     else:
         a, j = (pos_mask & valid[:, None]).nonzero(as_tuple=True)
         pos_score = scores[a, j]
+    if semihard:
+        return _mine_semihard(similarity, neg_scores, labels, pool, anchors, a, j, pos_score, offset, skipped)
     n_neg = min(negatives, n_pool)
     block_k_score, block_k = _hardest(neg_scores, n_neg)  # every block row's hardest negatives, once
     k_score, k = block_k_score[a], block_k[a]  # (pairs, n_neg)
@@ -182,3 +204,19 @@ def mine_quadruplets(
     rows = real.nonzero(as_tuple=True)[0]
     i, j, pos_score = anchors[a][rows], j[rows], pos_score[rows]
     return Quadruplets(i, j, k[real], l[real], pos_score, skipped)
+
+
+def _mine_semihard(similarity, neg_scores, labels, pool, anchors, a, j, pos_score, offset, skipped) -> Quadruplets:
+    """The semi-hard negatives of i and of j for each mined pair (see :func:`mine_quadruplets`)."""
+    _, k = _semihard(neg_scores[a], pos_score)
+    # j's scores against the pool: its row of the block where j is an anchor here, else scored once per j
+    count = neg_scores.shape[0]
+    inside = (j >= offset) & (j < offset + count)
+    j_rows = neg_scores.new_empty(len(j), neg_scores.shape[1])
+    j_rows[inside] = neg_scores[j[inside] - offset]
+    if not bool(inside.all()):
+        outside_ids, inverse = torch.unique(j[~inside], return_inverse=True)
+        outside_neg = labels[outside_ids, None] != labels[None, :]
+        j_rows[~inside] = similarity(pool[outside_ids], outside_neg).masked_fill_(~outside_neg, float("-inf"))[inverse]
+    _, l = _semihard(j_rows, pos_score)
+    return Quadruplets(anchors[a], j, k, l, pos_score, skipped)

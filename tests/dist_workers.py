@@ -20,9 +20,11 @@ def problem(metric: str, mode: str, dtype=torch.float64):
     # "several": every positive of an anchor, each with its 2 hardest negatives, under the soft hinge;
     # "nonzero": every positive, each header averaged over its non-zero quadruplets (global counts); margins
     # small enough that some embedding hinges are zero under every metric, so "nonzero" differs from "mean"
+    # "semihard": every positive, each with i's and j's best-scored negative below S_ij (else the hardest)
     extra = {
         "several": {"mode": "anchor", "positives": "all", "negatives": 2, "soft": 0.05},
         "nonzero": {"mode": "anchor", "positives": "all", "reduction": "nonzero", "alpha": 0.01, "beta": 0.01},
+        "semihard": {"mode": "anchor", "positives": "all", "semihard": True},
     }.get(mode, {"mode": mode})
     crit = PDDMLoss(12, metric=metric, chunk=5, **extra).to(dtype)
     g = torch.Generator().manual_seed(1)

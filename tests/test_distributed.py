@@ -27,18 +27,27 @@ def _single_process(metric, mode):
     grads = {n: p.grad for n, p in [*model.named_parameters(), *crit.named_parameters()]}
     if mode == "nonzero":  # the case is only a case if some hinges are zero (else it equals "mean")
         assert 0 < float(stats.active_embedding) < 1, metric
+    if mode == "semihard":  # ... and only if some semi-hard negatives are not the hardest
+        f = torch.nn.functional.normalize(model(x).detach(), dim=1)
+        semi, crit.semihard = crit.mine(f, y), False
+        hard = crit.mine(f, y)
+        assert not (torch.equal(semi.k, hard.k) and torch.equal(semi.l, hard.l)), metric
     return loss.detach(), grads, int(stats.quadruplets)
 
 
 @pytest.mark.parametrize("metric", ["pddm", "euclidean", "mahalanobis"])
-@pytest.mark.parametrize("mode", ["anchor", "batch", "several", "nonzero"])
+@pytest.mark.parametrize("mode", ["anchor", "batch", "several", "nonzero", "semihard"])
 def test_two_processes_equal_one(tmp_path, metric, mode):
     out = tmp_path / "rank0.pt"
     mp.spawn(loss_and_grads, args=(WORLD, free_port(), metric, mode, str(out)), nprocs=WORLD, join=True)
     got = torch.load(out)
     loss, grads, quads = _single_process(metric, mode)
     # 15 anchors with a positive; "several": 2 per (anchor, positive) pair, 3 x 2 (class 0) + 6 x 2 = 18 pairs
-    assert got["quadruplets"] == quads == {"anchor": 15, "batch": 1, "several": 2 * 18, "nonzero": 18}[mode]
+    assert (
+        got["quadruplets"]
+        == quads
+        == {"anchor": 15, "batch": 1, "several": 2 * 18, "nonzero": 18, "semihard": 18}[mode]
+    )
     torch.testing.assert_close(got["loss"], loss, rtol=1e-9, atol=1e-12)
     assert grads.keys() == got["grads"].keys()
     for name, g in grads.items():

@@ -50,6 +50,7 @@ def test_loss_equals_written_out_formula(metric, distance, mode):
         {"soft": 0.05},
         {"reduction": "nonzero"},
         {"positives": "all", "negatives": 2, "reduction": "nonzero"},
+        {"positives": "all", "semihard": True},
     ],
 )
 def test_several_quadruplets_per_anchor_and_the_soft_hinge_equal_the_written_out_formula(kwargs):

@@ -233,3 +233,41 @@ def test_candidates_with_several_quadruplets_per_anchor(metric, candidates):
         exact = mine_quadruplets(scorer, pool, y, offset, count, positives="all", negatives=2)
         cols = (exact.i.tolist(), exact.j.tolist(), exact.k.tolist(), exact.l.tolist())
         assert sorted(quads) == sorted(zip(*cols, strict=True))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("positives", ["hardest", "all"])
+def test_semihard_negatives_match_brute_force(metric, positives):
+    """Per pair, i's and j's best-scored negative below S_ij, else the hardest; j's outside the block too."""
+    scorer = _scorer(metric, 6)
+    labels = [0, 0, 0, 1, 1, 2, 2, 2, 3, 4, 4, 0, 2]
+    pool, y = _pool(labels, seed=7)
+    offset, count = 2, 7
+    got = mine_quadruplets(scorer, pool, y, offset, count, positives=positives, semihard=True)
+    S = _reference_scores(scorer, pool)
+
+    def semihard(a, s_ij):
+        neg = [q for q in range(len(y)) if y[q] != y[a]]
+        below = [q for q in neg if float(S[a, q]) < s_ij]
+        return max(below or neg, key=lambda q: float(S[a, q]))
+
+    want, semi = [], 0
+    for i in range(offset, offset + count):
+        pos = [j for j in range(len(y)) if y[j] == y[i] and j != i]
+        if not pos:
+            continue
+        for j in [min(pos, key=lambda j: float(S[i, j]))] if positives == "hardest" else pos:
+            s_ij = float(S[i, j])
+            k, l = semihard(i, s_ij), semihard(j, s_ij)
+            want.append((i, j, k, l))
+            for a, n in ((i, k), (j, l)):
+                hardest = max((q for q in range(len(y)) if y[q] != y[a]), key=lambda q: float(S[a, q]))
+                semi += n != hardest
+    quads = list(zip(got.i.tolist(), got.j.tolist(), got.k.tolist(), got.l.tolist(), strict=True))
+    assert sorted(quads) == sorted(want)
+    assert semi > 0  # the case is a case: some picks differ from the hardest negative
+    assert int(got.skipped) == 1
+    with pytest.raises(ValueError, match="semihard"):
+        mine_quadruplets(scorer, pool, y, negatives=2, semihard=True)
+    with pytest.raises(ValueError, match="semihard"):
+        mine_quadruplets(scorer, pool, y, mode="batch", semihard=True)
