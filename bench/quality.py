@@ -151,12 +151,14 @@ def separation(sims: dict) -> dict:
         y = np.r_[np.ones(len(d["positive"])), np.zeros(len(d["negative"]))]
         out[name] = float(roc_auc_score(y, np.r_[d["positive"], d["negative"]]))
         out[f"{name} mean pos/neg"] = [float(d["positive"].mean()), float(d["negative"].mean())]
-        both = np.r_[d["positive"], d["negative"]]
-        pos, edges = np.histogram(d["positive"], bins=HIST_BINS, range=(float(both.min()), float(both.max())))
+        # float64: numpy bins in the data's dtype, and float32 scores spanning a few ulps cannot hold 40 bins
+        p, n = np.asarray(d["positive"], np.float64), np.asarray(d["negative"], np.float64)
+        both = np.r_[p, n]
+        pos, edges = np.histogram(p, bins=HIST_BINS, range=(float(both.min()), float(both.max())))
         out[f"{name} histogram"] = {
             "edges": edges.tolist(),
             "positive": pos.tolist(),
-            "negative": np.histogram(d["negative"], bins=edges)[0].tolist(),
+            "negative": np.histogram(n, bins=edges)[0].tolist(),
         }
     return out
 
@@ -382,7 +384,6 @@ def cmd_plot_separation(args) -> None:
     """Held-out positive and negative pair similarities of one seed per row: under Euclidean distance and,
     for PDDM rows, under the learned metric (the paper's question: does the learned metric separate better?)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     rows, names = _records(args)
     names = [n for n in names if not args.rows or n in args.rows]
@@ -398,8 +399,18 @@ def cmd_plot_separation(args) -> None:
             + (f", seed {args.seed}" if args.seed is not None else "")
             + " with recorded histograms (runs recorded before they were added have none)"
         )
+    fig = separation_figure(runs, f"held-out pair similarities ({args.protocol}, {args.steps} steps)")
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig).print_png(str(args.png))
+    print(f"wrote {args.png}")
+
+
+def separation_figure(runs: dict[str, dict], title: str):
+    """One panel row per criterion (row name -> its run record): each metric's positive and negative
+    histograms as densities, Euclidean first."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(10, 2.6 * len(runs)), layout="constrained")
-    canvas = FigureCanvasAgg(fig)
     axes = fig.subplots(len(runs), 2, squeeze=False)
     for (n, r), ax_row in zip(runs.items(), axes, strict=True):
         hists = _histograms(r)
@@ -410,14 +421,16 @@ def cmd_plot_separation(args) -> None:
                 density = counts / max(counts.sum(), 1.0) / np.diff(edges)
                 ax.stairs(density, edges, fill=True, alpha=0.45, color=colour, label=f"{kind} pairs")
             ax.set_title(f"{_short(n)}\n{metric}, AUC {auc:.3f} (seed {r['seed']})", fontsize=8)
+            distance = metric == "Euclidean distance"
+            ax.set_xlabel(
+                "distance (lower = more similar)" if distance else "score (higher = more similar)", fontsize=7
+            )
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=7)
         for ax in ax_row[len(hists) :]:
             ax.set_axis_off()
-    fig.suptitle(f"held-out pair similarities ({args.protocol}, {args.steps} steps)")
-    args.png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.print_png(str(args.png))
-    print(f"wrote {args.png}")
+    fig.suptitle(title)
+    return fig
 
 
 def cmd_table(args) -> None:

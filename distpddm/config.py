@@ -86,7 +86,7 @@ class LossConfig:
     memory_warmup: int = 0  # steps before the memory is mined against
     positives: str = "hardest"  # quadruplets per anchor: its hardest positive, or every positive ("all")
     negatives: int = 1  # hardest negatives of i (and of j) per positive pair, paired rank by rank
-    semihard: bool = False  # per pair, the negatives scored highest below S_ij (else the hardest); negatives: 1
+    semihard: bool = False  # per pair, the negatives scored highest below S_ij (else the least similar)
     soft: float = 0.0  # E_e's hinge smoothed, t log(1 + exp(x / t)); 0: the paper's hard hinge
     reduction: str = "mean"  # each header averaged over every quadruplet, or over its non-zero ones ("nonzero")
 
@@ -405,6 +405,11 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         not loss.semihard or (loss.mode == "anchor" and loss.negatives == 1),
         "loss.semihard picks one negative of i and of j per positive pair: it needs loss.mode: anchor and "
         f"loss.negatives: 1, got {loss.mode!r} and {loss.negatives}",
+    )
+    need(
+        not loss.semihard or loss.candidates is None,
+        "loss.semihard needs every negative scored: drop loss.candidates (the dot-nearest candidates are the "
+        "hardest negatives, so the semi-hard one would mostly be missing from them)",
     )
     need(loss.reduction in REDUCTIONS, f"loss.reduction must be one of {REDUCTIONS}, got {loss.reduction!r}")
     need(

@@ -78,9 +78,9 @@ class PDDMLoss(nn.Module):
     the mean is then over all of them. With ``"all"`` a pair of two anchors comes twice, as ``(i, j, k, l)``
     and ``(j, i, l, k)``, equal terms for a symmetric metric: every in-batch pair has the same weight (twice
     the work, not a bias), but memory rows, never anchors, count once. ``semihard=True`` takes, for each
-    positive pair, the negatives of i and j that the metric scores highest *below* ``S_ij`` (else the
-    hardest). ``soft=t`` replaces the embedding head's hinge by the smooth ``t log(1 + exp(x / t))`` (0: the
-    hard hinge of the paper).
+    positive pair, the negatives of i and j that the metric scores highest *below* ``S_ij`` (else the least
+    similar; exact scoring only). ``soft=t`` replaces the embedding head's hinge by the smooth
+    ``t log(1 + exp(x / t))`` (0: the hard hinge of the paper).
 
     ``reduction="nonzero"`` averages each header over the quadruplets where it is non-zero (as
     pytorch-metric-learning's ``AvgNonZeroReducer`` does for its triplet loss) instead of over every
@@ -136,7 +136,7 @@ class PDDMLoss(nn.Module):
                 f"metric_grad_after={metric_grad_after} switches metric_grad on after that step: it needs "
                 "metric_grad=False and a step >= 0"
             )
-        check_quadruplets_per_anchor(mode, positives, negatives, semihard)
+        check_quadruplets_per_anchor(mode, positives, negatives, semihard, candidates)
         if not 0 <= soft < float("inf"):
             raise ValueError(f"soft must be finite and >= 0 (0: the hard hinge), got {soft}")
         if candidates is not None and candidates < negatives:

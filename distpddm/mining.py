@@ -31,7 +31,8 @@ class Scorer(Protocol):
 class Quadruplets:
     """Mined quadruplets ``(i, j, k, l)`` as indices into the pool.
 
-    ``i`` anchor, ``j`` its hardest positive, ``k`` i's hardest negative, ``l`` j's hardest negative.
+    ``i`` anchor, ``j`` its hardest positive, ``k`` i's hardest negative, ``l`` j's hardest negative (or
+    whichever positives / negatives :func:`mine_quadruplets`' options pick).
     ``score`` holds the miner's ``S_ij`` (no gradient); ``skipped`` counts anchors of the block that had no
     positive or no negative in the pool (a 0-d tensor, so reading it does not force a device sync).
     """
@@ -71,7 +72,9 @@ def candidate_scores(
     return out
 
 
-def check_quadruplets_per_anchor(mode: str, positives: str, negatives: int, semihard: bool = False) -> None:
+def check_quadruplets_per_anchor(
+    mode: str, positives: str, negatives: int, semihard: bool = False, candidates: int | None = None
+) -> None:
     """``ValueError`` unless ``positives`` / ``negatives`` are valid and, in batch mode, the paper's one."""
     if positives not in POSITIVES:
         raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
@@ -85,16 +88,20 @@ def check_quadruplets_per_anchor(mode: str, positives: str, negatives: int, semi
         raise ValueError(
             "semihard picks one negative of i and of j per positive pair: it needs mode='anchor', negatives=1"
         )
+    if semihard and candidates is not None:
+        raise ValueError(
+            "semihard needs every negative scored (candidates=None): the dot-nearest candidates are the hardest "
+            "negatives, so the semi-hard one would mostly be missing from them"
+        )
 
 
-def _semihard(rows: Tensor, pos_score: Tensor) -> tuple[Tensor, Tensor]:
+def _semihard(rows: Tensor, pos_score: Tensor) -> Tensor:
     """Each row's most similar negative that is still less similar than the pair's positive (``-inf`` off the
-    negatives); rows without one fall back to their hardest negative."""
-    hardest_score, hardest = rows.max(1)
-    below = rows.masked_fill(rows >= pos_score[:, None], float("-inf"))
-    score, col = below.max(1)
-    found = torch.isfinite(score)
-    return torch.where(found, score, hardest_score), torch.where(found, col, hardest)
+    negatives); rows without one fall back to their *least* similar negative, as the reference semi-hard
+    triplet loss (TensorFlow Addons') does: no pair then pushes on a negative it scores above its positive."""
+    easiest = rows.masked_fill(rows == float("-inf"), float("inf")).argmin(1)
+    score, col = rows.masked_fill(rows >= pos_score[:, None], float("-inf")).max(1)
+    return torch.where(torch.isfinite(score), col, easiest)
 
 
 def _hardest(scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -133,10 +140,11 @@ def mine_quadruplets(
     pairs the ``n`` hardest negatives of ``i`` with the ``n`` hardest of ``j``, rank by rank. Each
     ``(i, j)`` then yields up to ``n`` quadruplets; ``score`` is that pair's ``S_ij``.
 
-    ``semihard=True`` (one negative each) takes, for each pair, i's and j's most similar negative that is
-    still *less* similar than the positive (``S_ik < S_ij``, ``S_jl < S_ij``; FaceNet's semi-hard choice,
-    in the mining metric), or the hardest where there is none: negatives the metric cannot yet tell from
-    the positive (near-duplicate classes) no longer get the whole push.
+    ``semihard=True`` (one negative each, exact scoring) takes, for each pair, i's and j's most similar
+    negative that is still *less* similar than the positive (``S_ik < S_ij``, ``S_jl < S_ij``; FaceNet's
+    semi-hard choice, in the mining metric), or, where there is none, the least similar negative (as
+    TensorFlow Addons' semi-hard triplet loss falls back): negatives the metric cannot yet tell from the
+    positive (near-duplicate classes) no longer get the whole push.
     """
     if mode not in MODES:
         raise ValueError(f"mining mode must be one of {MODES}, got {mode!r}")
@@ -152,7 +160,7 @@ def mine_quadruplets(
 
     if candidates is not None and candidates < 1:
         raise ValueError(f"candidates must be >= 1 or None, got {candidates}")
-    check_quadruplets_per_anchor(mode, positives, negatives, semihard)
+    check_quadruplets_per_anchor(mode, positives, negatives, semihard, candidates)
 
     def similarity(rows: Tensor, row_neg_mask: Tensor) -> Tensor:
         if candidates is None:
@@ -208,7 +216,7 @@ def mine_quadruplets(
 
 def _mine_semihard(similarity, neg_scores, labels, pool, anchors, a, j, pos_score, offset, skipped) -> Quadruplets:
     """The semi-hard negatives of i and of j for each mined pair (see :func:`mine_quadruplets`)."""
-    _, k = _semihard(neg_scores[a], pos_score)
+    k = _semihard(neg_scores[a], pos_score)
     # j's scores against the pool: its row of the block where j is an anchor here, else scored once per j
     count = neg_scores.shape[0]
     inside = (j >= offset) & (j < offset + count)
@@ -218,5 +226,5 @@ def _mine_semihard(similarity, neg_scores, labels, pool, anchors, a, j, pos_scor
         outside_ids, inverse = torch.unique(j[~inside], return_inverse=True)
         outside_neg = labels[outside_ids, None] != labels[None, :]
         j_rows[~inside] = similarity(pool[outside_ids], outside_neg).masked_fill_(~outside_neg, float("-inf"))[inverse]
-    _, l = _semihard(j_rows, pos_score)
+    l = _semihard(j_rows, pos_score)
     return Quadruplets(anchors[a], j, k, l, pos_score, skipped)

@@ -75,6 +75,7 @@ def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path
         (["loss.soft=-0.1"], r"loss.soft must be finite and >= 0"),
         (["loss.reduction=sum"], r"loss.reduction must be one of \('mean', 'nonzero'\)"),
         (["loss.semihard=true", "loss.negatives=2"], r"loss.semihard picks one negative .* got 'anchor' and 2"),
+        (["loss.semihard=true", "loss.candidates=8"], r"loss.semihard needs every negative scored: drop loss.cand"),
         (["loss.negatives=4", "loss.candidates=2"], r"loss.negatives=4 hardest negatives need loss.candidates >= 4"),
         (["train.val_every=10"], r"train.val_every is set but data.val_shards is not"),
         (["model.pretrained=/no/weights.pt"], r"model.pretrained: no file at"),

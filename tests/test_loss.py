@@ -61,6 +61,11 @@ def test_several_quadruplets_per_anchor_and_the_soft_hinge_equal_the_written_out
     torch.testing.assert_close(loss, _reference_loss(crit, x, y), rtol=1e-10, atol=1e-10)
     per_anchor = (2 if kwargs.get("positives") == "all" else 1) * kwargs.get("negatives", 1)  # 5 x 3 batch
     assert int(stats.quadruplets) == 15 * per_anchor
+    if kwargs.get("semihard"):  # the reference mines through crit.mine too: check the option took effect
+        f = F.normalize(x, dim=1)
+        semi, crit.semihard = crit.mine(f, y), False
+        hard = crit.mine(f, y)
+        assert not (torch.equal(semi.k, hard.k) and torch.equal(semi.l, hard.l))
 
 
 def test_the_soft_hinge_keeps_pushing_once_the_margin_holds():

@@ -238,36 +238,44 @@ def test_candidates_with_several_quadruplets_per_anchor(metric, candidates):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("positives", ["hardest", "all"])
 def test_semihard_negatives_match_brute_force(metric, positives):
-    """Per pair, i's and j's best-scored negative below S_ij, else the hardest; j's outside the block too."""
+    """Per pair, i's and j's best-scored negative strictly below S_ij, else the least similar negative; j's
+    outside the block too. Sample 3 (class 1) duplicates sample 2 (class 0): a negative tied with a positive."""
     scorer = _scorer(metric, 6)
     labels = [0, 0, 0, 1, 1, 2, 2, 2, 3, 4, 4, 0, 2]
-    pool, y = _pool(labels, seed=7)
+    pool, y = _pool(labels, seed=7, duplicates=[(2, 3)])
     offset, count = 2, 7
     got = mine_quadruplets(scorer, pool, y, offset, count, positives=positives, semihard=True)
     S = _reference_scores(scorer, pool)
+    seen = {"semi-hard": 0, "fallback": 0, "tie": 0}
 
     def semihard(a, s_ij):
         neg = [q for q in range(len(y)) if y[q] != y[a]]
         below = [q for q in neg if float(S[a, q]) < s_ij]
-        return max(below or neg, key=lambda q: float(S[a, q]))
+        hardest = max(neg, key=lambda q: float(S[a, q]))
+        pick = max(below, key=lambda q: float(S[a, q])) if below else min(neg, key=lambda q: float(S[a, q]))
+        seen["tie"] += any(float(S[a, q]) == s_ij for q in neg)
+        if not below:
+            seen["fallback"] += 1
+        elif pick != hardest:
+            seen["semi-hard"] += 1
+        return pick
 
-    want, semi = [], 0
+    want = []
     for i in range(offset, offset + count):
         pos = [j for j in range(len(y)) if y[j] == y[i] and j != i]
         if not pos:
             continue
         for j in [min(pos, key=lambda j: float(S[i, j]))] if positives == "hardest" else pos:
-            s_ij = float(S[i, j])
-            k, l = semihard(i, s_ij), semihard(j, s_ij)
-            want.append((i, j, k, l))
-            for a, n in ((i, k), (j, l)):
-                hardest = max((q for q in range(len(y)) if y[q] != y[a]), key=lambda q: float(S[a, q]))
-                semi += n != hardest
+            want.append((i, j, semihard(i, float(S[i, j])), semihard(j, float(S[i, j]))))
     quads = list(zip(got.i.tolist(), got.j.tolist(), got.k.tolist(), got.l.tolist(), strict=True))
     assert sorted(quads) == sorted(want)
-    assert semi > 0  # the case is a case: some picks differ from the hardest negative
+    # the case is a case: picks that are not the hardest, pairs with no negative below (the fallback), and
+    # (every positive) a negative scored exactly S_ij, which must not count as below
+    assert seen["semi-hard"] > 0 and seen["fallback"] > 0 and (seen["tie"] > 0 or positives == "hardest"), seen
     assert int(got.skipped) == 1
     with pytest.raises(ValueError, match="semihard"):
         mine_quadruplets(scorer, pool, y, negatives=2, semihard=True)
     with pytest.raises(ValueError, match="semihard"):
         mine_quadruplets(scorer, pool, y, mode="batch", semihard=True)
+    with pytest.raises(ValueError, match="semihard needs every negative scored"):
+        mine_quadruplets(scorer, pool, y, candidates=4, semihard=True)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from distpddm.data.glyphs import GlyphSet
@@ -138,7 +139,7 @@ def test_plot_draws_the_recorded_curves_and_refuses_rows_without_runs(tmp_path):
     assert r.returncode != 0 and "no runs of ['pml_triplet'] at 100 steps" in r.stderr
 
 
-def test_separation_histograms_count_every_pair_and_plot_one_panel_row_per_criterion(tmp_path):
+def test_separation_histograms_count_every_pair_and_draw_each_metric_of_each_criterion(tmp_path):
     rng = np.random.default_rng(0)
     sims = {
         "negative Euclidean distance": {"positive": -rng.uniform(0.1, 0.5, 300), "negative": -rng.uniform(0.4, 1, 500)},
@@ -150,17 +151,37 @@ def test_separation_histograms_count_every_pair_and_plot_one_panel_row_per_crite
         assert len(h["edges"]) == quality.HIST_BINS + 1
         assert sum(h["positive"]) == len(d["positive"]) and sum(h["negative"]) == len(d["negative"])
         assert h["edges"][0] == min(d["positive"].min(), d["negative"].min())
+    # a saturated float32 metric (scores a few ulps apart) still gets its 40 bins
+    flat = np.float32(3.2) + np.arange(4, dtype=np.float32) * np.spacing(np.float32(3.2))
+    h = quality.separation({"PDDM score": {"positive": flat[2:], "negative": flat[:2]}})["PDDM score histogram"]
+    assert sum(h["positive"]) == 2 and sum(h["negative"]) == 2
     # Euclidean drawn as a distance: bins flipped to increasing distance, positives nearer (lower bins)
     (name, h, auc), (learned, _, _) = quality._histograms({"separation": sep})
     assert (name, learned) == ("Euclidean distance", "PDDM score") and auc == sep["negative Euclidean distance"]
     assert np.all(np.diff(h["edges"]) > 0) and h["edges"][0] >= 0.1 and h["edges"][-1] <= 1
     assert np.argmax(h["positive"]) < np.argmax(h["negative"])
 
+    # the figure: MultiSimilarity (Euclidean only) and PDDM (Euclidean + learned): 3 panels, each with a
+    # positive and a negative density that integrate to one
+    euclid_only = {k: v for k, v in sep.items() if "PDDM" not in k}
+    fig = quality.separation_figure(
+        {"pml_ms": {"seed": 0, "separation": euclid_only}, "pddm_allpos_b01": {"seed": 0, "separation": sep}}, "t"
+    )
+    drawn = [ax for ax in fig.axes if ax.axison]
+    assert len(fig.axes) == 4 and len(drawn) == 3
+    assert [ax.get_xlabel().split()[0] for ax in drawn] == ["distance", "distance", "score"]
+    for ax in drawn:
+        steps = [p for p in ax.patches if type(p).__name__ == "StepPatch"]
+        assert len(steps) == 2
+        for p in steps:
+            values, edges, _ = p.get_data()
+            assert float((values * np.diff(edges)).sum()) == pytest.approx(1.0)
+
+    # the command: one seed per row, refusing rows recorded before histograms existed
     def rec(name, seed, separation):
         return {"name": name, "seed": seed, "steps": 100, "protocol": "scratch", "separation": separation}
 
-    euclid_only = {k: v for k, v in sep.items() if "PDDM" not in k}
-    old = {k: v for k, v in euclid_only.items() if "histogram" not in k}  # recorded before histograms
+    old = {k: v for k, v in euclid_only.items() if "histogram" not in k}
     out = tmp_path / "q.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in [rec("pml_ms", 0, euclid_only),
         rec("pddm_allpos_b01", 0, sep), rec("pml_triplet", 0, old)]))  # fmt: skip
