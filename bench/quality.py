@@ -325,6 +325,13 @@ def _records(args) -> tuple[list[dict], list[str]]:
     return rows, names
 
 
+def _seed_count(rs: list[dict], steps: list[int]) -> str:
+    """How many seeds each point of a row averages: "3 seeds", or "1-3 seeds" where some runs lack a step."""
+    counts = sorted({sum(str(s) in r["curve"] for r in rs) for s in steps})
+    n = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else f"{counts[0]}"
+    return f"{n} seed{'' if n == '1' else 's'}"
+
+
 def cmd_plot(args) -> None:
     """Held-out Recall@1 and MAP@R against training step, mean over seeds with a +- one-spread band."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -340,7 +347,7 @@ def cmd_plot(args) -> None:
     for n in names:
         rs = [r for r in rows if r["name"] == n]
         steps = sorted({int(s) for r in rs for s in r["curve"]})
-        label = f"{ROWS[n][0].replace('**', '')} ({len(rs)} seed{'s' if len(rs) > 1 else ''})"
+        label = f"{ROWS[n][0].replace('**', '')} ({_seed_count(rs, steps)})"
         for ax, key in zip(axes, ("recall@1", "map@r"), strict=True):
             v = [[r["curve"][str(s)][key] for r in rs if str(s) in r["curve"]] for s in steps]
             mean = np.array([np.mean(x) for x in v])

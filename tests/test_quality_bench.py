@@ -139,6 +139,13 @@ def test_plot_draws_the_recorded_curves_and_refuses_rows_without_runs(tmp_path):
     assert r.returncode != 0 and "no runs of ['pml_triplet'] at 100 steps" in r.stderr
 
 
+def test_curve_labels_say_how_many_seeds_each_point_averages():
+    full = {"curve": {"50": {}, "100": {}}}
+    assert quality._seed_count([full, full], [50, 100]) == "2 seeds"
+    assert quality._seed_count([full], [50, 100]) == "1 seed"
+    assert quality._seed_count([full, {"curve": {"100": {}}}], [50, 100]) == "1-2 seeds"  # a run without step 50
+
+
 def test_separation_histograms_count_every_pair_and_draw_each_metric_of_each_criterion(tmp_path):
     rng = np.random.default_rng(0)
     sims = {
