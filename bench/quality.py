@@ -77,7 +77,7 @@ ROWS: dict[str, tuple[str, dict | str]] = {
         SHIPPED | {"reduction": "nonzero"},
     ),
     "pddm_allpos_semi": (
-        "every positive, b .1, semi-hard negatives (best-scored below S_ij, else hardest)",
+        "every positive, b .1, semi-hard negatives (best-scored below S_ij, else the least similar)",
         SHIPPED | {"semihard": True},
     ),
     "pddm_allpos_nz_b02": ("every positive, b .2, non-zero reduction", ALL | {"reduction": "nonzero"}),
