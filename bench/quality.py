@@ -195,7 +195,7 @@ def glyph_set(size: int, glyphs: str | None) -> GlyphSet:
 
 def run_one(
     name: str, seed: int, steps: int, curve_at: tuple[int, ...], protocol: str = "scratch", device: str = "cpu",
-    glyphs: str | None = None, threads: int = 1,
+    glyphs: str | None = None, threads: int = 1, save_embeddings: Path | None = None,
 ) -> dict:  # fmt: skip
     from distpddm.rerank import pair_similarities, rerank
 
@@ -230,6 +230,11 @@ def run_one(
     out["final"] = res.curve.get(steps) or evaluate(model)
     out["history"] = res.history
     emb = last["emb"]
+    if save_embeddings is not None:  # for bench/diagnose.py: held-out and training fonts, final model, no augmentation
+        path = Path(save_embeddings) / embeddings_name(protocol, name, seed, steps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train_emb = embed(model, images_to_tensor(train.images))
+        np.savez_compressed(path, test=emb, test_labels=test.labels, train=train_emb, train_labels=train.labels)
     if isinstance(criterion, PDDMLoss):
         scorer = None if criterion.metric == "euclidean" else criterion.scorer
         if scorer is not None:
@@ -238,6 +243,10 @@ def run_one(
     else:
         out["separation"] = separation(pair_similarities(emb, test.labels, None))
     return out
+
+
+def embeddings_name(protocol: str, name: str, seed: int, steps: int) -> str:
+    return f"{protocol}_{name}_s{seed}_{steps}.npz"
 
 
 def done(path: Path) -> set[tuple[str, int, int]]:
@@ -252,7 +261,8 @@ def cmd_run(args) -> None:
     finished = done(args.out)
     # every row's first seed before any row's second: partial studies stay comparable
     jobs = [(n, s) for s in args.seeds for n in args.rows if (n, s, args.steps, args.protocol) not in finished]
-    opts = {"protocol": args.protocol, "device": args.device, "glyphs": args.glyphs, "threads": args.threads}
+    opts = {"protocol": args.protocol, "device": args.device, "glyphs": args.glyphs, "threads": args.threads,
+            "save_embeddings": args.save_embeddings}  # fmt: skip
     start = time.monotonic()
     failed: list[tuple[str, int, BaseException]] = []
 
@@ -483,6 +493,10 @@ def main() -> None:
     run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
     run.add_argument("--glyphs", help="an .npz of the glyphs ({size} filled in; `save` writes them) instead of fonts")
     run.add_argument("--start-within", type=float, help="start no training after this many seconds")
+    run.add_argument(
+        "--save-embeddings", type=Path, metavar="DIR",
+        help="also write each run's final held-out and training-font embeddings to DIR (bench/diagnose.py)",
+    )  # fmt: skip
     save = sub.add_parser("save", help="write the rendered glyphs of every protocol's size to DIR (for --glyphs)")
     save.add_argument("dir", type=Path)
     table = sub.add_parser("table")

@@ -53,10 +53,29 @@ def test_parallel_run_writes_every_record_once_and_skips_done(tmp_path):
     out = tmp_path / "q.jsonl"
     cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "run", "--rows", "pml_ms", "pddm_allpos_b01",
            "--seeds", "0", "--steps", "3", "--curve", "2", "--workers", "2", "--glyphs", str(glyphs),
-           "--out", str(out)]  # fmt: skip
+           "--out", str(out), "--save-embeddings", str(tmp_path / "emb")]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["name"] for r in rows) == ["pddm_allpos_b01", "pml_ms"]
+    for name in ("pml_ms", "pddm_allpos_b01"):  # what bench/diagnose.py reads: both halves of the split
+        with np.load(tmp_path / "emb" / f"scratch_{name}_s0_3.npz") as f:
+            assert f["test"].shape == (120, 128) and f["train"].shape == (120, 128)
+            assert len(set(f["test_labels"])) == len(set(f["train_labels"])) == 20  # each half relabelled 0..19
+            assert not np.allclose(f["test"], f["train"])
+            assert np.allclose(np.linalg.norm(f["train"], axis=1), 1, atol=1e-5)
+    diag = tmp_path / "d.json"
+    diagnose = [sys.executable, str(ROOT / "bench" / "diagnose.py")]
+    r = subprocess.run([*diagnose, "compare", str(tmp_path / "emb"), "--seeds", "0", "--steps", "3",
+                        "--glyphs", str(glyphs), "--json", str(diag)],
+                       check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
+    d = json.loads(diag.read_text())
+    assert (
+        sum(d["per_seed"][0]["overlap"].values()) == 120 and [b["fonts"] for b in d["per_seed"][0]["bins"]] == [5] * 4
+    )
+    assert "| held-out | recall@1 |" in r.stdout
+    png = tmp_path / "why.png"
+    subprocess.run([*diagnose, "plot", str(png), str(diag)], check=True, capture_output=True, timeout=300)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for r in rows:
         assert r["device"] == "cpu" and r["steps"] == 3 and set(r["curve"]) == {"2", "3"}
         assert 0.0 <= r["final"]["recall@1"] <= 1.0
