@@ -13,6 +13,7 @@ from distpddm.data.glyphs import GlyphSet
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+import diagnose  # noqa: E402
 import quality  # noqa: E402
 
 
@@ -223,3 +224,19 @@ def test_separation_histograms_count_every_pair_and_draw_each_metric_of_each_cri
     assert height([]) == 2 * height(["--rows", "pml_ms"])  # a panel row per criterion with histograms
     r = subprocess.run([*cmd, "--out", str(out), "--rows", "pml_triplet"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "with recorded histograms" in r.stderr
+
+
+def test_training_fonts_drops_the_share_raw_pixels_find_hardest():
+    """Fonts 0-3 are copies of one another (raw-pixel Recall@1 0: each glyph's nearest image is its copy in
+    another font); fonts 4-11 are distinct: dropping a third of 12 removes exactly the copies."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (6, 8, 8), dtype=np.uint8)
+    # each distinct font: one random image plus small noise per glyph, so its glyphs are each other's nearest
+    distinct = [rng.integers(0, 240, (1, 8, 8)) + rng.integers(0, 8, (6, 8, 8)) for _ in range(8)]
+    fonts = [base] * 4 + [d.astype(np.uint8) for d in distinct]
+    g = GlyphSet(np.concatenate(fonts), np.repeat(np.arange(12), 6), [f"f{i}" for i in range(12)])
+    raw = diagnose.raw_difficulty(g.images, g.labels, np.arange(12))
+    assert raw[:4].tolist() == [0.0] * 4 and raw[4:].tolist() == [1.0] * 8
+    kept = quality.training_fonts(g, 1 / 3)
+    assert kept.class_names == [f"f{i}" for i in range(4, 12)] and len(kept) == 48
+    assert quality.training_fonts(g, 0.0) is g
