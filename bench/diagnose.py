@@ -167,9 +167,9 @@ def gap_figure(results: list[dict]):
 
     fig = Figure(figsize=(11, 4.4), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
-    for res in results:
+    for i, res in enumerate(results):
         bins = res["summary"]["bins"]
-        x = np.arange(1, len(bins) + 1)
+        x = np.arange(1, len(bins) + 1) + 0.06 * (i - (len(results) - 1) / 2)  # error bars side by side
         seeds = len(res["seeds"])
         for ax, key in zip(axes, ("recall@1", "map@r"), strict=True):
             mean = [b[key]["B - A"]["mean"] for b in bins]
