@@ -206,6 +206,8 @@ def cmd_compare(args) -> None:
     if not np.array_equal(test.labels, runs[0][0]["test_labels"]):
         raise SystemExit("the saved held-out labels are not this protocol's test split (other glyphs?)")
     classes = np.unique(test.labels)
+    if args.bins > len(classes):
+        raise SystemExit(f"--bins {args.bins} is more than the {len(classes)} held-out fonts")
     raw = raw_difficulty(test.images, test.labels, classes)
     raw_bins = difficulty_bins(raw, args.bins)
     edges = [(float(raw[raw_bins == k].min()), float(raw[raw_bins == k].max())) for k in range(args.bins)]

@@ -24,11 +24,20 @@ def test_top1_hits_match_a_brute_force_search_that_leaves_each_image_out():
     assert got.mean() == pytest.approx(retrieval_metrics(x, y, (1,))["recall@1"])
 
 
+def test_per_class_map_averages_to_the_overall_map_at_r_for_equal_classes():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(48, 6)).astype(np.float32)
+    y = np.repeat(np.arange(8), 6)
+    per = diagnose.per_class_map(x, y, np.arange(8))
+    assert per.mean() == pytest.approx(retrieval_metrics(x, y, (1,))["map@r"]) and per.std() > 0
+
+
 def test_difficulty_bins_are_equal_sized_hardest_first_whatever_the_ties():
     raw = np.array([0.5, 0.1, 0.5, 0.9, 0.5, 0.0, 0.5, 0.3])
     bins = diagnose.difficulty_bins(raw, 4)
     assert np.bincount(bins).tolist() == [2, 2, 2, 2]
     assert set(bins[[5, 1]]) == {0} and bins[3] == 3  # the two hardest first, the easiest last
+    assert bins[[7, 0, 2, 4, 6]].tolist() == [1, 1, 2, 2, 3]  # the four tied at 0.5 split in class order
     for b in range(3):  # every font of a bin at most as easy as every font of the next
         assert raw[bins == b].max() <= raw[bins == b + 1].min()
 
@@ -47,8 +56,9 @@ def test_compare_seed_puts_the_gap_on_the_fonts_that_lost_it():
     a_test, y = _clusters(rng, 8, 6, good=range(8))  # A separates every held-out class
     b_test, _ = _clusters(rng, 8, 6, good=range(4))  # B only classes 0-3
     train, ty = _clusters(rng, 6, 5, good=range(6))
+    b_train, _ = _clusters(rng, 6, 5, good=range(3))  # B separates only half of its training classes
     a = {"test": a_test, "test_labels": y, "train": train, "train_labels": ty}
-    b = {"test": b_test, "test_labels": y, "train": train, "train_labels": ty}
+    b = {"test": b_test, "test_labels": y, "train": b_train, "train_labels": ty}
     raw_bins = np.array([1, 1, 1, 1, 0, 0, 0, 0])  # classes 4-7 are the "hard" bin
     out = diagnose.compare_seed(a, b, raw_bins, np.arange(8))
     hits_b = diagnose.top1_hits(b_test, y)
@@ -58,10 +68,19 @@ def test_compare_seed_puts_the_gap_on_the_fonts_that_lost_it():
     assert hard["fonts"] == easy["fonts"] == 4
     assert hard["recall@1 A"] == easy["recall@1 A"] == easy["recall@1 B"] == 1.0
     assert hard["recall@1 B"] == pytest.approx(hits_b[y >= 4].mean()) and hard["map@r B"] < hard["map@r A"]
-    assert out["train A"] == out["train B"]  # same training embeddings: no transfer difference
+    for tag, emb in (("A", train), ("B", b_train)):  # each row's own training embeddings, not the held-out ones
+        want = retrieval_metrics(emb, ty, (1,))
+        assert out[f"train {tag}"] == {"recall@1": want["recall@1"], "map@r": want["map@r"]}
+    assert out["train B"]["map@r"] < out["train A"]["map@r"]
     assert out["test A"]["recall@1"] == 1.0 and out["test B"]["recall@1"] == pytest.approx(hits_b.mean())
-    summary = diagnose.summarise([out, out])
-    assert summary["bins"][0]["recall@1"]["B - A"] == {"mean": pytest.approx(hits_b[y >= 4].mean() - 1), "sd": 0.0}
+    swapped = diagnose.compare_seed(b, a, raw_bins, np.arange(8))  # a second "seed" whose gaps are the negatives
+    summary = diagnose.summarise([out, swapped])
+    gap = hits_b[y >= 4].mean() - 1
+    assert summary["bins"][0]["recall@1"]["B - A"] == {
+        "mean": pytest.approx(0.0),
+        "sd": pytest.approx(abs(gap) * 2**0.5),
+    }
+    assert summary["test recall@1"]["A"]["mean"] == pytest.approx((1 + hits_b.mean()) / 2)
     with pytest.raises(ValueError, match="different images"):
         diagnose.compare_seed(a, b | {"test_labels": y[::-1]}, raw_bins, np.arange(8))
 
