@@ -190,8 +190,6 @@ def gap_figure(results: list[dict]):
 def cmd_compare(args) -> None:
     import quality
 
-    if args.protocol not in quality.PROTOCOLS:
-        raise SystemExit(f"unknown protocol {args.protocol!r}; one of {sorted(quality.PROTOCOLS)}")
     if args.bins < 1:
         raise SystemExit("--bins must be at least 1")
     a_name, b_name = args.rows
@@ -202,7 +200,7 @@ def cmd_compare(args) -> None:
         )
         for s in args.seeds
     ]
-    _, test = quality.glyph_set(quality.PROTOCOLS[args.protocol]["size"], args.glyphs).split(0.5, seed=0)
+    _, test = quality.fonts(args.protocol, args.glyphs)
     if not np.array_equal(test.labels, runs[0][0]["test_labels"]):
         raise SystemExit("the saved held-out labels are not this protocol's test split (other glyphs?)")
     classes = np.unique(test.labels)
@@ -247,11 +245,13 @@ def cmd_plot(args) -> None:
 
 
 def main() -> None:
+    import quality
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="the three diagnostics for rows A and B, markdown (and --json)")
     c.add_argument("dir", type=Path, help="where bench/quality.py run --save-embeddings wrote")
-    c.add_argument("--protocol", default="scratch")
+    c.add_argument("--protocol", choices=sorted(quality.PROTOCOLS), default="scratch")
     c.add_argument("--rows", nargs=2, metavar=("A", "B"), default=["pml_ms", "pddm_allpos_b01"])
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     c.add_argument("--steps", type=int, default=1000)

@@ -207,6 +207,12 @@ def training_fonts(train: GlyphSet, share: float) -> GlyphSet:
     return train.classes(np.sort(np.argsort(raw, kind="stable")[int(round(share * len(classes))) :]))
 
 
+def fonts(protocol: str, glyphs: str | None) -> tuple[GlyphSet, GlyphSet]:
+    """The protocol's (training, held-out) fonts: the study's one split, less any fonts the protocol drops."""
+    train, test = glyph_set(PROTOCOLS[protocol]["size"], glyphs).split(0.5, seed=0)
+    return training_fonts(train, PROTOCOLS[protocol].get("drop_hardest", 0.0)), test
+
+
 def run_one(
     name: str, seed: int, steps: int, curve_at: tuple[int, ...], protocol: str = "scratch", device: str = "cpu",
     glyphs: str | None = None, threads: int = 1, save_embeddings: Path | None = None,
@@ -215,9 +221,7 @@ def run_one(
 
     torch.set_num_threads(threads)
     proto = PROTOCOLS[protocol]
-    glyphs = glyph_set(proto["size"], glyphs)
-    train, test = glyphs.split(0.5, seed=0)
-    train = training_fonts(train, proto.get("drop_hardest", 0.0))
+    train, test = fonts(protocol, glyphs)
     x_test = images_to_tensor(test.images)
     torch.manual_seed(seed)
     model = make_model(protocol)
