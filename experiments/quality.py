@@ -8,16 +8,20 @@ learned metric and the separation (ROC AUC) of positive and negative pair simila
 metric and under Euclidean distance. One training at a time (one thread); every finished run is appended to
 ``--out`` (JSON lines) at once, so a stopped study keeps what it has and a rerun skips what is done::
 
-    python bench/quality.py run --rows pml_ms pddm_shipped --seeds 0 1 2 [--steps 1000]
-    python bench/quality.py table            # mean +- spread over seeds, markdown
-    python bench/quality.py plot docs/quality_scratch.png --rows pml_ms pddm_allpos_b01   # curves, PNG
-    python bench/quality.py plot-separation docs/separation.png --rows pml_ms pddm_allpos_b01   # histograms
-    python bench/quality.py run --protocol lite0 --rows pml_ms ... --steps 300   # from ImageNet weights
+    python experiments/quality.py run --rows pml_ms pddm_shipped --seeds 0 1 2 [--steps 1000]
+    python experiments/quality.py table      # mean +- spread over seeds, markdown
+    python experiments/quality.py table --csv experiments/results/quality.csv   # and every group, as CSV
+    python experiments/quality.py plot experiments/results/quality_scratch.png --rows pml_ms pddm_allpos_b01
+    python experiments/quality.py plot-separation experiments/results/separation.png --rows pml_ms pddm_allpos_b01
+    python experiments/quality.py run --protocol lite0 --rows pml_ms ... --steps 300   # from ImageNet weights
+
+An experiment, not part of the product: it imports the installed ``distpddm`` as any user would.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -26,16 +30,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distpddm import PDDMLoss  # noqa: E402
-from distpddm.data.glyphs import GlyphSet, load_glyphs  # noqa: E402
-from distpddm.evaluate import embed  # noqa: E402
-from distpddm.model import SmallCNN  # noqa: E402
-from distpddm.retrieval import retrieval_metrics  # noqa: E402
-from distpddm.train.inmemory import fit_in_memory, images_to_tensor  # noqa: E402
+from distpddm import (
+    AvgNonZeroReducer,
+    BatchHardestQuadrupletMiner,
+    CrossBatchMemory,
+    HardQuadrupletMiner,
+    MeanReducer,
+    PDDMLoss,
+    SemiHardQuadrupletMiner,
+)
+from distpddm.data.glyphs import GlyphSet, load_glyphs
+from distpddm.evaluate import embed
+from distpddm.model import SmallCNN
+from distpddm.retrieval import retrieval_metrics
+from distpddm.train.inmemory import fit_in_memory, images_to_tensor
 
 DIM = 128
-OUT = Path(__file__).resolve().parents[1] / "docs" / "quality.jsonl"
+OUT = Path(__file__).resolve().parent / "results" / "quality.jsonl"
 #: the from-scratch setting before this study (configs/fonts.yaml until then): hardest positive per anchor
 HARDEST = {"alpha": 0.1, "beta": 0.2, "lam": 0.5, "metric_grad": False}
 #: the study's winner, now configs/fonts.yaml's loss: every positive of an anchor, beta .1
@@ -119,9 +130,18 @@ def criterion_for(spec):
         }[spec]
         return lambda e, y: loss(e, y, miner(e, y)) if miner is not None else loss(e, y)
     spec = {k: v for k, v in spec.items() if not k.startswith("_")}  # "_head_lr": a training option
-    if "memory" in spec:
-        spec["memory_warmup"] = MEMORY_WARMUP
-    return PDDMLoss(DIM, **spec)
+    # The rows name the study's options as flags (as recorded); here they become the parts they stand for.
+    positives, negatives = spec.pop("positives", "hardest"), spec.pop("negatives", 1)
+    if spec.pop("semihard", False):
+        miner = SemiHardQuadrupletMiner(positives)
+    elif spec.pop("mode", "anchor") == "batch":
+        miner = BatchHardestQuadrupletMiner()
+    else:
+        miner = HardQuadrupletMiner(positives, negatives)
+    reducer = AvgNonZeroReducer() if spec.pop("reduction", "mean") == "nonzero" else MeanReducer()
+    memory = spec.pop("memory", 0)
+    loss = PDDMLoss(DIM, miner=miner, reducer=reducer, **spec)
+    return CrossBatchMemory(loss, memory, MEMORY_WARMUP) if memory else loss
 
 
 def pad_crop(pad: int):
@@ -249,13 +269,14 @@ def run_one(
     out["final"] = res.curve.get(steps) or evaluate(model)
     out["history"] = res.history
     emb = last["emb"]
-    if save_embeddings is not None:  # for bench/diagnose.py: held-out and training fonts, final model, no augmentation
+    if save_embeddings is not None:  # for diagnose.py: held-out and training fonts, final model, no augmentation
         path = Path(save_embeddings) / embeddings_name(protocol, name, seed, steps)
         path.parent.mkdir(parents=True, exist_ok=True)
         train_emb = embed(model, images_to_tensor(train.images))
         np.savez_compressed(path, test=emb, test_labels=test.labels, train=train_emb, train_labels=train.labels)
-    if isinstance(criterion, PDDMLoss):
-        scorer = None if criterion.metric == "euclidean" else criterion.scorer
+    loss = criterion.loss if isinstance(criterion, CrossBatchMemory) else criterion
+    if isinstance(loss, PDDMLoss):
+        scorer = None if loss.metric == "euclidean" else loss.scorer
         if scorer is not None:
             out["rerank"] = rerank(emb, test.labels, scorer, top_n=8)
         out["separation"] = separation(pair_similarities(emb, test.labels, scorer))
@@ -497,6 +518,53 @@ def cmd_table(args) -> None:
             if rs:
                 e = _ms([r["rerank"]["rerank@8/euclidean_recall@1"] for r in rs])
                 print(f"| {ROWS[n][0]} | {e} | {_ms([r['rerank']['rerank@8/recall@1'] for r in rs])} |")
+    if args.csv is not None:
+        write_csv(args.out, args.csv)
+
+
+#: the compact table's columns: one line per protocol x budget x row of a records file
+CSV_COLUMNS = ("protocol", "steps", "row", "description", "seeds", "seed_list", "recall@1_mean", "recall@1_sd",
+               "map@r_mean", "map@r_sd")  # fmt: skip
+
+
+def csv_rows(records: list[dict]) -> list[dict]:
+    """Every protocol x budget x row of ``records``: its seeds, and the mean and s.d. over seeds (ddof 1, empty
+    for one seed) of the final held-out Recall@1 and MAP@R, to 3 decimals as the markdown table prints them.
+    Ordered by protocol and row as PROTOCOLS and ROWS list them, then by steps."""
+    groups: dict[tuple[str, int, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r.get("protocol", "scratch"), r["steps"], r["name"]), []).append(r)
+    protocols, names = list(PROTOCOLS), list(ROWS)
+
+    def order(key):
+        protocol, steps, name = key
+        return (protocols.index(protocol) if protocol in protocols else len(protocols), protocol, steps,
+                names.index(name) if name in names else len(names), name)  # fmt: skip
+
+    out = []
+    for key in sorted(groups, key=order):
+        protocol, steps, name = key
+        rs = sorted(groups[key], key=lambda r: r["seed"])
+        line = {"protocol": protocol, "steps": steps, "row": name,
+                "description": ROWS[name][0].replace("**", "") if name in ROWS else "", "seeds": len(rs),
+                "seed_list": " ".join(str(r["seed"]) for r in rs)}  # fmt: skip
+        for k in ("recall@1", "map@r"):
+            v = [r["final"][k] for r in rs]
+            line[f"{k}_mean"] = f"{np.mean(v):.3f}"
+            line[f"{k}_sd"] = f"{np.std(v, ddof=1):.3f}" if len(v) > 1 else ""
+        out.append(line)
+    return out
+
+
+def write_csv(records_path: Path, csv_path: Path) -> None:
+    records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+    rows = csv_rows(records)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {csv_path}: {len(rows)} protocol x steps x row groups of {len(records)} runs", file=sys.stderr)
 
 
 def main() -> None:
@@ -514,12 +582,16 @@ def main() -> None:
     run.add_argument("--start-within", type=float, help="start no training after this many seconds")
     run.add_argument(
         "--save-embeddings", type=Path, metavar="DIR",
-        help="also write each run's final held-out and training-font embeddings to DIR (bench/diagnose.py)",
+        help="also write each run's final held-out and training-font embeddings to DIR (experiments/diagnose.py)",
     )  # fmt: skip
     save = sub.add_parser("save", help="write the rendered glyphs of every protocol's size to DIR (for --glyphs)")
     save.add_argument("dir", type=Path)
-    table = sub.add_parser("table")
+    table = sub.add_parser("table", help="markdown of one protocol and budget (and --csv: every one, as CSV)")
     table.add_argument("--steps", type=int, default=1000)
+    table.add_argument(
+        "--csv", type=Path, metavar="FILE",
+        help="also write every protocol x steps x row of --out to FILE: seeds, mean and s.d. of R@1 and MAP@R",
+    )  # fmt: skip
     plot = sub.add_parser("plot", help="Recall@1 and MAP@R against step, as a PNG")
     plot.add_argument("png", type=Path)
     plot.add_argument("--steps", type=int, default=1000)

@@ -1,5 +1,5 @@
 """Why one criterion beats another on the held-out fonts: diagnostics from the embeddings that
-``bench/quality.py run --save-embeddings DIR`` writes (final model, no augmentation).
+``experiments/quality.py run --save-embeddings DIR`` writes (final model, no augmentation).
 
 Each seed of row A is paired with the same seed of row B (same initialisation and batches), and three
 questions are answered per seed, then summarised over seeds:
@@ -10,21 +10,24 @@ questions are answered per seed, then summarised over seeds:
   them (each font's raw-pixel Recall@1 at the protocol's size), and the per-font gap is averaged per bin.
 - **overlap**: of the held-out queries, how many both rows get right at rank 1, only A, only B, neither.
 
-    python bench/diagnose.py compare DIR --protocol scratch --rows pml_ms pddm_allpos_b01 --seeds 0 1 2 --json F
-    python bench/diagnose.py plot docs/why.png F [G ...]   # the per-bin gap, one line per compare file
+    python experiments/diagnose.py compare DIR --protocol scratch --rows pml_ms pddm_allpos_b01 --seeds 0 1 2 --json F
+    python experiments/diagnose.py plot experiments/results/why.png F [G ...]   # the per-bin gap, one line per file
+    python experiments/diagnose.py table F [G ...] --csv experiments/results/diagnose.csv   # the summaries, as CSV
+
+An experiment, not part of the product: it imports the installed ``distpddm`` as any user would.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distpddm.retrieval import retrieval_metrics, search  # noqa: E402
+from distpddm.retrieval import retrieval_metrics, search
 
 
 def top1_hits(emb: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -103,7 +106,7 @@ def load_run(folder: Path, protocol: str, name: str, seed: int, steps: int) -> d
 
     path = folder / embeddings_name(protocol, name, seed, steps)
     if not path.exists():
-        raise SystemExit(f"{path}: no embeddings (run bench/quality.py run ... --save-embeddings {folder})")
+        raise SystemExit(f"{path}: no embeddings (run experiments/quality.py run ... --save-embeddings {folder})")
     with np.load(path) as f:
         return {k: f[k] for k in ("test", "test_labels", "train", "train_labels")}
 
@@ -244,25 +247,59 @@ def cmd_plot(args) -> None:
     print(f"wrote {args.png}")
 
 
+def csv_row(name: str, result: dict) -> dict:
+    """One ``compare --json`` file as one line: rows, seeds, the held-out and training-font means (A, B) and the
+    paired B - A (mean, s.d. over seeds), then B - A per raw-pixel difficulty bin (1 = hardest), 3 decimals."""
+    s = result["summary"]
+    out = {"file": name, "protocol": result["protocol"], "steps": result["steps"], "A": result["rows"][0],
+           "B": result["rows"][1], "seeds": " ".join(str(x) for x in result["seeds"])}  # fmt: skip
+    for part, label in (("test", "heldout"), ("train", "training")):
+        for k in ("recall@1", "map@r"):
+            st = s[f"{part} {k}"]
+            out[f"{label}_{k}_A"] = f"{st['A']['mean']:.3f}"
+            out[f"{label}_{k}_B"] = f"{st['B']['mean']:.3f}"
+            out[f"{label}_{k}_B-A"] = f"{st['B - A']['mean']:.3f}"
+            out[f"{label}_{k}_B-A_sd"] = f"{st['B - A']['sd']:.3f}"
+    for k in ("recall@1", "map@r"):
+        for i, b in enumerate(s["bins"], 1):
+            out[f"{k}_B-A_bin{i}"] = f"{b[k]['B - A']['mean']:.3f}"
+            out[f"{k}_B-A_bin{i}_sd"] = f"{b[k]['B - A']['sd']:.3f}"
+    return out
+
+
+def cmd_table(args) -> None:
+    rows = [csv_row(Path(f).stem, json.loads(Path(f).read_text())) for f in args.json]
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every file's columns, first seen first
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with args.csv.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {args.csv}: {len(rows)} comparisons")
+
+
 def main() -> None:
     import quality
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="the three diagnostics for rows A and B, markdown (and --json)")
-    c.add_argument("dir", type=Path, help="where bench/quality.py run --save-embeddings wrote")
+    c.add_argument("dir", type=Path, help="where experiments/quality.py run --save-embeddings wrote")
     c.add_argument("--protocol", choices=sorted(quality.PROTOCOLS), default="scratch")
     c.add_argument("--rows", nargs=2, metavar=("A", "B"), default=["pml_ms", "pddm_allpos_b01"])
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     c.add_argument("--steps", type=int, default=1000)
     c.add_argument("--bins", type=int, default=4)
-    c.add_argument("--glyphs", help="an .npz of the glyphs ({size} filled in), as bench/quality.py --glyphs")
+    c.add_argument("--glyphs", help="an .npz of the glyphs ({size} filled in), as experiments/quality.py --glyphs")
     c.add_argument("--json", type=Path, help="also write the per-seed figures and the summary here")
     pl = sub.add_parser("plot", help="the per-bin gap of one or more `compare --json` files, as a PNG")
     pl.add_argument("png", type=Path)
     pl.add_argument("json", nargs="+", type=Path)
+    tb = sub.add_parser("table", help="the summaries of one or more `compare --json` files, one CSV line each")
+    tb.add_argument("json", nargs="+", type=Path)
+    tb.add_argument("--csv", type=Path, required=True, metavar="FILE")
     args = p.parse_args()
-    {"compare": cmd_compare, "plot": cmd_plot}[args.cmd](args)
+    {"compare": cmd_compare, "plot": cmd_plot, "table": cmd_table}[args.cmd](args)
 
 
 if __name__ == "__main__":
