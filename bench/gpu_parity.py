@@ -54,7 +54,7 @@ def _run(crit: PDDMLoss, feats: torch.Tensor, labels: torch.Tensor, device: str)
         "loss": loss.detach().cpu().clone(),
         "grad/embeddings": x.grad.detach().cpu().clone(),
         "quadruplets": torch.stack([q.i, q.j, q.k, q.l]).cpu(),
-        "count": int(stats.quadruplets),
+        "count": int(stats["quadruplets"]),
     }
     for name, p in crit.named_parameters():
         out[f"grad/{name}"] = p.grad.detach().cpu().clone()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distpddm import PDDMLoss  # noqa: E402
+from distpddm import BatchHardestQuadrupletMiner, PDDMLoss  # noqa: E402
 from distpddm.data.glyphs import load_glyphs  # noqa: E402
 from distpddm.evaluate import recall_at_k  # noqa: E402
 from distpddm.model import SmallCNN  # noqa: E402
@@ -39,7 +39,7 @@ VARIANTS: dict[str, tuple[str, dict | str]] = {
         "from-scratch settings of configs/fonts.yaml (alpha .1, beta .2, metric_grad off)",
         {"alpha": 0.1, "beta": 0.2, "metric_grad": False},
     ),
-    "pddm_batch": ("defaults, mode=batch (one quadruplet per batch, the paper's form)", {"mode": "batch"}),
+    "pddm_batch": ("defaults, one quadruplet per batch (the paper's form)", {"miner": BatchHardestQuadrupletMiner()}),
     "euclidean": ("PDDMLoss defaults, metric=euclidean (the paper's baseline miner)", {"metric": "euclidean"}),
     "mahalanobis": ("PDDMLoss defaults, metric=mahalanobis", {"metric": "mahalanobis"}),
     "pml_ms": ("pytorch-metric-learning MultiSimilarityLoss + MultiSimilarityMiner", "pml_ms"),

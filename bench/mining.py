@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distpddm import PDDMLoss  # noqa: E402
-from distpddm.gather import GlobalBatch  # noqa: E402
+from distpddm import HardQuadrupletMiner, PDDMLoss, Pool  # noqa: E402
 
 ANCHORS = 64
 K = 4  # images per class in the pool
@@ -60,20 +59,20 @@ def case_distpddm(dim, pool, device, reps, count=ANCHORS, candidates=None, metri
 
         PDDM._block_no_grad = PDDM._block
     torch.manual_seed(0)
-    crit = PDDMLoss(dim, metric=metric, candidates=candidates).to(device)
+    crit = PDDMLoss(dim, metric=metric, miner=HardQuadrupletMiner(candidates=candidates)).to(device)
     feats, labels = _pool(pool, dim, device)
-    batch = GlobalBatch(feats, labels, 0, count)
+    batch = Pool(feats, labels, 0, count)
 
     def step():
-        loss, _ = crit.pool_loss(batch)
+        loss = crit.reducer(crit.terms(batch), batch)
         loss.backward()
 
     out = {"seconds": _timed(step, device, reps)}
     if candidates is not None:  # how often the cheap miner finds the exact hardest quadruplet
         exact = PDDMLoss(dim, metric=metric).to(device)
         exact.load_state_dict(crit.state_dict())
-        a = crit.mine(feats, labels, 0, count)
-        b = exact.mine(feats, labels, 0, count)
+        a = crit.miner(crit.scorer, Pool(feats.detach(), labels, 0, count))
+        b = exact.miner(exact.scorer, Pool(feats.detach(), labels, 0, count))
         same_k = (a.k == b.k).float().mean().item()
         same_q = ((a.j == b.j) & (a.k == b.k) & (a.l == b.l)).float().mean().item()
         out.update(exact_negative=same_k, exact_quadruplet=same_q)

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distpddm import PDDMLoss  # noqa: E402
 from distpddm.config import load_config  # noqa: E402
+from distpddm.criterion import build_loss  # noqa: E402
 from distpddm.model import create_model  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def measure(config: str, device: str, steps: int, warmup: int) -> dict:
     model_cfg = dataclasses.replace(cfg.model, pretrained=None)  # random weights: the rate does not depend on them
     precision = cfg.train.precision if device.startswith("cuda") else "fp32"
     model = create_model(model_cfg, precision).to(device)
-    loss_fn = PDDMLoss(model_cfg.embed_dim, **dataclasses.asdict(cfg.loss)).to(device)
+    loss_fn = build_loss(cfg).to(device)
     params = [*model.parameters(), *loss_fn.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     p, k, size = cfg.data.classes_per_batch, cfg.data.images_per_class, cfg.data.image_size

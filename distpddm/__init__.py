@@ -9,11 +9,18 @@ from importlib import import_module
 _PUBLIC = {
     "PDDM": ".pddm",
     "PDDMLoss": ".loss",
-    "LossStats": ".loss",
     "Euclidean": ".metrics",
     "Mahalanobis": ".metrics",
-    "Quadruplets": ".mining",
-    "mine_quadruplets": ".mining",
+    "Quadruplets": ".miners",
+    "HardQuadrupletMiner": ".miners",
+    "SemiHardQuadrupletMiner": ".miners",
+    "BatchHardestQuadrupletMiner": ".miners",
+    "MeanReducer": ".reducers",
+    "AvgNonZeroReducer": ".reducers",
+    "Pool": ".pool",
+    "CrossDevice": ".wrappers",
+    "CrossBatchMemory": ".wrappers",
+    "PMLLoss": ".pml",
 }
 __all__ = list(_PUBLIC)
 __version__ = "0.1.0"

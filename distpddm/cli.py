@@ -102,6 +102,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .errors import DeterministicError
+    from .ray_cluster import TrainingFailed
     from .train.stop import EXIT_PREEMPTED, Preempted
 
     try:
@@ -112,13 +113,12 @@ def _train(args: argparse.Namespace) -> int:
         else:
             from .train.launch import train_ray
 
-            result = train_ray(cfg, args.address)
-            if result.error:
-                print(f"error: training failed: {result.error}", file=sys.stderr)
-                return 1
-            metrics = result.metrics or {}
+            metrics = train_ray(cfg, args.address).metrics or {}
     except DeterministicError as e:  # retrying cannot fix it: the message says what to change
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except TrainingFailed as e:  # Ray gave up on the workers (ray.max_failures spent)
+        print(f"error: training failed: {e}", file=sys.stderr)
         return 1
     except Preempted as p:
         print(f"preempted: checkpoint at step {p.step} in {p.location}; the same command resumes from it")
@@ -154,6 +154,7 @@ def _smoke(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .errors import DeterministicError
     from .evaluate import RECALL_KS, evaluate_folder, extract, resolve_model
+    from .ray_cluster import TrainingFailed
 
     try:
         if args.embeddings is not None:
@@ -198,6 +199,9 @@ def _eval(args: argparse.Namespace) -> int:
     except (DeterministicError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingFailed as e:
+        print(f"error: extraction failed: {e}", file=sys.stderr)
+        return 1
     print(format_metrics(metrics, RECALL_KS))
     if not args.no_report:
         print(f"report: {out / 'report.html'}")

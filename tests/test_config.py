@@ -41,7 +41,7 @@ def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path
     cfg = load_config(
         config_file(), ["train.steps=7", "data.images_per_class=3", "loss.alpha=0.25", "name=x", "optim.lr=1e-3"]
     )
-    assert (cfg.train.steps, cfg.data.images_per_class, cfg.loss.alpha, cfg.name) == (7, 3, 0.25, "x")
+    assert (cfg.train.steps, cfg.data.images_per_class, cfg.loss.args["alpha"], cfg.name) == (7, 3, 0.25, "x")
     assert cfg.optim.lr == 0.001  # YAML 1.1 reads 1e-3 as a string; float keys accept it
     assert cfg.local_batch == 16 * 3
     assert Path(cfg.data.train_shards).is_absolute() and Path(cfg.train.deepspeed).is_absolute()
@@ -68,20 +68,24 @@ def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path
         ),
         (["data.train_shards=/nonexistent/shards"], r"data.train_shards: no shards at '/nonexistent/shards'"),
         (["model.sync_bn=true"], r"model.sync_bn needs GPUs"),
-        (["loss.metric=cosine"], r"loss.metric must be one of"),
-        (["loss.positives=easiest"], r"loss.positives must be one of \('hardest', 'all'\)"),
-        (["loss.negatives=0"], r"loss.negatives must be >= 1"),
-        (["loss.mode=batch", "loss.positives=all"], r"loss.mode: batch mines the paper's single quadruplet"),
-        (["loss.soft=-0.1"], r"loss.soft must be finite and >= 0"),
-        (["loss.reduction=sum"], r"loss.reduction must be one of \('mean', 'nonzero'\)"),
-        (["loss.semihard=true", "loss.negatives=2"], r"loss.semihard picks one negative .* got 'anchor' and 2"),
-        (["loss.semihard=true", "loss.candidates=8"], r"loss.semihard needs every negative scored: drop loss.cand"),
-        (["loss.negatives=4", "loss.candidates=2"], r"loss.negatives=4 hardest negatives need loss.candidates >= 4"),
+        (["loss.metric=cosine"], r"loss \(PDDMLoss\): metric must be one of"),
+        (["loss.name=multisimilarity"], r"loss.name 'multisimilarity' is not known; did you mean 'multi_similarity'"),
+        (["loss.alpah=0.1"], r"unknown key loss.alpah for PDDMLoss; did you mean loss.alpha"),
+        (["loss.alpha=big"], r"loss.alpha must be float, got 'big'"),
+        (["miner.name=hard", "miner.positives=easiest"], r"miner \(HardQuadrupletMiner\): positives must be one of"),
+        (["miner.name=hard", "miner.negatives=0"], r"miner \(HardQuadrupletMiner\): negatives must be an int >= 1"),
+        (["miner.positives=all"], r"miner must be a mapping with a name and the part's arguments"),
+        (["miner.name=semihard", "miner.negatives=2"], r"unknown key miner.negatives for SemiHardQuadrupletMiner"),
+        (["miner.name=batch_hard"], r"miner 'batch_hard' does not mine quadruplets: loss pddm takes miner.name"),
+        (["loss.name=multi_similarity", "miner.name=hard"], r"miner 'hard' mines quadruplets for loss pddm"),
+        (["loss.soft=-0.1"], r"loss \(PDDMLoss\): soft must be finite and >= 0"),
+        (["reducer.name=sum"], r"reducer.name 'sum' is not known \(one of mean, nonzero\)"),
+        (["miner.name=hard", "miner.negatives=4", "miner.candidates=2"], r"candidates must be >= negatives \(4\)"),
+        (["loss.name=pml.NoSuchLoss"], r"pytorch_metric_learning.losses has no class 'NoSuchLoss'"),
         (["train.val_every=10"], r"train.val_every is set but data.val_shards is not"),
         (["model.pretrained=/no/weights.pt"], r"model.pretrained: no file at"),
-        (["loss.metric_grad_after=100"], r"loss.metric_grad_after switches .* set loss.metric_grad: false"),
-        (["loss.metric_grad=false", "loss.metric_grad_after=-1"], r"loss.metric_grad_after must be >= 0"),
-        (["loss.memory=-5"], r"loss.memory must be >= 0"),
+        (["loss.metric_grad_after=100"], r"loss \(PDDMLoss\): metric_grad_after=100 switches .* metric_grad=False"),
+        (["memory.size=-5"], r"memory \(CrossBatchMemory\): memory size must be an int >= 0"),
         (["train.deepspeed=/no/ds.json"], r"train.deepspeed: no DeepSpeed config"),
         (["ray.storage_path=/no/such/folder/runs"], r"ray.storage_path: neither /no/such/folder/runs nor its parent"),
         (["steps"], r"override 'steps' must look like section.key=value"),
@@ -149,7 +153,8 @@ def test_config_is_a_leaf_module():
 
     code = "import sys, distpddm.config; print(sorted(m for m in sys.modules if m.startswith(('distpddm', 'torch'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert eval(out) == ["distpddm", "distpddm.config", "distpddm.errors"]  # no torch, nothing of train/
+    # no torch, nothing of train/: only the leaves it reads values and paths with
+    assert eval(out) == ["distpddm", "distpddm.coerce", "distpddm.config", "distpddm.errors", "distpddm.paths"]
 
 
 def test_shipped_configs_parse_from_any_folder(tmp_path, monkeypatch):
@@ -226,16 +231,42 @@ def test_a_missing_storage_folder_is_fine_when_its_parent_exists(config_file, tm
         load_config(config_file(), [f"ray.storage_path={tmp_path}/afile"])
 
 
-def test_loss_config_mirrors_pddmloss_keywords():
-    import dataclasses
-    import inspect
+def test_the_criterion_is_built_from_its_parts_as_the_config_names_them(config_file):
+    from pytorch_metric_learning import losses, miners
 
-    from distpddm.config import LossConfig
+    from distpddm.criterion import build_loss
     from distpddm.loss import PDDMLoss
+    from distpddm.miners import BatchHardestQuadrupletMiner, HardQuadrupletMiner
+    from distpddm.pml import PMLLoss
+    from distpddm.reducers import AvgNonZeroReducer, MeanReducer
+    from distpddm.wrappers import CrossBatchMemory
 
-    params = inspect.signature(PDDMLoss).parameters
-    for f in dataclasses.fields(LossConfig):
-        assert f.name in params and params[f.name].default == f.default, f.name
+    default = build_loss(load_config(config_file()))
+    assert isinstance(default, PDDMLoss) and isinstance(default.miner, HardQuadrupletMiner)
+    assert (default.miner.positives, default.alpha, default.dim) == ("hardest", 0.5, 128)
+    assert isinstance(default.reducer, MeanReducer)
+    parts = [
+        "loss.alpha=0.1", "loss.metric_grad=false", "miner.name=batch_hardest", "miner.chunk=512",
+        "reducer.name=nonzero", "memory.size=64", "memory.warmup=5", "model.embed_dim=32",
+    ]  # fmt: skip
+    cfg = load_config(config_file(), parts)
+    built = build_loss(cfg)
+    assert isinstance(built, CrossBatchMemory) and (built.size, built.warmup) == (64, 5)
+    pddm = built.loss
+    assert (pddm.alpha, pddm.metric_grad, pddm.dim) == (0.1, False, 32)
+    assert isinstance(pddm.miner, BatchHardestQuadrupletMiner) and pddm.miner.chunk == 512
+    assert isinstance(pddm.reducer, AvgNonZeroReducer)
+    ms = build_loss(
+        load_config(config_file(), ["loss.name=multi_similarity", "loss.alpha=3", "miner.name=multi_similarity"])
+    )
+    assert isinstance(ms, PMLLoss) and isinstance(ms.loss, losses.MultiSimilarityLoss) and ms.loss.alpha == 3
+    assert isinstance(ms.miner, miners.MultiSimilarityMiner) and isinstance(ms.reducer, MeanReducer)
+    ntx = build_loss(load_config(config_file(), ["loss.name=pml.NTXentLoss", "loss.temperature=0.1"]))
+    assert isinstance(ntx.loss, losses.NTXentLoss) and ntx.miner is None
+    # the saved config names the parts as it was given them, and loads back to the same config
+    tree = cfg.to_dict()
+    assert tree["miner"] == {"name": "batch_hardest", "chunk": 512} and tree["memory"] == {"size": 64, "warmup": 5}
+    assert from_dict(tree) == cfg
 
 
 def test_workers_take_the_deepspeed_settings_the_driver_read(config_file):
@@ -258,16 +289,25 @@ def test_workers_take_the_deepspeed_settings_the_driver_read(config_file):
 
 def test_pretrained_takes_true_a_weights_name_or_a_file(config_file, tmp_path):
     """true and torchvision weights names are kept as given (not made into paths, not checked on disk);
-    anything else is a file that must exist."""
-    assert load_config(config_file(), ["model.pretrained=true"]).model.pretrained is True
+    anything else is a file that must exist. (A backbone that has such weights: small_cnn has none.)"""
+    assert load_config(config_file(), ["model.backbone=resnet50", "model.pretrained=true"]).model.pretrained is True
     for name in ("IMAGENET1K_V1", "ResNet50_Weights.DEFAULT"):
-        assert load_config(config_file(), [f"model.pretrained={name}"]).model.pretrained == name
+        assert (
+            load_config(config_file(), ["model.backbone=resnet50", f"model.pretrained={name}"]).model.pretrained == name
+        )
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
-    assert load_config(config_file(), [f"model.pretrained={weights}"]).model.pretrained == str(weights)
+    assert load_config(
+        config_file(), ["model.backbone=resnet50", f"model.pretrained={weights}"]
+    ).model.pretrained == str(weights)
     with pytest.raises(ConfigError, match="model.pretrained: no file at .*weights.pth"):
-        load_config(config_file(), ["model.pretrained=weights.pth"])
+        load_config(config_file(), ["model.backbone=resnet50", "model.pretrained=weights.pth"])
     # Written in a config file, a weights name is not a path relative to the file's folder either.
-    assert load_config(config_file(model={"pretrained": "IMAGENET1K_V1"})).model.pretrained == "IMAGENET1K_V1"
+    assert (
+        load_config(config_file(model={"backbone": "resnet50", "pretrained": "IMAGENET1K_V1"})).model.pretrained
+        == "IMAGENET1K_V1"
+    )
     (tmp_path / "mine.pth").write_bytes(b"")
-    assert load_config(config_file(model={"pretrained": "mine.pth"})).model.pretrained == str(tmp_path / "mine.pth")
+    assert load_config(config_file(model={"backbone": "resnet50", "pretrained": "mine.pth"})).model.pretrained == str(
+        tmp_path / "mine.pth"
+    )

@@ -6,13 +6,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from distpddm.miners import HardQuadrupletMiner
 from distpddm.train.launch import free_port
 from tests.dist_workers import (
+    PML_CASES,
     agree_worker,
     bf16_engine_step,
     deepspeed_step,
     loss_and_grads,
     memory_worker,
+    pml_loss,
     problem,
     validate_worker,
 )
@@ -21,33 +24,47 @@ WORLD = 2
 
 
 def _single_process(metric, mode):
+    """The one-process reference: PDDMLoss on the whole batch, or pytorch-metric-learning's own call."""
     model, crit, x, y = problem(metric, mode)
-    loss, stats = crit(model(x), y)
+    if metric == "pml":
+        loss_fn, miner = pml_loss(mode)
+        emb = model(x)
+        loss = loss_fn(emb, y, miner(emb, y) if miner is not None else None)
+        _, stats = crit(emb, y)
+    else:
+        loss, stats = crit(model(x), y)
     loss.backward()
     grads = {n: p.grad for n, p in [*model.named_parameters(), *crit.named_parameters()]}
     if mode == "nonzero":  # the case is only a case if some hinges are zero (else it equals "mean")
-        assert 0 < float(stats.active_embedding) < 1, metric
+        assert 0 < float(stats["active_embedding"]) < 1, metric
+    if mode == "contrastive":  # ... the same for pytorch-metric-learning's AvgNonZeroReducer
+        assert 0 < float(stats["neg_loss_active"]) < 1 and 0 < float(stats["pos_loss_active"]) < 1
     if mode == "semihard":  # ... and only if some semi-hard negatives are not the hardest
-        f = torch.nn.functional.normalize(model(x).detach(), dim=1)
-        semi, crit.semihard = crit.mine(f, y), False
-        hard = crit.mine(f, y)
+        semi = crit.mine(model(x).detach(), y)
+        crit.miner = HardQuadrupletMiner("all")
+        hard = crit.mine(model(x).detach(), y)
         assert not (torch.equal(semi.k, hard.k) and torch.equal(semi.l, hard.l)), metric
-    return loss.detach(), grads, int(stats.quadruplets)
+    return loss.detach(), grads, int(stats.get("quadruplets", -1))
 
 
-@pytest.mark.parametrize("metric", ["pddm", "euclidean", "mahalanobis"])
-@pytest.mark.parametrize("mode", ["anchor", "batch", "several", "nonzero", "semihard"])
+CASES = [
+    *((metric, mode) for metric in ("pddm", "euclidean", "mahalanobis")
+      for mode in ("anchor", "batch", "several", "nonzero", "semihard")),
+    *(("pml", case) for case in PML_CASES),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("metric", "mode"), CASES)
 def test_two_processes_equal_one(tmp_path, metric, mode):
+    """CrossDevice(loss) on 2 gloo ranks == the loss on the whole batch in one process: loss and gradients."""
     out = tmp_path / "rank0.pt"
     mp.spawn(loss_and_grads, args=(WORLD, free_port(), metric, mode, str(out)), nprocs=WORLD, join=True)
     got = torch.load(out)
     loss, grads, quads = _single_process(metric, mode)
     # 15 anchors with a positive; "several": 2 per (anchor, positive) pair, 3 x 2 (class 0) + 6 x 2 = 18 pairs
-    assert (
-        got["quadruplets"]
-        == quads
-        == {"anchor": 15, "batch": 1, "several": 2 * 18, "nonzero": 18, "semihard": 18}[mode]
-    )
+    if metric != "pml":  # pytorch-metric-learning's losses count no quadruplets
+        want = {"anchor": 15, "batch": 1, "several": 2 * 18, "nonzero": 18, "semihard": 18}[mode]
+        assert got["quadruplets"] == quads == want
     torch.testing.assert_close(got["loss"], loss, rtol=1e-9, atol=1e-12)
     assert grads.keys() == got["grads"].keys()
     for name, g in grads.items():
@@ -153,12 +170,10 @@ def test_validation_on_two_ranks_equals_one_process_search(tmp_path, val_split):
 
 def test_cross_batch_memory_holds_the_gathered_batch_on_every_rank(tmp_path):
     """Each rank enqueues the global batch (in rank order), so the memories agree and span every worker."""
-    import torch.nn.functional as F
-
     _, _, x, y = problem("pddm", "anchor")
     mp.spawn(memory_worker, args=(WORLD, free_port(), str(tmp_path / "m")), nprocs=WORLD, join=True)
     got = [torch.load(tmp_path / f"m.{r}") for r in range(WORLD)]
-    feats = F.normalize(torch.randn(len(x), 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64), dim=1)
+    feats = torch.randn(len(x), 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     b = len(x) // WORLD
     second = torch.cat([feats[r * b : (r + 1) * b].flip(0) for r in range(WORLD)])
     labels2 = torch.cat([y[r * b : (r + 1) * b].flip(0) for r in range(WORLD)])

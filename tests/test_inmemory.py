@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from distpddm import PDDMLoss
+from distpddm import HardQuadrupletMiner, PDDMLoss
 from distpddm.config import ModelConfig
 from distpddm.model import SmallCNN, create_model
 from distpddm.train.inmemory import fit_in_memory
@@ -23,7 +23,7 @@ def test_backbone_lr_trains_the_backbone_at_its_own_rate():
     back0 = [p.detach().clone() for p in model.param_groups()[0]]
     embed0 = model.embed.weight.detach().clone()
     x, y = _data()
-    crit = PDDMLoss(8, alpha=0.1, beta=0.1, positives="all")
+    crit = PDDMLoss(8, alpha=0.1, beta=0.1, miner=HardQuadrupletMiner("all"))
     fit_in_memory(model, crit, x, y, x, y, steps=3, classes_per_batch=3, images_per_class=4, backbone_lr=0.0,
                   weight_decay=0.0, progress=False, recall_before=False, recall_after=False)  # fmt: skip
     assert all(torch.equal(a, b.detach()) for a, b in zip(back0, model.param_groups()[0], strict=True))
@@ -40,7 +40,7 @@ def test_backbone_lr_needs_a_model_with_rate_groups():
 def _fit(device, steps=4):
     torch.manual_seed(0)
     model = SmallCNN(8, in_channels=1, width=4)
-    crit = PDDMLoss(8, alpha=0.1, beta=0.1, positives="all")
+    crit = PDDMLoss(8, alpha=0.1, beta=0.1, miner=HardQuadrupletMiner("all"))
     x, y = _data()
     res = fit_in_memory(model, crit, x, y, x, y, steps=steps, classes_per_batch=3, log_every=1, progress=False,
                         recall_before=False, recall_after=False, device=device)  # fmt: skip

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from distpddm import PDDMLoss
+from distpddm import HardQuadrupletMiner, PDDMLoss
 from distpddm.data.glyphs import load_glyphs
 from distpddm.evaluate import recall_at_k
 from distpddm.model import SmallCNN
@@ -22,7 +22,7 @@ def glyphs():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"alpha": 0.1, "beta": 0.1, "metric_grad": False, "positives": "all"}],
+    [{}, {"alpha": 0.1, "beta": 0.1, "metric_grad": False, "miner": HardQuadrupletMiner("all")}],
     ids=["defaults", "shipped-from-scratch-settings"],
 )
 def test_recall_rises_above_untrained_network_and_raw_pixels(glyphs, kwargs):

@@ -3,6 +3,12 @@ import torch
 import torch.nn.functional as F
 
 from distpddm import PDDMLoss
+from distpddm.miners import BatchHardestQuadrupletMiner, HardQuadrupletMiner, SemiHardQuadrupletMiner
+from distpddm.pool import Pool
+from distpddm.reducers import AvgNonZeroReducer
+from distpddm.wrappers import CrossBatchMemory
+
+ALL = HardQuadrupletMiner("all")
 
 
 def _batch(n_classes=5, k=3, dim=8, seed=0, dtype=torch.float64):
@@ -23,7 +29,7 @@ def _reference_loss(crit, x, y):
         e_ms.append(F.relu(crit.alpha + S(i, k) - S(i, j)) + F.relu(crit.alpha + S(j, l) - S(i, j)))
         h = (lambda v: crit.soft * torch.log1p(torch.exp(v / crit.soft))) if crit.soft else F.relu  # noqa: E731
         e_es.append(h(crit.beta + D(i, j) - D(i, k)) + h(crit.beta + D(i, j) - D(j, l)))
-    if crit.reduction == "nonzero":  # each header over the quadruplets it is non-zero on
+    if isinstance(crit.reducer, AvgNonZeroReducer):  # each header over the quadruplets it is non-zero on
         m, e = (max(1, sum(float(v) > 0 for v in vs)) for vs in (e_ms, e_es))
         return sum(e_ms) / m + crit.lam * sum(e_es) / e
     return (sum(e_ms) + crit.lam * sum(e_es)) / len(q)
@@ -34,23 +40,24 @@ def _reference_loss(crit, x, y):
 @pytest.mark.parametrize("mode", ["anchor", "batch"])
 def test_loss_equals_written_out_formula(metric, distance, mode):
     torch.manual_seed(0)
-    crit = PDDMLoss(8, metric=metric, distance=distance, mode=mode).double()
+    miner = BatchHardestQuadrupletMiner() if mode == "batch" else None
+    crit = PDDMLoss(8, metric=metric, distance=distance, miner=miner).double()
     x, y = _batch()
     loss, stats = crit(x, y)
     torch.testing.assert_close(loss, _reference_loss(crit, x, y), rtol=1e-10, atol=1e-10)
-    assert int(stats.quadruplets) == (15 if mode == "anchor" else 1)
+    assert int(stats["quadruplets"]) == (15 if mode == "anchor" else 1)
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"positives": "all"},
-        {"negatives": 3},
-        {"positives": "all", "negatives": 2, "soft": 0.1},
+        {"miner": ALL},
+        {"miner": HardQuadrupletMiner(negatives=3)},
+        {"miner": HardQuadrupletMiner("all", 2), "soft": 0.1},
         {"soft": 0.05},
-        {"reduction": "nonzero"},
-        {"positives": "all", "negatives": 2, "reduction": "nonzero"},
-        {"positives": "all", "semihard": True},
+        {"reducer": AvgNonZeroReducer()},
+        {"miner": HardQuadrupletMiner("all", 2), "reducer": AvgNonZeroReducer()},
+        {"miner": SemiHardQuadrupletMiner("all")},
     ],
 )
 def test_several_quadruplets_per_anchor_and_the_soft_hinge_equal_the_written_out_formula(kwargs):
@@ -59,12 +66,13 @@ def test_several_quadruplets_per_anchor_and_the_soft_hinge_equal_the_written_out
     x, y = _batch()
     loss, stats = crit(x, y)
     torch.testing.assert_close(loss, _reference_loss(crit, x, y), rtol=1e-10, atol=1e-10)
-    per_anchor = (2 if kwargs.get("positives") == "all" else 1) * kwargs.get("negatives", 1)  # 5 x 3 batch
-    assert int(stats.quadruplets) == 15 * per_anchor
-    if kwargs.get("semihard"):  # the reference mines through crit.mine too: check the option took effect
-        f = F.normalize(x, dim=1)
-        semi, crit.semihard = crit.mine(f, y), False
-        hard = crit.mine(f, y)
+    miner = kwargs.get("miner")
+    per_anchor = (2 if getattr(miner, "positives", "") == "all" else 1) * getattr(miner, "negatives", 1)  # 5 x 3
+    assert int(stats["quadruplets"]) == 15 * per_anchor
+    if isinstance(miner, SemiHardQuadrupletMiner):  # the reference mines through crit.mine too: check it took effect
+        semi = crit.mine(x, y)
+        crit.miner = ALL
+        hard = crit.mine(x, y)
         assert not (torch.equal(semi.k, hard.k) and torch.equal(semi.l, hard.l))
 
 
@@ -78,7 +86,7 @@ def test_the_soft_hinge_keeps_pushing_once_the_margin_holds():
         x.grad = None
         loss, stats = crit(x, y)
         loss.backward()
-        assert float(stats.active_embedding) == 0.0  # margins hold either way
+        assert float(stats["active_embedding"]) == 0.0  # margins hold either way
         assert bool((x.grad.abs() > 1e-8).any()) == moves
 
 
@@ -116,7 +124,7 @@ def test_no_quadruplets_gives_zero_loss_that_still_backpropagates():
     x = torch.randn(4, 4, requires_grad=True)
     loss, stats = crit(x, torch.zeros(4, dtype=torch.long))  # one class: no negatives
     loss.backward()
-    assert float(loss.detach()) == 0.0 and int(stats.quadruplets) == 0 and int(stats.skipped) == 4
+    assert float(loss.detach()) == 0.0 and int(stats["quadruplets"]) == 0 and int(stats["skipped"]) == 4
     assert x.grad is not None and torch.count_nonzero(x.grad) == 0
 
 
@@ -124,10 +132,10 @@ def test_stats_report_collapse_as_zero_spread():
     crit = PDDMLoss(4, metric="euclidean")
     same = torch.ones(8, 4)
     _, stats = crit(same, torch.arange(4).repeat_interleave(2))
-    assert float(stats.spread) == pytest.approx(0.0, abs=1e-6)
+    assert float(stats["spread"]) == pytest.approx(0.0, abs=1e-6)
     _, stats = crit(torch.randn(8, 4), torch.arange(4).repeat_interleave(2))
-    assert float(stats.spread) > 0.3
-    assert set(stats.as_dict()) >= {
+    assert float(stats["spread"]) > 0.3
+    assert set(stats) >= {
         "quadruplets",
         "skipped",
         "active_metric",
@@ -149,27 +157,38 @@ def test_duplicated_embeddings_give_finite_gradients():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"mode": "all"}, "mode"),
         ({"metric": "cosine"}, "metric"),
         ({"distance": "l1"}, "distance"),
         ({"alpha": -1.0}, "alpha"),
-        ({"chunk": 0}, "chunk"),
+        ({"beta": float("nan")}, "beta"),
         ({"metric_grad_after": 5}, "needs metric_grad=False"),
         ({"metric_grad": False, "metric_grad_after": -1}, "step >= 0"),
-        ({"memory": -1}, "memory"),
-        ({"positives": "easiest"}, "positives"),
-        ({"negatives": 0}, "negatives"),
-        ({"mode": "batch", "positives": "all"}, "mode='batch'"),
         ({"soft": -1.0}, "soft"),
         ({"soft": float("inf")}, "soft"),
-        ({"reduction": "sum"}, "reduction"),
-        ({"negatives": 2.0}, "negatives"),
-        ({"negatives": 4, "candidates": 3}, "candidates >= 4"),
+        ({"miner": "hard"}, "QuadrupletMiner"),
+        ({"reducer": "nonzero"}, "Reducer"),
     ],
 )
 def test_bad_config_is_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PDDMLoss(4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: HardQuadrupletMiner(chunk=0), "chunk"),
+        (lambda: HardQuadrupletMiner("easiest"), "positives"),
+        (lambda: HardQuadrupletMiner(negatives=0), "negatives"),
+        (lambda: HardQuadrupletMiner(negatives=2.0), "negatives"),
+        (lambda: HardQuadrupletMiner(negatives=4, candidates=3), "candidates must be >= negatives"),
+        (lambda: CrossBatchMemory(PDDMLoss(4), -1), "memory size"),
+        (lambda: CrossBatchMemory(PDDMLoss(4), 8, warmup=-1), "memory warmup"),
+    ],
+)
+def test_each_part_names_its_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
 
 
 def test_bad_input_is_named():
@@ -227,71 +246,70 @@ def test_metric_grad_after_switches_the_metric_head_into_the_embedding_after_tha
     assert seen == [False, True, True]
 
 
-def test_cross_batch_memory_is_a_fifo_of_detached_gathered_embeddings_with_their_labels():
+def _plain_loss(loss, features, labels, count):
+    """``loss`` on the pool ``features`` (no memory), the first ``count`` rows its anchors."""
+    pool = Pool(features, labels, 0, count)
+    return loss.reducer(loss.terms(pool), pool)
+
+
+def test_cross_batch_memory_is_a_fifo_of_detached_pooled_embeddings_with_their_labels():
     x1, y1 = _batch(seed=1)
     x2, y2 = _batch(seed=2)
     y2 = y2 + 10  # new classes, so memory rows are told apart by label
-    crit = PDDMLoss(8, memory=20, memory_warmup=1).double()
+    inner = PDDMLoss(8).double()
+    crit = CrossBatchMemory(inner, 20, warmup=1)
     pools = []
-    real_mine = crit.mine
-    crit.mine = lambda pool, labels, *a, **k: (
-        pools.append((pool.shape[0], labels.clone())) or real_mine(pool, labels, *a, **k)
+    real_miner = inner.miner
+    inner.miner = lambda scorer, pool: (
+        pools.append((pool.features.shape[0], pool.labels.clone())) or real_miner(scorer, pool)
     )
     x1.requires_grad_()
     crit(x1, y1)  # step 1: warm-up, mined against the batch alone; then enqueued
     assert pools[-1][0] == 15
-    torch.testing.assert_close(crit.memory_features, F.normalize(x1.detach(), dim=1))
-    assert not crit.memory_features.requires_grad and torch.equal(crit.memory_labels, y1)
+    torch.testing.assert_close(crit.features, x1.detach())
+    assert not crit.features.requires_grad and torch.equal(crit.labels, y1)
     x2.requires_grad_()
     loss, _ = crit(x2, y2)  # step 2: batch + the 15 remembered rows, after the batch's own rows
     assert pools[-1][0] == 30 and torch.equal(pools[-1][1], torch.cat([y2, y1]))
     # The same loss as one call on the pool [batch; memory] with the memory as constants: gradient to x2 only.
     plain = PDDMLoss(8).double()
-    plain.load_state_dict(crit.state_dict())
-    mem = F.normalize(x1.detach(), dim=1)
-    from distpddm.gather import GlobalBatch
-
-    ref, _ = plain.pool_loss(GlobalBatch(torch.cat([F.normalize(x2, dim=1), mem]), torch.cat([y2, y1]), 0, 15))
+    plain.load_state_dict(inner.state_dict())
+    ref = _plain_loss(plain, torch.cat([x2, x1.detach()]), torch.cat([y2, y1]), 15)
     torch.testing.assert_close(loss, ref)
     (g,) = torch.autograd.grad(loss, x2)
     (g_ref,) = torch.autograd.grad(ref, x2)
     torch.testing.assert_close(g, g_ref)
     assert x1.grad is None  # nothing flows into the remembered batch
     # FIFO: 20 rows kept, the oldest 10 dropped, in order.
-    torch.testing.assert_close(
-        crit.memory_features, torch.cat([F.normalize(x1.detach(), dim=1), F.normalize(x2.detach(), dim=1)])[-20:]
-    )
-    assert torch.equal(crit.memory_labels, torch.cat([y1, y2])[-20:])
-    assert "memory_features" not in crit.state_dict()  # not checkpointed: refills after a resume
+    torch.testing.assert_close(crit.features, torch.cat([x1.detach(), x2.detach()])[-20:])
+    assert torch.equal(crit.labels, torch.cat([y1, y2])[-20:])
+    assert not any("features" in k for k in crit.state_dict())  # not checkpointed: refills after a resume
 
 
 def test_memory_gives_anchors_positives_from_earlier_batches():
     """With one image per class in the batch no anchor has a positive; the memory supplies them."""
     x, y = _batch(n_classes=6, k=1, seed=3)
-    crit = PDDMLoss(8, memory=12).double()
+    crit = CrossBatchMemory(PDDMLoss(8).double(), 12)
     _, first = crit(x, y)
     _, second = crit(_batch(n_classes=6, k=1, seed=4)[0], y)
-    assert int(first.quadruplets) == 0 and int(second.quadruplets) == 6
+    assert int(first["quadruplets"]) == 0 and int(second["quadruplets"]) == 6
 
 
 def test_memory_with_every_positive_and_several_negatives():
     """positives all x 2 negatives with a memory: remembered rows serve as positives and negatives, each memory
     positive counts once (only the batch holds anchors), and the loss is the plain loss on [batch; memory]."""
-    from distpddm.gather import GlobalBatch
-
-    opts = {"positives": "all", "negatives": 2, "alpha": 0.1, "beta": 0.1}
-    crit = PDDMLoss(8, memory=12, **opts).double()
+    opts = {"miner": HardQuadrupletMiner("all", 2), "alpha": 0.1, "beta": 0.1}
+    crit = CrossBatchMemory(PDDMLoss(8, **opts).double(), 12)
     y = _batch(n_classes=6, k=1, seed=3)[1]
     old = [F.normalize(_batch(n_classes=6, k=1, seed=s)[0], dim=1) for s in (5, 6)]
     for x_old in old:
         crit(x_old, y)
     x = _batch(n_classes=6, k=1, seed=7)[0].requires_grad_()
     loss, stats = crit(x, y)
-    assert int(stats.quadruplets) == 6 * 2 * 2  # 6 anchors x 2 remembered positives x 2 negatives
+    assert int(stats["quadruplets"]) == 6 * 2 * 2  # 6 anchors x 2 remembered positives x 2 negatives
     plain = PDDMLoss(8, **opts).double()
-    plain.load_state_dict(crit.state_dict())
-    pool = torch.cat([F.normalize(x, dim=1), *(o.detach() for o in old)])
-    ref, _ = plain.pool_loss(GlobalBatch(pool, torch.cat([y, y, y]), 0, 6))
+    plain.load_state_dict(crit.loss.state_dict())
+    ref = _plain_loss(plain, torch.cat([x, *(o.detach() for o in old)]), torch.cat([y, y, y]), 6)
     torch.testing.assert_close(loss, ref)
 
 
@@ -302,12 +320,12 @@ def test_nonzero_reduction_averages_over_the_quadruplets_still_pushing():
     centres = _batch(n_classes=6, k=1, seed=9)[0]
     x = centres[y] + 0.6 * noise  # loose clusters: some quadruplets meet both margins, some do not
     mean = PDDMLoss(8, metric="euclidean", alpha=0.0, beta=0.2, lam=1.0).double()
-    nonzero = PDDMLoss(8, metric="euclidean", alpha=0.0, beta=0.2, lam=1.0, reduction="nonzero").double()
+    nonzero = PDDMLoss(8, metric="euclidean", alpha=0.0, beta=0.2, lam=1.0, reducer=AvgNonZeroReducer()).double()
     loss_mean, stats = mean(x, y)
     loss_nonzero, _ = nonzero(x, y)
-    assert 0 < float(stats.active_embedding) < 1  # share of E_e's hinge terms violated: some, not all
+    assert 0 < float(stats["active_embedding"]) < 1  # share of E_e's hinge terms violated: some, not all
     assert float(loss_nonzero) > float(loss_mean) > 0
     torch.testing.assert_close(loss_nonzero, _reference_loss(nonzero, x, y), rtol=1e-10, atol=1e-10)
-    wide = PDDMLoss(8, metric="euclidean", alpha=5.0, beta=5.0, lam=1.0, reduction="nonzero").double()
+    wide = PDDMLoss(8, metric="euclidean", alpha=5.0, beta=5.0, lam=1.0, reducer=AvgNonZeroReducer()).double()
     same = PDDMLoss(8, metric="euclidean", alpha=5.0, beta=5.0, lam=1.0).double()
     torch.testing.assert_close(wide(x, y)[0], same(x, y)[0])  # margins of 5: every one violated

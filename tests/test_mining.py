@@ -1,10 +1,36 @@
 import pytest
 import torch
 
-from distpddm import PDDM, Euclidean, Mahalanobis, mine_quadruplets
+from distpddm import PDDM, Euclidean, Mahalanobis
+from distpddm.miners import BatchHardestQuadrupletMiner, HardQuadrupletMiner, SemiHardQuadrupletMiner
+from distpddm.pool import Pool
 from tests.reference import brute_force_mine, naive_pddm_matrix
 
 METRICS = ["pddm", "euclidean", "mahalanobis"]
+
+
+def mine_quadruplets(
+    scorer,
+    pool,
+    labels,
+    offset=0,
+    count=None,
+    mode="anchor",
+    *,
+    positives="hardest",
+    negatives=1,
+    candidates=None,
+    semihard=False,
+    chunk=None,
+):
+    """The miner each policy names, on ``pool[offset : offset + count]`` against the pool."""
+    if semihard:
+        miner = SemiHardQuadrupletMiner(positives, chunk=chunk)
+    elif mode == "batch":
+        miner = BatchHardestQuadrupletMiner(candidates, chunk=chunk)
+    else:
+        miner = HardQuadrupletMiner(positives, negatives, candidates, chunk=chunk)
+    return miner(scorer, Pool(pool, labels, offset, count))
 
 
 def _scorer(metric, dim, seed=0):
@@ -114,12 +140,12 @@ def test_never_pairs_a_sample_with_itself_when_it_is_most_similar():
 
 def test_bad_arguments_are_named():
     pool, y = _pool([0, 0, 1, 1], seed=9)
-    with pytest.raises(ValueError, match="mode"):
-        mine_quadruplets(Euclidean(), pool, y, mode="hardest")
     with pytest.raises(ValueError, match="block"):
         mine_quadruplets(Euclidean(), pool, y, offset=3, count=2)
     with pytest.raises(ValueError, match="labels"):
         mine_quadruplets(Euclidean(), pool, y[:3])
+    with pytest.raises(ValueError, match="chunk"):
+        HardQuadrupletMiner(chunk=0)
 
 
 def test_mining_builds_no_graph():
@@ -194,10 +220,12 @@ def test_more_negatives_than_exist_keep_the_ones_there_are():
     ]
 
 
-def test_several_quadruplets_refuse_the_batch_mode_and_bad_counts():
+def test_bad_counts_are_refused():
     pool, y = _pool([0, 0, 1, 1])
-    with pytest.raises(ValueError, match="batch"):
-        mine_quadruplets(Euclidean(), pool, y, mode="batch", negatives=2)
+    with pytest.raises(TypeError):  # the batch miner has one quadruplet per batch: no counts to set
+        BatchHardestQuadrupletMiner(negatives=2)
+    with pytest.raises(ValueError, match="positives"):
+        SemiHardQuadrupletMiner("easiest")
     with pytest.raises(ValueError, match="positives"):
         mine_quadruplets(Euclidean(), pool, y, positives="easiest")
     with pytest.raises(ValueError, match="negatives"):
@@ -273,9 +301,7 @@ def test_semihard_negatives_match_brute_force(metric, positives):
     # (every positive) a negative scored exactly S_ij, which must not count as below
     assert seen["semi-hard"] > 0 and seen["fallback"] > 0 and (seen["tie"] > 0 or positives == "hardest"), seen
     assert int(got.skipped) == 1
-    with pytest.raises(ValueError, match="semihard"):
-        mine_quadruplets(scorer, pool, y, negatives=2, semihard=True)
-    with pytest.raises(ValueError, match="semihard"):
-        mine_quadruplets(scorer, pool, y, mode="batch", semihard=True)
-    with pytest.raises(ValueError, match="semihard needs every negative scored"):
-        mine_quadruplets(scorer, pool, y, candidates=4, semihard=True)
+    with pytest.raises(TypeError):  # one negative of i and of j per pair, every negative scored: no such options
+        SemiHardQuadrupletMiner(positives, negatives=2)
+    with pytest.raises(TypeError):
+        SemiHardQuadrupletMiner(positives, candidates=4)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distpddm.train.launch import missing_resources
+from distpddm.ray_cluster import missing_resources
 from tests import fixtures
 from tests.cluster import IFACE, Cluster, require_netns
 from tests.test_distributed import _single_process

@@ -183,7 +183,7 @@ def test_ray_two_workers_learn_survive_a_sigkill_and_resume(font_shards, tmp_pat
 
 
 def test_a_resume_with_more_steps_and_a_new_lr_follows_the_stated_schedule(font_shards, tmp_path):
-    # README, "Resuming": base rates come from the config; changed schedule settings recompute the rest of the
+    # docs/reliability.md, "Resuming": base rates come from the config; changed schedule settings recompute the rest of the
     # schedule from the resumed step, starting from the multiplier the saved run had reached (no jump).
     from distpddm.train.schedule import Schedule
 
@@ -271,7 +271,7 @@ import torch.distributed as dist
 from distpddm.config import load_config
 from distpddm.train.launch import free_port
 from distpddm.train.checkpoint import LocalPersistence
-from distpddm.train.loop import run_worker
+from distpddm.train.trainer import run_worker
 from distpddm.train.outputs import RunOutput
 
 cfg = load_config("configs/smoke.yaml", json.loads(sys.argv[1]))
@@ -310,7 +310,7 @@ def test_remote_storage_receives_metrics_curves_and_model_and_a_rerun_appends(fo
 def test_local_run_with_the_metric_grad_schedule_and_a_cross_batch_memory(font_shards, tmp_path):
     """The loss keys reach the trainer's PDDMLoss: a run switching metric_grad on at step 2 and mining a
     memory from step 2 on trains and exports."""
-    extra = ["loss.metric_grad=false", "loss.metric_grad_after=2", "loss.memory=96", "loss.memory_warmup=1"]
+    extra = ["loss.metric_grad=false", "loss.metric_grad_after=2", "memory.size=96", "memory.warmup=1"]
     args = _overrides(font_shards, tmp_path, "mem", 4, ["train.log_every=1", "train.val_at_start=false", *extra])
     run = _cli(["train", "--local", "configs/smoke.yaml", *args])
     assert run.returncode == 0, run.stderr[-3000:]

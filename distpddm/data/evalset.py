@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..dist import env_rank_and_world
 from .epochs import split_ranges
-from .stream import ShardSet, SkipCounter, _image_bytes, _label, _open, _rank_world, resolve_shards
+from .stream import ShardSet, SkipCounter, _image_bytes, _label, _open, resolve_shards
 from .tarindex import idx_name, load_shard_index, read_range
 from .transforms import eval_transform
 
@@ -68,7 +69,7 @@ class EvalDataset(torch.utils.data.IterableDataset):
         return sum(self.counts)
 
     def __iter__(self):
-        rank, world = _rank_world() if self.rank is None else (self.rank, self.world or 1)
+        rank, world = env_rank_and_world() if self.rank is None else (self.rank, self.world or 1)
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         counter = SkipCounter(self.max_skip_rate)

@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..dist import env_rank_and_world
 from ..errors import BadDataError, CannotBatchError
 from .batcher import PKBatcher
 from .epochs import reader_ranges, seed_sequence
@@ -87,16 +87,6 @@ def resolve_shards(spec: str | Path) -> ShardSet:
     if not urls:
         raise FileNotFoundError(f"no shards match {spec!r}")
     return ShardSet(urls, None, None)
-
-
-def _rank_world() -> tuple[int, int]:
-    """The environment first (what the trainer sets, and what a forked loader worker can trust), then
-    torch.distributed."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _open(url: str):
@@ -304,7 +294,7 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
         return StreamState(layout, {w: (first, 0) for w in range(workers)}, epoch_all=first)
 
     def __iter__(self) -> Iterator[Batch]:
-        rank, world = _rank_world()
+        rank, world = env_rank_and_world()
         info = torch.utils.data.get_worker_info()
         physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         start = self.start_state(world, workers, warn=info is None)  # a loader worker leaves it to the trainer

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from torch import nn
 
 from ..config import RunConfig
 from ..data.stream import StreamState
+from ..dist import barrier, rank_and_world
 from ..errors import ConfigError
-from ..gather import rank_and_world
 from ..model import export_model
 from .schedule import Schedule
 
@@ -71,7 +71,7 @@ class LocalPersistence(Persistence):
         staging = self.root / f".tmp-step-{step:08d}"  # shared by every rank
         if rank_and_world()[0] == 0 and staging.exists():  # left by a crash while writing
             shutil.rmtree(staging)
-        _barrier()
+        barrier()
         staging.mkdir(parents=True, exist_ok=True)
         return staging
 
@@ -79,7 +79,7 @@ class LocalPersistence(Persistence):
         if checkpoint_dir is None:
             return
         rank, _ = rank_and_world()
-        _barrier()
+        barrier()
         if rank == 0:
             final = self.root / checkpoint_dir.name.replace(".tmp-", "")
             if final.exists():
@@ -91,7 +91,7 @@ class LocalPersistence(Persistence):
             done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
             for old in done[: -self.keep] + list(self.root.glob(".tmp-step-*")):  # + leftovers of crashes
                 shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        barrier()
 
 
 class RayPersistence(Persistence):
@@ -118,11 +118,6 @@ class RayPersistence(Persistence):
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _rng_state() -> dict:
@@ -190,8 +185,10 @@ def save_checkpoint(
     stream: StreamState,
     metrics: dict,
     baseline: dict,
+    metric: nn.Module | None = None,
 ) -> Path:
-    """A complete checkpoint in a staging folder (the persistence commits it when every rank is done)."""
+    """A complete checkpoint in a staging folder (the persistence commits it when every rank is done);
+    ``metric``, the loss holding a learned metric, is exported beside the network in ``model.pt``."""
     rank, _ = rank_and_world()
     staging = persistence.staging_dir(step)
     engine.save_checkpoint(str(staging), tag=TAG, client_state={"step": step})
@@ -207,7 +204,5 @@ def save_checkpoint(
             "config": cfg.to_dict(),
         }
         (staging / CLIENT_STATE).write_text(json.dumps(client))
-        export_model(
-            engine.module.net, staging / "model.pt", criterion=engine.module.criterion, image_size=cfg.data.image_size
-        )
+        export_model(engine.module.net, staging / "model.pt", criterion=metric, image_size=cfg.data.image_size)
     return staging

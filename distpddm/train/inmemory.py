@@ -122,7 +122,7 @@ def fit_in_memory(
         if step % log_every == 0 or step == steps:
             row = {"step": float(step), "loss": float(loss.detach())}
             if stats is not None:
-                row.update(stats.as_dict())
+                row.update({k: float(v) for k, v in stats.items()})
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", spread=f"{row.get('spread', float('nan')):.3f}")
     seconds = time.perf_counter() - start

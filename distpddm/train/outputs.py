@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..config import is_remote, run_location
+from ..paths import is_remote, run_location
 
 __all__ = ["RunOutput", "is_remote", "run_location"]
 

@@ -82,7 +82,7 @@ class StopWatch:
 
     def agreed(self, device) -> bool:
         """Collective: True on every rank when any rank has a request."""
-        from .faults import any_rank  # here: the CLI imports this module before anything heavy (torch)
+        from ..dist import any_rank  # here: the CLI imports this module before anything heavy (torch)
 
         return any_rank(self._local(), device)
 

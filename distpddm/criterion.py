@@ -1,0 +1,151 @@
+"""The criterion a run config names, built from parts by registry: ``loss:`` (PDDM, or a
+pytorch-metric-learning loss), ``miner:`` and ``reducer:`` (each ``{name: ..., <its arguments>}``), and
+``memory:`` (a cross-batch memory around the loss). The trainer wraps the result in
+:class:`~distpddm.wrappers.CrossDevice`.
+
+Each part checks its own arguments (its constructor); :func:`check_criterion` builds the parts the way a
+run would and turns what they refuse into the config's one-line errors, so nothing is checked twice.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .coerce import coerce, type_name
+from .errors import ConfigError
+from .loss import PDDMLoss
+from .miners import MINERS, QuadrupletMiner
+from .reducers import REDUCERS
+from .wrappers import CrossBatchMemory
+
+if TYPE_CHECKING:
+    from .config import PartConfig, RunConfig
+
+#: loss name -> pytorch-metric-learning class name ("pddm" is distpddm's own)
+PML_LOSSES = {
+    "multi_similarity": "MultiSimilarityLoss",
+    "contrastive": "ContrastiveLoss",
+    "triplet_margin": "TripletMarginLoss",
+}
+PML_MINERS = {"multi_similarity": "MultiSimilarityMiner", "batch_hard": "BatchHardMiner"}
+PML_PREFIX = "pml."  # any other class of pytorch_metric_learning.losses / .miners by its name: pml.NTXentLoss
+
+
+def loss_names() -> list[str]:
+    return ["pddm", *PML_LOSSES]
+
+
+def miner_names() -> list[str]:
+    return [*MINERS, *PML_MINERS]
+
+
+def _pml_class(kind: str, name: str):
+    import importlib
+
+    module = importlib.import_module(f"pytorch_metric_learning.{kind}")
+    cls = getattr(module, name, None)
+    if not isinstance(cls, type):
+        raise ConfigError(f"pytorch_metric_learning.{kind} has no class {name!r}")
+    return cls
+
+
+def _resolve(section: str, name: str, known: dict, pml: dict, kind: str):
+    if name in known:
+        return known[name]
+    if name in pml:
+        return _pml_class(kind, pml[name])
+    if name.startswith(PML_PREFIX):
+        return _pml_class(kind, name[len(PML_PREFIX) :])
+    choices = [*known, *pml]
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(
+        f"{section}.name {name!r} is not known{hint} (one of {', '.join(choices)}, or {PML_PREFIX}<Class> for any "
+        f"pytorch_metric_learning.{kind} class)"
+    )
+
+
+def _build(section: str, cls, args: dict, **given):
+    """``cls(**given, **args)``, with ``args`` checked against the constructor's names and types first."""
+    params = inspect.signature(cls).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    names = [n for n, p in params.items() if n not in given and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    hints = typing.get_type_hints(cls.__init__) if cls.__module__.startswith("distpddm") else {}
+    kwargs = {}
+    for key, value in args.items():
+        if key not in params and not accepts_any or key in given:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {section}.{close[0]}?" if close else f"; it takes {', '.join(names) or 'none'}"
+            raise ConfigError(f"unknown key {section}.{key} for {cls.__name__}{hint}")
+        if key in hints:
+            ok, value = coerce(value, hints[key])
+            if not ok:
+                raise ConfigError(f"{section}.{key} must be {type_name(hints[key])}, got {args[key]!r}")
+        kwargs[key] = value
+    try:
+        return cls(**given, **kwargs)
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"{section} ({cls.__name__}): {e}") from None
+
+
+def build_miner(part: PartConfig | None):
+    if part is None:
+        return None
+    return _build("miner", _resolve("miner", part.name, MINERS, PML_MINERS, "miners"), part.args)
+
+
+def build_reducer(part: PartConfig | None):
+    if part is None:
+        return None
+    if part.name not in REDUCERS:
+        raise ConfigError(f"reducer.name {part.name!r} is not known (one of {', '.join(REDUCERS)})")
+    return _build("reducer", REDUCERS[part.name], part.args)
+
+
+def build_loss(cfg: RunConfig) -> nn.Module:
+    """The pool loss of ``cfg`` (its miner and reducer in it), inside a cross-batch memory when one is set."""
+    part = cfg.loss
+    miner, reducer = build_miner(cfg.miner), build_reducer(cfg.reducer)
+    if part.name == "pddm":
+        if miner is not None and not isinstance(miner, QuadrupletMiner):
+            raise ConfigError(
+                f"miner {cfg.miner.name!r} does not mine quadruplets: loss pddm takes miner.name {' | '.join(MINERS)}"
+            )
+        loss = _build("loss", PDDMLoss, part.args, dim=cfg.model.embed_dim, miner=miner, reducer=reducer)
+    else:
+        from .pml import PMLLoss
+
+        if isinstance(miner, QuadrupletMiner):
+            raise ConfigError(
+                f"miner {cfg.miner.name!r} mines quadruplets for loss pddm; loss {part.name!r} takes a "
+                f"pytorch-metric-learning miner ({' | '.join(PML_MINERS)}) or none"
+            )
+        pml_loss = _build("loss", _resolve("loss", part.name, {}, PML_LOSSES, "losses"), part.args)
+        try:
+            loss = PMLLoss(pml_loss, miner, reducer)
+        except ValueError as e:
+            raise ConfigError(f"loss {part.name!r}: {e}") from None
+    if cfg.memory.size:
+        loss = _build("memory", CrossBatchMemory, {"size": cfg.memory.size, "warmup": cfg.memory.warmup}, loss=loss)
+    return loss
+
+
+def inner_loss(criterion: nn.Module) -> nn.Module:
+    """The loss inside any wrappers (what holds the learned metric, e.g. for the export)."""
+    while hasattr(criterion, "loss") and isinstance(criterion.loss, nn.Module) and hasattr(criterion.loss, "terms"):
+        criterion = criterion.loss
+    return criterion
+
+
+def check_criterion(cfg: RunConfig) -> list[str]:
+    """The config's errors in the loss parts (none: a list that is empty)."""
+    try:
+        build_loss(cfg)
+    except ConfigError as e:
+        return [str(e)]
+    return []
