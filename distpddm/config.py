@@ -197,7 +197,9 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
+        if node.get(k) is None:  # an absent or null section (miner: null) takes keys
+            node[k] = {}
+        node = node[k]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
     node[keys[-1]] = value

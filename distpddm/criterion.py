@@ -26,48 +26,58 @@ from .wrappers import CrossBatchMemory
 if TYPE_CHECKING:
     from .config import PartConfig, RunConfig
 
-#: loss name -> pytorch-metric-learning class name ("pddm" is distpddm's own)
+#: loss name -> pytorch-metric-learning class name ("pddm" is distpddm's own); each is exact across workers
+#: (distpddm.pml.EXACT, tests/test_distributed.py)
 PML_LOSSES = {
     "multi_similarity": "MultiSimilarityLoss",
     "contrastive": "ContrastiveLoss",
     "triplet_margin": "TripletMarginLoss",
+    "ntxent": "NTXentLoss",
 }
+#: deterministic miners only: across workers every one must pick the same tuples
 PML_MINERS = {"multi_similarity": "MultiSimilarityMiner", "batch_hard": "BatchHardMiner"}
-PML_PREFIX = "pml."  # any other class of pytorch_metric_learning.losses / .miners by its name: pml.NTXentLoss
-
-
-def loss_names() -> list[str]:
-    return ["pddm", *PML_LOSSES]
-
-
-def miner_names() -> list[str]:
-    return [*MINERS, *PML_MINERS]
-
-
-def _pml_class(kind: str, name: str):
-    import importlib
-
-    module = importlib.import_module(f"pytorch_metric_learning.{kind}")
-    cls = getattr(module, name, None)
-    if not isinstance(cls, type):
-        raise ConfigError(f"pytorch_metric_learning.{kind} has no class {name!r}")
-    return cls
+#: keys of the loss section before the redesign, and where they went
+MOVED = {
+    "mode": "miner.name (hard, or batch_hardest for the paper's one quadruplet per batch)",
+    "positives": "miner.positives",
+    "negatives": "miner.negatives",
+    "candidates": "miner.candidates",
+    "chunk": "miner.chunk",
+    "semihard": "miner.name: semihard",
+    "reduction": "reducer.name",
+    "memory": "memory.size",
+    "memory_warmup": "memory.warmup",
+}
 
 
 def _resolve(section: str, name: str, known: dict, pml: dict, kind: str):
     if name in known:
         return known[name]
     if name in pml:
-        return _pml_class(kind, pml[name])
-    if name.startswith(PML_PREFIX):
-        return _pml_class(kind, name[len(PML_PREFIX) :])
+        import importlib
+
+        return getattr(importlib.import_module(f"pytorch_metric_learning.{kind}"), pml[name])
     choices = [*known, *pml]
     close = difflib.get_close_matches(name, choices, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(
-        f"{section}.name {name!r} is not known{hint} (one of {', '.join(choices)}, or {PML_PREFIX}<Class> for any "
-        f"pytorch_metric_learning.{kind} class)"
-    )
+    raise ConfigError(f"{section}.name {name!r} is not known{hint} (one of {', '.join(choices)})")
+
+
+def _expected_types(cls) -> dict:
+    """The types a constructor's arguments take: its annotations (distpddm's parts), else the type of each
+    default (pytorch-metric-learning's, unannotated), a number standing for int or float."""
+    if cls.__module__.startswith("distpddm"):
+        return typing.get_type_hints(cls.__init__)
+    out = {}
+    for name, p in inspect.signature(cls).parameters.items():
+        default = p.default
+        if isinstance(default, bool):
+            out[name] = bool
+        elif isinstance(default, (int, float)):
+            out[name] = float if isinstance(default, float) else int | float
+        elif isinstance(default, str):
+            out[name] = str
+    return out
 
 
 def _build(section: str, cls, args: dict, **given):
@@ -75,10 +85,12 @@ def _build(section: str, cls, args: dict, **given):
     params = inspect.signature(cls).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     names = [n for n, p in params.items() if n not in given and p.kind is not inspect.Parameter.VAR_KEYWORD]
-    hints = typing.get_type_hints(cls.__init__) if cls.__module__.startswith("distpddm") else {}
+    hints = _expected_types(cls)
     kwargs = {}
     for key, value in args.items():
         if key not in params and not accepts_any or key in given:
+            if section == "loss" and key in MOVED:
+                raise ConfigError(f"loss.{key} is now {MOVED[key]} (docs/launching.md, the loss as config sections)")
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {section}.{close[0]}?" if close else f"; it takes {', '.join(names) or 'none'}"
             raise ConfigError(f"unknown key {section}.{key} for {cls.__name__}{hint}")
@@ -143,9 +155,21 @@ def inner_loss(criterion: nn.Module) -> nn.Module:
 
 
 def check_criterion(cfg: RunConfig) -> list[str]:
-    """The config's errors in the loss parts (none: a list that is empty)."""
+    """The config's errors in the loss parts (none: a list that is empty): the parts are built, and the loss
+    is run once on a small random P x K batch, so that what only a call would reveal fails here, not at a
+    worker's first step."""
+    import torch
+
     try:
-        build_loss(cfg)
+        loss = build_loss(cfg)
     except ConfigError as e:
         return [str(e)]
+    dim = cfg.model.embed_dim
+    labels = torch.arange(4).repeat_interleave(2)
+    embeddings = torch.nn.functional.normalize(torch.randn(len(labels), dim, generator=torch.Generator()), dim=1)
+    try:
+        value, _ = loss(embeddings.requires_grad_(), labels)
+        value.backward()
+    except Exception as e:  # any failure of a configured part on a plain batch is the config's
+        return [f"loss {cfg.loss.name!r} fails on a test batch ({type(e).__name__}: {e})".splitlines()[0]]
     return []

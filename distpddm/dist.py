@@ -9,6 +9,7 @@ Every collective here must be called by every rank of the group, in the same ord
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
@@ -47,6 +48,13 @@ def init_device(use_gpu: bool) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def device_time(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done (a CUDA step is asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _pad_rows(x: Tensor, rows: int) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .metrics import Euclidean, Mahalanobis
 from .miners import HardQuadrupletMiner, QuadrupletMiner, Quadruplets
 from .pddm import PDDM
-from .pool import Pool, Terms
+from .pool import Pool, PoolLoss, Terms, spread
 from .reducers import MeanReducer, Reducer
 
 METRICS = ("pddm", "euclidean", "mahalanobis")
@@ -31,17 +31,7 @@ def _mean(x: Tensor) -> Tensor:
     return x.detach().float().mean() if x.numel() else x.new_zeros((), dtype=torch.float32)
 
 
-def as_pool(embeddings: Tensor, labels: Tensor, dim: int | None = None) -> Pool:
-    """One process's batch as its own pool, in fp32 at least (bf16 scores break argmin / argmax ties
-    differently, and the hinges' margins are small)."""
-    if embeddings.dim() != 2 or (dim is not None and embeddings.shape[1] != dim):
-        want = f"(n, {dim})" if dim is not None else "(n, dim)"
-        raise ValueError(f"expected embeddings of shape {want}, got {tuple(embeddings.shape)}")
-    wide = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
-    return Pool(wide, labels.reshape(-1).to(embeddings.device))
-
-
-class PDDMLoss(nn.Module):
+class PDDMLoss(PoolLoss):
     """``E_m + lam * E_e`` over the quadruplets ``miner`` picks for the pool's anchors, reduced by ``reducer``.
 
     ``E_m = [alpha + S_ik - S_ij]_+ + [alpha + S_jl - S_ij]_+`` trains the metric (``metric``), which also
@@ -125,13 +115,6 @@ class PDDMLoss(nn.Module):
         """The quadruplets this loss would train on for ``features`` as one pool (no gradient)."""
         return self.miner(self.scorer, Pool(F.normalize(features.detach(), dim=1), labels.reshape(-1)))
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss on this batch alone, and what it saw (:meth:`terms`' stats)."""
-        with torch.autocast(embeddings.device.type, enabled=False):
-            pool = as_pool(embeddings, labels, self.dim)
-            terms = self.terms(pool)
-            return self.reducer(terms, pool), terms.stats
-
     def _distance(self, a: Tensor, b: Tensor) -> Tensor:
         sq = (a - b).pow(2).sum(-1)
         if self.distance == "squared":
@@ -161,8 +144,6 @@ class PDDMLoss(nn.Module):
         e_m, e_e = hinge_m.sum(0), self._hinge(margin_e).sum(0)
         self.step += 1
         with torch.no_grad():
-            mine = feats[pool.anchors]
-            spread = (mine - mine.mean(0)).norm(dim=1).mean() if len(mine) else mine.new_zeros(())
             stats = {
                 "quadruplets": torch.tensor(float(n), device=feats.device),  # on this worker
                 "skipped": q.skipped.float(),  # anchors with no positive or no negative in the pool
@@ -172,7 +153,7 @@ class PDDMLoss(nn.Module):
                 "embedding_loss": _mean(e_e),
                 "pos_score": _mean(s[0]),  # mean S_ij of the mined positive pairs
                 "neg_score": _mean(s[1:]),  # mean S_ik, S_jl of the mined negatives
-                "spread": spread,  # mean distance to the anchors' centroid; ~0 = collapse
+                "spread": spread(feats[pool.anchors]),  # ~0: the embedding has collapsed
             }
         return Terms(
             losses={"metric": e_m, "embedding": e_e},

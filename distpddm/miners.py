@@ -48,10 +48,6 @@ class Quadruplets:
     def __len__(self) -> int:
         return int(self.i.shape[0])
 
-    def take(self, index: Tensor) -> Quadruplets:
-        """The quadruplets at ``index`` (a long or bool tensor); ``skipped`` is kept."""
-        return Quadruplets(self.i[index], self.j[index], self.k[index], self.l[index], self.score[index], self.skipped)
-
 
 def candidate_scores(
     scorer: Scorer, rows: Tensor, pool: Tensor, neg_mask: Tensor, candidates: int, chunk: int | None = None

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .loss import as_pool
-from .pool import Pool, Terms
+from .pool import Pool, PoolLoss, Terms, spread
 from .reducers import AvgNonZeroReducer, MeanReducer, Reducer, TermwiseReducer
 
 
@@ -64,13 +63,17 @@ def anchored(tuples: tuple[Tensor, ...], offset: int, count: int) -> tuple[Tenso
     raise ValueError(f"a miner returned {len(tuples)} index tensors; expected 3 (triplets) or 4 (pairs)")
 
 
-class PMLLoss(nn.Module):
-    """``loss`` (a ``pytorch_metric_learning.losses`` pair-based loss), mined by ``miner`` (a
-    ``pytorch_metric_learning.miners`` miner, or None: every pair), as a pool loss; ``reducer`` overrides
-    the global form of the loss's own reducer.
+#: pytorch-metric-learning losses whose terms are per anchor (a row of the anchors x pool matrix, or one of its
+#: pairs or triplets), so that the anchors of each worker give exactly the one-process loss (tested 1 vs N)
+EXACT = ("MultiSimilarityLoss", "ContrastiveLoss", "TripletMarginLoss", "NTXentLoss")
 
-    As in pytorch-metric-learning, a block whose anchors hold at most one pair of each kind gets no loss;
-    with P x K batches of K >= 2 that does not arise."""
+
+class PMLLoss(PoolLoss):
+    """``loss`` (one of the pytorch-metric-learning losses in :data:`EXACT`), mined by ``miner`` (a
+    ``pytorch_metric_learning.miners`` miner, or None: every pair), as a pool loss; ``reducer`` overrides
+    the global form of the loss's own reducer. The loss is equal to ``loss(embeddings, labels, miner(...))``
+    on one process, and across workers (:class:`~distpddm.wrappers.CrossDevice`) to that on the concatenated
+    batch; a miner must then pick the same tuples on every worker (a deterministic one)."""
 
     def __init__(self, loss: nn.Module, miner: nn.Module | None = None, reducer: Reducer | None = None):
         super().__init__()
@@ -79,6 +82,11 @@ class PMLLoss(nn.Module):
 
         if not isinstance(loss, BaseMetricLossFunction):
             raise ValueError(f"PMLLoss takes a pytorch-metric-learning loss, got {type(loss).__name__}")
+        if type(loss).__name__ not in EXACT:
+            raise ValueError(
+                f"{type(loss).__name__} is not known to give the one-process loss when each worker takes its own "
+                f"anchors (its terms may depend on the whole batch); supported: {', '.join(EXACT)}"
+            )
         if miner is not None and not isinstance(miner, BaseMiner):
             raise ValueError(f"miner must be a pytorch-metric-learning miner, got {type(miner).__name__}")
         if getattr(loss, "swap", False):
@@ -93,32 +101,49 @@ class PMLLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"reducer={self.reducer!r}"
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss on this batch alone (equal to ``loss(embeddings, labels, miner(embeddings, labels))``)."""
-        with torch.autocast(embeddings.device.type, enabled=False):
-            pool = as_pool(embeddings, labels)
-            terms = self.terms(pool)
-            return self.reducer(terms, pool), terms.stats
-
     def terms(self, pool: Pool) -> Terms:
         feats, labels = pool.features, pool.labels.reshape(-1)
         if self.miner is None:
-            tuples = block_pairs(labels, pool.offset, pool.count)
+            tuples, whole = block_pairs(labels, pool.offset, pool.count), _pair_counts(labels)
         else:
             with torch.no_grad():
-                tuples = anchored(self.miner(feats.detach(), labels), pool.offset, pool.count)
+                mined = self.miner(feats.detach(), labels)  # on the whole pool, as one process would
+            tuples, whole = anchored(mined, pool.offset, pool.count), _pair_counts(labels, mined)
         anchors, anchor_labels = feats[pool.anchors], labels[pool.anchors]
-        loss_dict = self.loss.compute_loss(anchors, anchor_labels, tuples, feats, labels)
+        loss_dict = self._compute(anchors, anchor_labels, tuples, feats, labels, tiny=max(whole) <= 1)
         self.loss.add_embedding_regularization_to_loss_dict(loss_dict, anchors)
+        names = self.loss.sub_loss_names()  # the same terms on every worker, in the same order
         terms = Terms(
-            losses={name: info["losses"] for name, info in loss_dict.items()},
-            kinds={name: info["reduction_type"] for name, info in loss_dict.items()},
+            losses={n: loss_dict[n]["losses"] if n in loss_dict else 0 for n in names},
+            kinds={n: loss_dict[n]["reduction_type"] for n in names if n in loss_dict},
         )
         with torch.no_grad():
-            unit = torch.nn.functional.normalize(anchors, dim=1)
-            spread = (unit - unit.mean(0)).norm(dim=1).mean() if len(unit) else unit.new_zeros(())
-            terms.stats = {"tuples": torch.tensor(float(len(tuples[0])), device=feats.device), "spread": spread.float()}
+            found = torch.tensor(float(len(tuples[0])), device=feats.device)
+            terms.stats = {"tuples": found, "spread": spread(anchors)}
             for name, values in terms.losses.items():
                 if torch.is_tensor(values) and values.dim() == 1:
                     terms.stats[f"{name}_active"] = (values > 0).float().mean() if len(values) else values.new_zeros(())
         return terms
+
+    def _compute(self, anchors, anchor_labels, tuples, feats, labels, tiny: bool) -> dict:
+        """``compute_loss`` of the anchors against the pool. A pair loss gives no loss when the *whole* pool
+        holds at most one pair of each kind, as on one process; its own test would look at this block alone."""
+        from pytorch_metric_learning.losses import GenericPairLoss
+        from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+        if not isinstance(self.loss, GenericPairLoss):
+            return self.loss.compute_loss(anchors, anchor_labels, tuples, feats, labels)
+        if tiny:
+            return self.loss.zero_losses()
+        pairs = lmu.convert_to_pairs(tuples, anchor_labels, labels)
+        return self.loss.loss_method(self.loss.distance(anchors, feats), pairs)
+
+
+def _pair_counts(labels: Tensor, mined: tuple[Tensor, ...] | None = None) -> tuple[int, int]:
+    """(positive, negative) pairs of the whole pool: the miner's, or every pair of distinct samples."""
+    if mined is not None:
+        a, *_ = mined
+        return (len(a), len(a)) if len(mined) == 3 else (len(mined[0]), len(mined[2]))
+    counts = torch.unique(labels, return_counts=True)[1]
+    n = len(labels)
+    return int((counts * (counts - 1)).sum()), int(n * n - (counts * counts).sum())

@@ -1,5 +1,6 @@
-"""The vocabulary the loss parts share: the :class:`Pool` a worker mines against, and the per-element
-:class:`Terms` its loss computes for its own anchors, which a reducer averages over the global batch.
+"""The vocabulary the loss parts share: the :class:`Pool` a worker mines against, the per-element
+:class:`Terms` its loss computes for its own anchors (which a reducer averages over the global batch), and
+:class:`PoolLoss`, the base of every loss the wrappers take.
 
 Splitting a loss this way (anchors here, normalisation over every worker) is what makes it exact across
 devices: see :class:`distpddm.wrappers.CrossDevice` and ``docs/method.md``.
@@ -7,10 +8,13 @@ devices: see :class:`distpddm.wrappers.CrossDevice` and ``docs/method.md``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .dist import is_distributed
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,44 @@ class Terms:
 
     def weight(self, name: str) -> float:
         return self.weights.get(name, 1.0)
+
+
+def as_pool(embeddings: Tensor, labels: Tensor, dim: int | None = None) -> Pool:
+    """One process's batch as its own pool, in fp32 at least (bf16 scores break argmin / argmax ties
+    differently, and the hinges' margins are small)."""
+    if embeddings.dim() != 2 or (dim is not None and embeddings.shape[1] != dim):
+        want = f"(n, {dim})" if dim is not None else "(n, dim)"
+        raise ValueError(f"expected embeddings of shape {want}, got {tuple(embeddings.shape)}")
+    wide = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+    return Pool(wide, labels.reshape(-1).to(embeddings.device))
+
+
+@torch.no_grad()
+def spread(features: Tensor) -> Tensor:
+    """The mean distance of L2-normalised rows to their centroid: ~0 when the embedding has collapsed."""
+    unit = torch.nn.functional.normalize(features.detach(), dim=1)
+    return (unit - unit.mean(0)).norm(dim=1).mean() if len(unit) else unit.new_zeros(())
+
+
+class PoolLoss(nn.Module):
+    """A loss as parts: :meth:`terms` for a pool's anchors and a ``reducer``; called on a batch, the batch is
+    its own pool. Inside ``torch.distributed`` that mines each worker's batch alone: wrap the loss in
+    :class:`~distpddm.wrappers.CrossDevice` to mine against the global batch."""
+
+    dim: int | None = None
+
+    def terms(self, pool: Pool) -> Terms:
+        raise NotImplementedError
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss on this batch alone, and what it saw (the terms' stats)."""
+        if is_distributed():
+            warnings.warn(
+                f"{type(self).__name__} called directly inside torch.distributed mines this worker's batch alone; "
+                "wrap it in distpddm.CrossDevice to mine against every worker's batch",
+                stacklevel=2,
+            )
+        with torch.autocast(embeddings.device.type, enabled=False):
+            pool = as_pool(embeddings, labels, self.dim)
+            terms = self.terms(pool)
+            return self.reducer(terms, pool), terms.stats

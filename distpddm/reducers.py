@@ -35,15 +35,28 @@ class Reducer:
         return self
 
     def __call__(self, terms: Terms, pool: Pool) -> Tensor:
-        names = [n for n, v in terms.losses.items() if _has_elements(n, v, terms.kinds.get(n))]
-        if not names:
-            return _zero(pool)
-        ref = terms.losses[names[0]]
+        """Collective when ``pool.world > 1``: every worker must bring the same term names (a term with no
+        elements here is a plain 0, and still takes part in the count)."""
+        names = sorted(terms.losses)
+        real = {n: _has_elements(n, terms.losses[n], terms.kinds.get(n)) for n in names}
+        device, dtype = pool.features.device, pool.features.dtype
         with torch.no_grad():  # one all-reduce for every term's denominator; float64 counts stay exact
-            local = torch.stack([self.rule(n).count(terms.losses[n]).to(torch.float64) for n in names])
+            local = torch.stack(
+                [
+                    self.rule(n).count(terms.losses[n]).to(device, torch.float64)
+                    if real[n]
+                    else torch.zeros((), dtype=torch.float64, device=device)
+                    for n in names
+                ]
+            ) if names else torch.zeros(0, dtype=torch.float64, device=device)  # fmt: skip
             counts = all_reduce_sum(local, pool.group) if pool.world > 1 else local
-            scale = (pool.world / counts.clamp_min(1.0)).to(ref.dtype)
-        loss = sum(terms.weight(n) * self.rule(n).total(terms.losses[n]) * scale[i] for i, n in enumerate(names))
+            scale = (pool.world / counts.clamp_min(1.0)).to(dtype)
+        parts = [
+            terms.weight(n) * self.rule(n).total(terms.losses[n]) * scale[i] for i, n in enumerate(names) if real[n]
+        ]
+        if not parts:
+            return _zero(pool)
+        loss = sum(parts)
         return loss if loss.requires_grad or not pool.features.requires_grad else loss + _zero(pool)
 
 

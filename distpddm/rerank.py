@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .dist import device_time
 from .retrieval import recall_from_neighbours, search
 
 
@@ -60,9 +61,7 @@ def rerank(
         scores = _scores(scorer, np.repeat(x[rows], top_n, axis=0), x[cand.reshape(-1)], device).reshape(cand.shape)
         order = np.argsort(-scores, axis=1, kind="stable")  # ties keep the Euclidean order
         reranked[s : s + query_block] = np.take_along_axis(cand, order, axis=1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
+    seconds = device_time(device) - t0
     plain = recall_from_neighbours(labels[nn_idx], labels[queries], ks)
     better = recall_from_neighbours(labels[reranked], labels[queries], ks)
     out = {f"rerank@{top_n}/recall@{k}": float(better[f"recall@{k}"]) for k in ks}

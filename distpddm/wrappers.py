@@ -13,20 +13,13 @@ import time
 import torch
 from torch import Tensor, nn
 
-from .dist import all_gather_rows, is_distributed, rank_and_world
-from .loss import as_pool
-from .pool import Pool, Terms
+from .dist import all_gather_rows, device_time, is_distributed, rank_and_world
+from .pool import Pool, PoolLoss, Terms, as_pool
 
 
 def _set_step(module: nn.Module, step: int) -> None:
     if hasattr(module, "set_step"):
         module.set_step(step)
-
-
-def _synced(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 class CrossDevice(nn.Module):
@@ -69,15 +62,15 @@ class CrossDevice(nn.Module):
         with torch.autocast(device.type, enabled=False):
             t0 = time.perf_counter()
             pool = self.gather(embeddings, labels.reshape(-1).to(device))
-            t1 = _synced(device) if self.timed else t0
+            t1 = device_time(device) if self.timed else t0
             terms = self.loss.terms(pool)
             loss = self.loss.reducer(terms, pool)
             if self.timed:
-                self.timings = {"gather": t1 - t0, "loss": _synced(device) - t1}
+                self.timings = {"gather": t1 - t0, "loss": device_time(device) - t1}
         return loss, terms.stats
 
 
-class CrossBatchMemory(nn.Module):
+class CrossBatchMemory(PoolLoss):
     """A FIFO of the last ``size`` pooled, detached embeddings and their labels (Wang et al., CVPR 2020), mined
     against -- positives and negatives, never anchors -- beside the pool after ``warmup`` steps; the gradient
     reaches only the current batch. Inside :class:`CrossDevice` every worker enqueues the gathered batch, so
@@ -123,9 +116,3 @@ class CrossBatchMemory(nn.Module):
         self.enqueue(pool.features, pool.labels)
         self.step += 1
         return terms
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        with torch.autocast(embeddings.device.type, enabled=False):
-            pool = as_pool(embeddings, labels)
-            terms = self.terms(pool)
-            return self.reducer(terms, pool), terms.stats

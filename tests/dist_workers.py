@@ -14,19 +14,31 @@ from distpddm.model import SmallCNN
 from distpddm.reducers import AvgNonZeroReducer
 from distpddm.wrappers import CrossBatchMemory, CrossDevice
 
-PML_CASES = ("multi_similarity", "contrastive", "triplet_batch_hard")
+PML_CASES = ("multi_similarity", "contrastive", "contrastive_termwise", "triplet_batch_hard", "triplet_all", "ntxent")
 
 
 def pml_loss(case: str):
     """(pytorch-metric-learning loss, miner or None) of a case."""
-    from pytorch_metric_learning import losses, miners
+    from pytorch_metric_learning import losses, miners, reducers
 
     return {
         "multi_similarity": (losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()),
         # every pair; margins inside the spread of this problem's distances, so that some pairs have no loss and
         # the AvgNonZeroReducer of each sub-loss counts
         "contrastive": (losses.ContrastiveLoss(pos_margin=0.3, neg_margin=0.3), None),
+        # a reducer per sub-loss (pytorch-metric-learning's MultipleReducers): the mean of the positive pairs,
+        # the non-zero mean of the negative ones
+        "contrastive_termwise": (
+            losses.ContrastiveLoss(
+                pos_margin=0.3,
+                neg_margin=0.3,
+                reducer=reducers.MultipleReducers({"pos_loss": reducers.MeanReducer()}, reducers.AvgNonZeroReducer()),
+            ),
+            None,
+        ),
         "triplet_batch_hard": (losses.TripletMarginLoss(margin=0.2), miners.BatchHardMiner()),
+        "triplet_all": (losses.TripletMarginLoss(margin=0.05), None),  # every triplet; some already hold
+        "ntxent": (losses.NTXentLoss(temperature=0.1), None),
     }[case]
 
 
@@ -243,5 +255,55 @@ def memory_worker(rank: int, world: int, port: int, out: str) -> None:
     mine = slice(rank * b, (rank + 1) * b)
     crit(feats[mine], y[mine])
     crit(feats[mine].flip(0), y[mine].flip(0))
-    torch.save({"features": memory.features, "labels": memory.labels}, f"{out}.{rank}")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # the loss alone, inside the process group
+        warnings.simplefilter("always")
+        PDDMLoss(12).double()(feats[mine], y[mine])
+    torch.save(
+        {"features": memory.features, "labels": memory.labels, "warned": [str(w.message) for w in caught]},
+        f"{out}.{rank}",
+    )
+    _finish()
+
+
+def pml_edge_case(case: str):
+    """(features, labels, per-rank sizes, loss, miner) of a batch where a worker's block is degenerate:
+    "no_tuples": the second worker's two classes are tight and far from everything, so the MultiSimilarity
+    miner keeps no tuple of its anchors; "one_pair": the second worker holds one sample, whose batch-hard
+    triplet is one positive and one negative pair (pytorch-metric-learning's own test would zero it)."""
+    from pytorch_metric_learning import losses, miners
+
+    if case == "no_tuples":
+        x = torch.tensor(
+            [[1, 0.1, 0, 0], [1, -0.1, 0, 0], [1, 0, 0.1, 0], [1, 0, -0.1, 0],
+             [0, 0, 0, 1], [0, 0.01, 0, 1], [-1, 0, 0, 0], [-1, 0.01, 0, 0]],
+            dtype=torch.float64,
+        )  # fmt: skip
+        y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+        return x, y, [4, 4], losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 0])
+    return x, y, [7, 1], losses.ContrastiveLoss(pos_margin=0.2, neg_margin=0.8), miners.BatchHardMiner()
+
+
+def pml_edge_worker(rank: int, world: int, port: int, case: str, out: str) -> None:
+    """CrossDevice(PMLLoss) on this rank's rows of a degenerate batch; rank 0 saves the engine-averaged loss
+    and the gradient of every row."""
+    _init(rank, world, port)
+    from distpddm.pml import PMLLoss
+
+    x, y, sizes, loss_fn, miner = pml_edge_case(case)
+    start = sum(sizes[:rank])
+    mine = slice(start, start + sizes[rank])
+    rows = x[mine].clone().requires_grad_()
+    loss, stats = CrossDevice(PMLLoss(loss_fn, miner))(rows, y[mine])
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    from distpddm.dist import all_gather_rows
+
+    grads, _ = all_gather_rows(rows.grad / world)  # the engine's average of what each rank holds for its rows
+    if rank == 0:
+        torch.save({"loss": mean_loss / world, "grad": grads, "tuples": float(stats["tuples"])}, out)
     _finish()

@@ -81,10 +81,18 @@ def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path
         (["loss.soft=-0.1"], r"loss \(PDDMLoss\): soft must be finite and >= 0"),
         (["reducer.name=sum"], r"reducer.name 'sum' is not known \(one of mean, nonzero\)"),
         (["miner.name=hard", "miner.negatives=4", "miner.candidates=2"], r"candidates must be >= negatives \(4\)"),
-        (["loss.name=pml.NoSuchLoss"], r"pytorch_metric_learning.losses has no class 'NoSuchLoss'"),
         (["train.val_every=10"], r"train.val_every is set but data.val_shards is not"),
         (["model.pretrained=/no/weights.pt"], r"model.pretrained: no file at"),
         (["loss.metric_grad_after=100"], r"loss \(PDDMLoss\): metric_grad_after=100 switches .* metric_grad=False"),
+        (["loss.mode=batch"], r"loss.mode is now miner.name \(hard, or batch_hardest"),
+        (["loss.positives=all"], r"loss.positives is now miner.positives \(docs/launching.md"),
+        (["loss.name=multi_similarity", "loss.alpha=fast"], r"loss.alpha must be int \| float, got 'fast'"),
+        (["loss.name=pml.NTXentLoss"], r"loss.name 'pml.NTXentLoss' is not known"),
+        (["loss.name=triplet_margin", "loss.swap=true"], r"loss 'triplet_margin': TripletMarginLoss\(swap=True\)"),
+        (
+            ["loss.name=contrastive", "loss.distance=cosine"],
+            r"loss 'contrastive' fails on a test batch \(TypeError: 'str' object is not callable\)",
+        ),
         (["memory.size=-5"], r"memory \(CrossBatchMemory\): memory size must be an int >= 0"),
         (["train.deepspeed=/no/ds.json"], r"train.deepspeed: no DeepSpeed config"),
         (["ray.storage_path=/no/such/folder/runs"], r"ray.storage_path: neither /no/such/folder/runs nor its parent"),
@@ -261,8 +269,12 @@ def test_the_criterion_is_built_from_its_parts_as_the_config_names_them(config_f
     )
     assert isinstance(ms, PMLLoss) and isinstance(ms.loss, losses.MultiSimilarityLoss) and ms.loss.alpha == 3
     assert isinstance(ms.miner, miners.MultiSimilarityMiner) and isinstance(ms.reducer, MeanReducer)
-    ntx = build_loss(load_config(config_file(), ["loss.name=pml.NTXentLoss", "loss.temperature=0.1"]))
+    ntx = build_loss(load_config(config_file(), ["loss.name=ntxent", "loss.temperature=1e-1"]))
     assert isinstance(ntx.loss, losses.NTXentLoss) and ntx.miner is None
+    assert ntx.loss.temperature == 0.1  # YAML 1.1 reads 1e-1 as a string: the argument's default type converts it
+    ms_miner = build_loss(load_config(config_file(), ["loss.name=multi_similarity", "miner.name=multi_similarity",
+                                                      "miner.epsilon=2e-1"]))  # fmt: skip
+    assert ms_miner.miner.epsilon == 0.2
     # the saved config names the parts as it was given them, and loads back to the same config
     tree = cfg.to_dict()
     assert tree["miner"] == {"name": "batch_hardest", "chunk": 512} and tree["memory"] == {"size": 64, "warmup": 5}
@@ -311,3 +323,11 @@ def test_pretrained_takes_true_a_weights_name_or_a_file(config_file, tmp_path):
     assert load_config(config_file(model={"backbone": "resnet50", "pretrained": "mine.pth"})).model.pretrained == str(
         tmp_path / "mine.pth"
     )
+
+
+def test_a_null_part_section_takes_overrides(config_file):
+    """A saved config.yaml writes ``miner: null``; an override of one of its keys must still work."""
+    path = config_file()
+    path.write_text(path.read_text() + "miner: null\nreducer: null\n")
+    cfg = load_config(path, ["miner.name=hard", "miner.positives=all", "reducer.name=nonzero"])
+    assert (cfg.miner.name, cfg.miner.args, cfg.reducer.name) == ("hard", {"positives": "all"}, "nonzero")

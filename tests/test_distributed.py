@@ -15,6 +15,8 @@ from tests.dist_workers import (
     deepspeed_step,
     loss_and_grads,
     memory_worker,
+    pml_edge_case,
+    pml_edge_worker,
     pml_loss,
     problem,
     validate_worker,
@@ -37,8 +39,12 @@ def _single_process(metric, mode):
     grads = {n: p.grad for n, p in [*model.named_parameters(), *crit.named_parameters()]}
     if mode == "nonzero":  # the case is only a case if some hinges are zero (else it equals "mean")
         assert 0 < float(stats["active_embedding"]) < 1, metric
-    if mode == "contrastive":  # ... the same for pytorch-metric-learning's AvgNonZeroReducer
+    if mode.startswith("contrastive"):  # ... the same for pytorch-metric-learning's AvgNonZeroReducer
         assert 0 < float(stats["neg_loss_active"]) < 1 and 0 < float(stats["pos_loss_active"]) < 1
+    if mode == "triplet_all":
+        assert 0 < float(stats["loss_active"]) < 1
+    if metric == "pml":  # PMLLoss alone, on one process, is pytorch-metric-learning's loss
+        torch.testing.assert_close(crit(model(x), y)[0], loss, rtol=1e-12, atol=1e-14)
     if mode == "semihard":  # ... and only if some semi-hard negatives are not the hardest
         semi = crit.mine(model(x).detach(), y)
         crit.miner = HardQuadrupletMiner("all")
@@ -71,6 +77,27 @@ def test_two_processes_equal_one(tmp_path, metric, mode):
         # S's output bias cancels in every hinge (S_ik - S_ij), so its gradient is 0 by construction.
         assert g is not None and (torch.count_nonzero(g) > 0 or name == "pddm.ws.bias"), name
         torch.testing.assert_close(got["grads"][name], g, rtol=1e-7, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("case", ["no_tuples", "one_pair"])
+def test_a_worker_whose_block_mines_nothing_or_one_pair_still_gives_the_one_process_loss(tmp_path, case):
+    """Degenerate blocks must neither skip the reducer's all-reduce (the others would hang) nor be zeroed by
+    pytorch-metric-learning's per-call test of at most one pair (one process scores those pairs)."""
+    out = tmp_path / "edge.pt"
+    mp.spawn(pml_edge_worker, args=(WORLD, free_port(), case, str(out)), nprocs=WORLD, join=True)
+    got = torch.load(out)
+    x, y, sizes, loss_fn, miner = pml_edge_case(case)
+    x = x.clone().requires_grad_()
+    mined = miner(x, y)
+    if case == "no_tuples":  # the case is a case: no tuple anchored on the second worker's rows
+        assert not bool((mined[0] >= sizes[0]).any() or (mined[2] >= sizes[0]).any())
+    else:
+        assert int((mined[0] >= sizes[0]).sum()) == 1  # one triplet there: one positive, one negative pair
+    want = loss_fn(x, y, mined)
+    want.backward()
+    assert float(want.detach()) > 0
+    torch.testing.assert_close(got["loss"], want.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got["grad"], x.grad, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize("metric", ["pddm", "euclidean"])
@@ -181,3 +208,5 @@ def test_cross_batch_memory_holds_the_gathered_batch_on_every_rank(tmp_path):
     for g in got:
         torch.testing.assert_close(g["features"], want)
         assert torch.equal(g["labels"], torch.cat([y, labels2])[-24:])
+        # PDDMLoss called alone in a process group mines this worker's batch only, and says so
+        assert any("mines this worker's batch alone; wrap it in distpddm.CrossDevice" in m for m in g["warned"])

@@ -183,8 +183,8 @@ def test_ray_two_workers_learn_survive_a_sigkill_and_resume(font_shards, tmp_pat
 
 
 def test_a_resume_with_more_steps_and_a_new_lr_follows_the_stated_schedule(font_shards, tmp_path):
-    # docs/reliability.md, "Resuming": base rates come from the config; changed schedule settings recompute the rest of the
-    # schedule from the resumed step, starting from the multiplier the saved run had reached (no jump).
+    # docs/reliability.md, "Resuming": base rates come from the config; changed schedule settings recompute the
+    # rest of the schedule from the resumed step, starting from the multiplier the saved run had reached (no jump).
     from distpddm.train.schedule import Schedule
 
     sched = ["optim.warmup_steps=2", "optim.min_lr_ratio=0.1", "train.log_every=1", "data.val_shards=null"]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..data.sampler import ClassBalancedBatches
 from ..evaluate import embed, recall_at_k
 
-#: ``criterion(embeddings, labels) -> loss`` or ``(loss, stats)`` (stats with ``as_dict()``).
+#: ``criterion(embeddings, labels) -> loss`` or ``(loss, stats)`` (stats a dict of 0-d tensors).
 Criterion = Callable[[Tensor, Tensor], "Tensor | tuple[Tensor, object]"]
 
 

@@ -28,7 +28,7 @@ from ..config import RunConfig, deepspeed_config, from_dict
 from ..criterion import build_loss, inner_loss
 from ..data.stream import PKBatchDataset, resolve_shards
 from ..data.transforms import normalize_batch, train_transform
-from ..dist import agree, all_finite, init_device, max_over_ranks, rank_and_world
+from ..dist import agree, all_finite, device_time, init_device, max_over_ranks, rank_and_world
 from ..errors import DeterministicError, NonFiniteLossError
 from ..model import create_model, export_model
 from ..validation import Validator
@@ -54,14 +54,21 @@ class Trainable(nn.Module):
         self.net, self.criterion = net, criterion
 
 
-def build_engine(cfg: RunConfig, device: torch.device, world: int, deepspeed_base: dict | None = None):
-    """(DeepSpeed engine, its optimiser, the parameter groups, the loss with its wrappers) for ``cfg``: every
-    weight fp32, the backbone computing in ``train.precision``."""
-    import deepspeed
-
+def build_model(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(the embedding network, the loss with its wrappers), seeded: every weight fp32, the backbone computing
+    in ``train.precision``. No collective: a rank that cannot build them says so before any is called."""
     torch.manual_seed(cfg.train.seed)
     net = create_model(cfg.model, cfg.train.precision).to(device)
     loss = build_loss(cfg).to(device)  # memory wrapper included; its inner loss holds the parameters
+    return net, loss
+
+
+def build_engine(cfg: RunConfig, device: torch.device, world: int, deepspeed_base: dict | None = None, built=None):
+    """(DeepSpeed engine, its optimiser, the parameter groups, the loss with its wrappers) for ``cfg``, around
+    ``built`` (:func:`build_model`'s pair, built here when not given). Collective: DeepSpeed's set-up."""
+    import deepspeed
+
+    net, loss = built if built is not None else build_model(cfg, device)
     groups = param_groups(cfg, net, inner_loss(loss))
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)  # decay set per group
     engine, optimizer, _, _ = deepspeed.initialize(
@@ -71,12 +78,6 @@ def build_engine(cfg: RunConfig, device: torch.device, world: int, deepspeed_bas
         dist_init_required=world > 1 and not torch.distributed.is_initialized(),
     )
     return engine, optimizer, groups, loss
-
-
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 class Trainer:
@@ -93,7 +94,8 @@ class Trainer:
         os.environ.setdefault("WORLD_SIZE", str(self.world))
         self.device = init_device(cfg.ray.use_gpu)
         shard_set = self._open_split()  # collective: every rank agrees on a split one of them cannot read
-        self.engine, self.optimizer, groups, loss = build_engine(cfg, self.device, self.world, deepspeed_base)
+        built = self._build_model()  # collective: ... and on a model one of them cannot build
+        self.engine, self.optimizer, groups, loss = build_engine(cfg, self.device, self.world, deepspeed_base, built)
         self.net, self.loss = self.engine.module.net, self.engine.module.criterion
         self.criterion = CrossDevice(loss)
         self.validator = Validator(cfg, self.device)
@@ -118,6 +120,17 @@ class Trainer:
             error = e if isinstance(e, DeterministicError) else DeterministicError(str(e))
         agree(error, self.device)
         return shard_set
+
+    def _build_model(self):
+        """The network and the loss, or every rank's stop: weights missing on one node (a per-machine Hugging
+        Face cache, a file not on shared storage) must not leave the others waiting in DeepSpeed's set-up."""
+        built, error = None, None
+        try:
+            built = build_model(self.cfg, self.device)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            error = DeterministicError(f"the model cannot be built on this node: {e}")
+        agree(error, self.device)
+        return built
 
     def resume(self, groups: list[dict]) -> None:
         """The engine, RNG and stream position from the latest checkpoint (if any); base rates, weight decay and
@@ -199,7 +212,7 @@ class Trainer:
         images, labels, where = self._next_batch()  # 1
         t_data = time.perf_counter()
         emb = self.net(images)
-        t_fwd = _sync(self.device) if timed else time.perf_counter()
+        t_fwd = device_time(self.device) if timed else time.perf_counter()
         self.criterion.timed = timed
         self.criterion.set_step(self.step + 1)  # what metric_grad_after and the memory's warm-up count
         loss, stats = self.criterion(emb, labels)  # 2
@@ -212,7 +225,7 @@ class Trainer:
         set_learning_rates(self.optimizer, self.schedule(self.step))
         self.engine.backward(loss)  # 4
         self.engine.step()
-        t_step = _sync(self.device) if timed else time.perf_counter()
+        t_step = device_time(self.device) if timed else time.perf_counter()
         self.step += 1
         self.log.step()
         if not timed:
