@@ -438,3 +438,114 @@ def test_build_runs_from_a_plain_script(tmp_path, images):
     assert result.returncode == 0, result.stderr[-2000:]
     samples, shards = map(int, result.stdout.split())
     assert samples == 36 and shards > 2  # several shards: the pool ran
+
+
+def test_every_shard_and_index_is_fsynced_before_it_is_named(tmp_path, images, monkeypatch):
+    # A power loss must not leave an index.json naming truncated shards: every file's bytes are on disk
+    # before its rename, the renames are durable (folder fsynced), and index.json comes after every shard.
+    fixtures.make_folder(tmp_path / "src", images)
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    one_process = BuildOptions(shard_bytes=20_000, progress=False, workers=1)  # the spies see every write
+    index = build(read_source("folder", tmp_path / "src"), tmp_path / "out", one_process)["train"]
+    split = os.path.realpath(tmp_path / "out" / "train")
+    assert len(index["shards"]) > 1
+
+    def committed(name: str) -> int:
+        """Where ``name`` was renamed into place, after checking its fsync before and the folder's after."""
+        final = os.path.join(split, name)
+        (at,) = [n for n, e in enumerate(events) if e[0] == "replace" and e[2] == final]
+        assert ("fsync", events[at][1]) in events[:at], f"{name} was not fsynced before its rename"
+        assert ("fsync", split) in events[at + 1 :], f"the folder was not fsynced after {name}'s rename"
+        return at
+
+    shards = [committed(s["name"]) for s in index["shards"]]
+    shards += [committed(s["name"].replace(".tar", ".idx.npz")) for s in index["shards"]]
+    shards += [committed(s["name"].replace(".tar", ".json")) for s in index["shards"]]
+    assert committed("index.json") > max(shards)
+
+
+def _with_members(shard: Path, extra: list[tarfile.TarInfo]) -> None:
+    """Rewrite a shard with ``extra`` (non-file) members after its first sample's."""
+    import io
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as tar:
+        for n, (m, data) in enumerate(members):
+            tar.addfile(m, io.BytesIO(data))
+            if n == 2:
+                for info in extra:
+                    tar.addfile(info)
+
+
+def test_verify_names_members_that_are_not_files(tmp_path, images, capsys):
+    fixtures.make_folder(tmp_path / "src", images[:4])
+    build(read_source("folder", tmp_path / "src"), tmp_path / "out", OPTS)
+    split = tmp_path / "out" / "train"
+    shard = split / json.loads((split / "index.json").read_text())["shards"][0]["name"]
+    folder = tarfile.TarInfo("extra")
+    folder.type = tarfile.DIRTYPE
+    link = tarfile.TarInfo("s9999999999.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "elsewhere.jpg"
+    hard = tarfile.TarInfo("s9999999999.cls")
+    hard.type, hard.linkname = tarfile.LNKTYPE, "nowhere.cls"
+    _with_members(shard, [folder, link, hard])
+    assert cli(["shards", "verify", str(tmp_path / "out"), "--quiet"]) == 1  # a finding, not a crash (rc 1)
+    out = capsys.readouterr().out
+    for name in ("extra", "s9999999999.jpg", "s9999999999.cls"):
+        assert f"{shard.name}: member {name} is not a file" in out
+    assert "unreadable tar" not in out and "samples, index says" not in out  # the samples themselves still count
+
+
+def test_an_interrupted_rebuild_is_refused_until_it_finishes(tmp_path, images, monkeypatch, capsys):
+    from distpddm.data import shards
+    from distpddm.data.stream import PKBatchDataset, resolve_shards
+
+    fixtures.make_folder(tmp_path / "src", images)
+    plan = read_source("folder", tmp_path / "src")
+    first = build(plan, tmp_path / "out", BuildOptions(shard_bytes=20_000, progress=False, workers=1))["train"]
+    split = tmp_path / "out" / "train"
+    assert len(first["shards"]) >= 3 and cli(["shards", "verify", str(tmp_path / "out"), "--quiet"]) == 0
+    capsys.readouterr()
+
+    # A rebuild with other options (another chunk order: every shard changes) dies at its third shard.
+    written, write_shard = [], shards.write_shard
+
+    def dies_at_the_third(task, reader=None):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(task.shard)
+        return write_shard(task, reader)
+
+    monkeypatch.setattr(shards, "write_shard", dies_at_the_third)
+    other = BuildOptions(shard_bytes=20_000, progress=False, workers=1, seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        build(plan, tmp_path / "out", other)
+    assert written == [0, 1]  # two new shards beside the old build's others
+    assert (split / "shard-000002.tar").exists()
+
+    with pytest.raises(FileNotFoundError, match="build of this split was interrupted.*rerun `distpddm shards build`"):
+        resolve_shards(split)  # what the trainer and evaluation read the split through
+    with pytest.raises(FileNotFoundError, match="interrupted"):
+        PKBatchDataset(split, 4, 2)
+    assert cli(["shards", "verify", str(tmp_path / "out"), "--quiet"]) == 1
+    assert "build of this split was interrupted" in capsys.readouterr().out
+    assert cli(["shards", "verify", str(split), "--quiet"]) == 1  # the split folder itself, too
+
+    monkeypatch.setattr(shards, "write_shard", write_shard)
+    again = build(plan, tmp_path / "out", other)["train"]  # finished: readable again, as the new build
+    assert resolve_shards(split).counts == [s["samples"] for s in again["shards"]]
+    assert again["seed"] == 1 and not (split / shards.INCOMPLETE).exists()
+    assert cli(["shards", "verify", str(tmp_path / "out"), "--quiet"]) == 0

@@ -294,3 +294,163 @@ def test_real_world_images_build_verify_and_stream(tmp_path):
         assert len(keys) > total // 2
         got = [idx for x, _, idx, _ in EvalDataset(out / "train", image_size=16) if x.shape == (3, 16, 16)]
         assert sorted(got) == list(range(total))
+
+
+# ------------------------------------------------------------------------------------- transient read errors
+
+
+class _Flaky:
+    """A shard file whose reads fail with ``OSError`` from byte ``bad_from`` on (while ``failing()`` says so)."""
+
+    def __init__(self, f, bad_from, failing):
+        self.f, self.bad_from, self.failing = f, bad_from, failing
+
+    def seek(self, pos, whence=0):
+        return self.f.seek(pos, whence)
+
+    def read(self, size=-1):
+        if self.f.tell() + max(size, 1) > self.bad_from and self.failing():
+            raise OSError(5, "Input/output error (a flaky mount)")
+        return self.f.read(size)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """The backoff's waits, recorded instead of slept."""
+    waits = []
+    monkeypatch.setattr(stream, "_sleep", waits.append)
+    return waits
+
+
+def _undisturbed(shards, monkeypatch, n=12):
+    _as_rank(monkeypatch, 0, 1)
+    return _take(PKBatchDataset(shards, 4, 3, image_size=16, seed=2), n, workers=0)
+
+
+@pytest.mark.parametrize("where", ["open", "index", "read"])
+def test_a_read_error_that_passes_is_retried_and_changes_no_batch(shards, monkeypatch, sleeps, caplog, where):
+    whole = _undisturbed(shards, monkeypatch)
+    urls = resolve_shards(shards).urls
+    failed = Counter()  # url -> failures so far: every shard fails once, at its open, index or mid-read
+    open_, load = stream._open, stream.load_shard_index
+
+    def once(url):
+        failed[url.replace(".idx.npz", ".tar")] += 1
+        return failed[url.replace(".idx.npz", ".tar")] == 1
+
+    def flaky_open(url):
+        if where == "open" and once(url):
+            raise OSError(5, "Input/output error (NFS hiccup)")
+        f = open_(url)
+        if where == "read":
+            offsets = stream.load_shard_index(stream.idx_name(url)).offsets
+            return _Flaky(f, int(offsets[len(offsets) // 2]), lambda: once(url))  # part-way through the shard
+        return f
+
+    def flaky_index(url):
+        if where == "index" and once(url):
+            raise OSError(503, "Service Unavailable (S3 SlowDown)")
+        return load(url)
+
+    monkeypatch.setattr(stream, "_open", flaky_open)
+    monkeypatch.setattr(stream, "load_shard_index", flaky_index)
+    with caplog.at_level(logging.WARNING, "distpddm.data"):
+        again = _take(PKBatchDataset(shards, 4, 3, image_size=16, seed=2), 12, workers=0)
+    assert set(failed) >= set(urls) and all(n >= 2 for n in failed.values())  # each failed once, then read
+    assert all(_same(x, y) for x, y in zip(whole, again, strict=True))  # the same samples, batches, crops
+    assert sleeps and set(sleeps) == {stream.RETRY_BASE_S}  # one retry each, after the first wait
+    retries = [r.getMessage() for r in caplog.records if "retry 1 of 3" in r.getMessage()]
+    assert len(retries) == len(sleeps) and all("shard-0000" in m and "OSError" in m for m in retries)
+    assert "skipping" not in caplog.text
+
+
+def test_a_resumed_stream_retries_the_samples_it_fetches_again(shards, monkeypatch, sleeps):
+    whole = _undisturbed(shards, monkeypatch, n=10)
+    ds = PKBatchDataset(shards, 4, 3, image_size=16, seed=2)
+    state = ds.start_state(world=1, workers=1)
+    for batch in whole[:5]:
+        state.advance(batch.info)
+    failed, open_ = Counter(), stream._open
+
+    def flaky_open(url):
+        failed[url] += 1
+        if failed[url] == 1:
+            raise OSError(110, "Connection timed out")
+        return open_(url)
+
+    monkeypatch.setattr(stream, "_open", flaky_open)
+    resumed = _take(PKBatchDataset(shards, 4, 3, image_size=16, seed=2, start=state), 5, workers=0)
+    assert all(_same(x, y) for x, y in zip(whole[5:], resumed, strict=True)) and sleeps
+
+
+def test_a_shard_that_stays_unreadable_is_skipped_and_named_after_the_retries(shards, monkeypatch, sleeps, caplog):
+    _as_rank(monkeypatch, 0, 1)
+    urls, counts = resolve_shards(shards).urls, resolve_shards(shards).counts
+    victim, open_ = urls[1], stream._open
+    tries = []
+
+    def down(url):
+        if url == victim:
+            tries.append(url)
+            raise OSError("503 Slow Down")
+        return open_(url)
+
+    monkeypatch.setattr(stream, "_open", down)
+    ds = PKBatchDataset(shards, 4, 3, image_size=16)
+    reader = stream._EpochReader(ds, 0, 0, 1, 0, SkipCounter())
+    with caplog.at_level(logging.WARNING, "distpddm.data"):
+        batches = list(reader.run(skip=0))  # the epoch goes on without it
+    assert batches and len(tries) == 1 + stream.READ_RETRIES
+    assert sleeps == [0.5, 1.0, 2.0]  # exponential backoff
+    assert reader.counter.skipped == counts[1]  # all its samples, counted once
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert skipped == [f"skipping {victim}: shard unreadable (OSError: 503 Slow Down) after 3 retries"]
+    assert not {k for b in batches for k in b.keys.tolist()} & set(range(sum(counts[:1]), sum(counts[:2])))
+    with pytest.raises(BadDataError, match=r"shard-000001\.tar \(shard unreadable \(OSError: 503 Slow Down\) after"):
+        _take(PKBatchDataset(shards, 4, 3, image_size=16), 100, workers=0)  # past max_skip_rate: the run stops
+
+
+def test_the_retries_and_backoff_are_module_settings(shards, monkeypatch, sleeps):
+    _as_rank(monkeypatch, 0, 1)
+    monkeypatch.setattr(stream, "READ_RETRIES", 2)
+    monkeypatch.setattr(stream, "RETRY_BASE_S", 0.01)
+    victim, open_ = resolve_shards(shards).urls[0], stream._open
+    monkeypatch.setattr(stream, "_open", lambda url: _Flaky(open_(url), 0, lambda: url == victim))
+    reader = stream._EpochReader(PKBatchDataset(shards, 4, 3, image_size=16), 0, 0, 1, 0, SkipCounter())
+    list(reader.run(skip=0))
+    assert sleeps == [0.01, 0.02] and "after 2 retries" in reader.counter.last[0]
+    assert "Input/output error" in reader.counter.last[0] and victim in reader.counter.last[0]
+
+
+def test_an_io_error_part_way_through_a_shard_skips_only_what_is_left(shards, monkeypatch, sleeps):
+    # A bad sector in the middle of a shard: the samples before it are used, the rest counted as skipped.
+    _as_rank(monkeypatch, 0, 1)
+    split = resolve_shards(shards)
+    victim, open_ = split.urls[0], stream._open
+    offsets = stream.load_shard_index(stream.idx_name(victim)).offsets
+    bad = 1
+    monkeypatch.setattr(
+        stream, "_open", lambda url: _Flaky(open_(url), int(offsets[bad]) if url == victim else 1 << 60, lambda: True)
+    )
+    reader = stream._EpochReader(PKBatchDataset(shards, 4, 3, image_size=16), 0, 0, 1, 0, SkipCounter())
+    keys = {k for b in reader.run(skip=0) for k in b.keys.tolist()}
+    assert reader.counter.skipped == split.counts[0] - bad and len(sleeps) == stream.READ_RETRIES
+    assert keys and not keys & set(range(bad, split.counts[0]))
+
+
+def test_read_range_gives_an_io_error_as_that_samples_result(shards):
+    from distpddm.data.tarindex import read_range
+
+    url = resolve_shards(shards).urls[0]
+    index = stream.load_shard_index(stream.idx_name(url))
+    with open(url, "rb") as raw:
+        f = _Flaky(raw, int(index.offsets[1]), lambda: raw.tell() < int(index.offsets[2]))  # only sample 1's bytes
+        got = list(read_range(f, index, 0, 3))
+    assert [n for n, _ in got] == [0, 1, 2]
+    assert isinstance(got[1][1], OSError) and isinstance(got[0][1], dict) and isinstance(got[2][1], dict)

@@ -11,6 +11,12 @@ temporary name and renamed when complete, with its index and a sidecar ``.json``
 class counts, files left out). A rerun skips shards whose sidecar matches the plan; ``index.json`` is
 written last. Worker processes receive only their shard's samples, never the whole plan.
 
+Every file is fsynced before it is renamed into place, and its folder after (:mod:`distpddm.durable`): after a
+power loss, an ``index.json`` names only complete shards. Before a build changes a split's shards it puts an
+``index.incomplete`` marker in place of the split's ``index.json``, and takes it away only once the new
+``index.json`` is written: an interrupted build (or rebuild with other options) leaves no index describing a
+mix of two builds, and readers and ``shards verify`` refuse the split, saying why.
+
 A source file that does not read or decode stops the build with an error naming it; with ``skip_bad`` it
 is left out, listed in the sidecar, ``index.json`` and the summary, and the build stops only past
 ``max_bad`` such files.
@@ -33,17 +39,30 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..durable import atomic_write_text, fsync_dir, fsync_file
 from .images import IMAGE_EXTENSIONS
 from .sources import SourcePlan, SplitPlan
 from .tarindex import SampleWriter, idx_name, index_tar, load_shard_index, save_index
 
 INDEX = "index.json"
+INCOMPLETE = "index.incomplete"  # in place of index.json while a build of the split is under way
 INDEX_VERSION = 2
 DEFAULT_SHARD_BYTES = 512 * 2**20
 
 
 class BadSourceError(ValueError):
     """A source image does not read or decode (or too many do, with ``skip_bad``)."""
+
+
+class IncompleteBuildError(FileNotFoundError):
+    """A split whose build was interrupted: it has no ``index.json``, and its shards may come from two builds."""
+
+
+def incomplete_message(split_dir: str | Path) -> str:
+    return (
+        f"{split_dir}: the build of this split was interrupted and never finished, so it has no {INDEX} (its "
+        "shards may be a mix of two builds); rerun `distpddm shards build` to finish it"
+    )
 
 
 @dataclass(frozen=True)
@@ -260,11 +279,13 @@ def write_shard(task: ShardTask, reader: Callable[[str], tuple[bytes, str]] | No
                 counts[label] = counts.get(label, 0) + 1
         finally:
             index = writer.close()
-        save_index(index, task.out_dir / idx_name(final.name))
+        save_index(index, task.out_dir / idx_name(final.name))  # durably
+        fsync_file(tmp)  # the shard's bytes on disk before its name says it is complete
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, final)
+    fsync_dir(task.out_dir)
     record = {
         "name": final.name,
         "samples": len(task.sources) - len(bad),
@@ -302,9 +323,7 @@ def _finished(task: ShardTask) -> dict | None:
 
 
 def _write_sidecar(path: Path, record: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record))
 
 
 def _run_tasks(plan: SourcePlan, tasks: list[ShardTask], options: BuildOptions) -> Iterator[dict]:
@@ -349,6 +368,8 @@ def build_split(plan: SourcePlan, split: str, out: Path, options: BuildOptions) 
     """Build (or finish building) one split's shards and write its index; returns the index."""
     out_dir = Path(out) / split
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".*.tmp"):  # an atomic write's temporary file, left by a crash
+        leftover.unlink(missing_ok=True)
     tasks = list(shard_tasks(plan, split, out_dir, options))
     records: dict[int, dict] = {}
     todo = []
@@ -358,6 +379,9 @@ def build_split(plan: SourcePlan, split: str, out: Path, options: BuildOptions) 
             records[task.shard] = done
         else:
             todo.append(task)
+    stale = [p for p in out_dir.glob("shard-*.tar") if int(p.stem.split("-")[1]) >= len(tasks)]
+    if todo or stale:
+        _begin_changes(out_dir)
     total = sum(len(t.sources) for t in tasks)
     allowed = options.bad_allowed(total)
     bar = tqdm(total=total, disable=not options.progress, unit="img", desc=f"build {split}")
@@ -376,10 +400,9 @@ def build_split(plan: SourcePlan, split: str, out: Path, options: BuildOptions) 
                 + ". Finished shards are kept: fix the files or raise --max-bad, and rerun."
             )
     bar.close()
-    for stale in out_dir.glob("shard-*.tar"):  # shards of an older, larger plan
-        if int(stale.stem.split("-")[1]) >= len(tasks):
-            for path in (stale, stale.with_suffix(".json"), out_dir / idx_name(stale.name)):
-                path.unlink(missing_ok=True)
+    for old in stale:  # shards of an older, larger plan
+        for path in (old, old.with_suffix(".json"), out_dir / idx_name(old.name)):
+            path.unlink(missing_ok=True)
     class_counts = [0] * len(plan.splits[split].classes)
     for record in records.values():
         for label, count in record["class_counts"].items():
@@ -402,10 +425,24 @@ def build_split(plan: SourcePlan, split: str, out: Path, options: BuildOptions) 
         ],
         "options": asdict(options) | {"progress": None, "workers": None},
     }
-    tmp = out_dir / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out_dir / INDEX)
+    atomic_write_text(out_dir / INDEX, json.dumps(index, indent=1))  # last, durably, after every shard
+    if (out_dir / INCOMPLETE).exists():
+        (out_dir / INCOMPLETE).unlink()
+        fsync_dir(out_dir)
     return index
+
+
+def _begin_changes(out_dir: Path) -> None:
+    """Before the first shard of a split is written (or removed): the marker in, the split's old index.json
+    (if any) out, both durably, so that no index.json describes a mix of an old build's and a new one's
+    shards. A crash between the two leaves the marker beside the old index, which still fits its shards."""
+    atomic_write_text(
+        out_dir / INCOMPLETE,
+        f"A build of this split is under way or was interrupted: its shards may be a mix of two builds, and it has "
+        f"no {INDEX} until the build finishes. Rerun `distpddm shards build` to finish it.\n",
+    )
+    (out_dir / INDEX).unlink(missing_ok=True)
+    fsync_dir(out_dir)
 
 
 def build(plan: SourcePlan, out: Path, options: BuildOptions) -> dict[str, dict]:
@@ -431,6 +468,8 @@ class VerifyReport:
 def load_index(split_dir: Path) -> dict:
     path = Path(split_dir) / INDEX
     if not path.exists():
+        if (Path(split_dir) / INCOMPLETE).exists():
+            raise IncompleteBuildError(incomplete_message(split_dir))
         raise FileNotFoundError(f"no {INDEX} in {split_dir}: build the shards first (distpddm shards build)")
     return json.loads(path.read_text())
 
@@ -442,7 +481,10 @@ def verify_split(split_dir: Path, sample: float = 1.0, seed: int = 0, progress: 
     from PIL import Image
 
     split_dir = Path(split_dir)
-    index = load_index(split_dir)
+    try:
+        index = load_index(split_dir)
+    except IncompleteBuildError as e:
+        return VerifyReport(str(split_dir), problems=[str(e)])
     report = VerifyReport(str(split_dir), problems=[])
     problems = report.problems
     n_classes = len(index["classes"])
@@ -463,6 +505,9 @@ def verify_split(split_dir: Path, sample: float = 1.0, seed: int = 0, progress: 
             try:
                 with tarfile.open(fileobj=hashed, mode="r|") as tar:
                     for member in tar:
+                        if not member.isfile():  # a folder, a link, a device: no sample's field
+                            problems.append(f"{shard['name']}: member {member.name} is not a file")
+                            continue
                         key, _, field = member.name.partition(".")
                         if key not in samples:
                             starts.append(member.offset)
@@ -535,7 +580,10 @@ def _check_shard_index(path: Path, starts: list[int], samples: dict[str, dict[st
 def verify(out: Path, sample: float = 1.0, progress: bool = True) -> list[VerifyReport]:
     """Verify every split under ``out`` (folders holding an index.json), or ``out`` itself if it is one."""
     out = Path(out)
-    dirs = [out] if (out / INDEX).exists() else sorted(p.parent for p in out.glob(f"*/{INDEX}"))
+    if (out / INDEX).exists() or (out / INCOMPLETE).exists():
+        dirs = [out]
+    else:  # an interrupted build's split too: it is reported, not passed over
+        dirs = sorted({p.parent for name in (INDEX, INCOMPLETE) for p in out.glob(f"*/{name}")})
     if not dirs:
         raise FileNotFoundError(f"no {INDEX} under {out}: nothing to verify")
     return [verify_split(d, sample, progress=progress) for d in dirs]

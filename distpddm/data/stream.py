@@ -10,7 +10,9 @@ without reading images, and only the samples still waiting in the batcher are fe
 
 Bad samples (an image that does not decode, a missing label) and unreadable shards are skipped with a
 warning naming shard and key, and counted; past ``max_skip_rate`` the run stops with :class:`BadDataError`
-rather than training on quietly shrinking data.
+rather than training on quietly shrinking data. A read error that may pass (an ``OSError`` opening a shard or
+its index, or part-way through reading it: an NFS hiccup, an S3 503) is first retried, ``READ_RETRIES`` times
+with exponential backoff, from the sample where it failed: a retry that succeeds changes no batch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +38,7 @@ from ..errors import BadDataError, CannotBatchError
 from .batcher import PKBatcher
 from .epochs import reader_ranges, seed_sequence
 from .images import IMAGE_EXTENSIONS
-from .shards import INDEX
+from .shards import INCOMPLETE, INDEX, IncompleteBuildError, incomplete_message
 from .tarindex import ShardIndex, idx_name, load_shard_index, read_range
 from .transforms import train_transform
 
@@ -69,9 +72,14 @@ def resolve_shards(spec: str | Path) -> ShardSet:
     if spec.endswith(".json"):
         import fsspec
 
-        with fsspec.open(spec, "r") as f:
-            index = json.load(f)
         base = spec.rsplit("/", 1)[0] if "/" in spec else "."
+        try:
+            with fsspec.open(spec, "r") as f:
+                index = json.load(f)
+        except FileNotFoundError:
+            if _exists(f"{base}/{INCOMPLETE}"):
+                raise IncompleteBuildError(incomplete_message(base)) from None
+            raise FileNotFoundError(f"no {INDEX} at {spec}: build the split with `distpddm shards build`") from None
         shards = index["shards"]
         return ShardSet(
             [f"{base}/{s['name']}" for s in shards],
@@ -89,12 +97,57 @@ def resolve_shards(spec: str | Path) -> ShardSet:
     return ShardSet(urls, None, None)
 
 
+def _exists(url: str) -> bool:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.exists(path)
+    except Exception:  # noqa: BLE001 -- only to word an error better: a store that cannot say says no
+        return False
+
+
 def _open(url: str):
     if "://" in url:
         import fsspec
 
         return fsspec.open(url, "rb").open()
     return open(url, "rb", buffering=1 << 20)  # noqa: SIM115 -- closed by the caller
+
+
+#: How often a read error that may pass is retried before its samples are counted as skipped, and the first
+#: wait (doubled at every retry: 0.5, 1, 2 s). Module constants, so that tests can make them small.
+READ_RETRIES = 3
+RETRY_BASE_S = 0.5
+#: OSErrors that say the file is not there or not ours to read: a retry would find the same.
+PERSISTENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_sleep = time.sleep  # tests replace it
+
+
+def _retry_after(where: str, error: BaseException, attempt: int) -> bool:
+    """Wait before retry ``attempt + 1`` of a read error (logged once, naming ``where`` and the error); False,
+    without waiting, when the error is no ``OSError``, one that does not pass, or the retries are spent."""
+    if not isinstance(error, OSError) or isinstance(error, PERSISTENT_ERRORS) or attempt >= READ_RETRIES:
+        return False
+    delay = RETRY_BASE_S * 2**attempt
+    log.warning(
+        "%s: %s: %s; retry %d of %d in %.1f s", where, type(error).__name__, error, attempt + 1, READ_RETRIES, delay
+    )
+    _sleep(delay)
+    return True
+
+
+def _after(attempts: int) -> str:
+    return f" after {attempts} retries" if attempts else ""
+
+
+def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
+    """Ascending sample numbers as ``[lo, hi)`` runs of consecutive ones."""
+    start = 0
+    for i in range(1, len(numbers) + 1):
+        if i == len(numbers) or numbers[i] != numbers[i - 1] + 1:
+            yield numbers[start], numbers[i - 1] + 1
+            start = i
 
 
 # ------------------------------------------------------------------------------------------------ bad data
@@ -367,35 +420,66 @@ class _EpochReader:
     # ------------------------------------------------------------------------------------------- reading
 
     def _unit(self, url: str, count: int, lo: int, hi: int, first: int) -> _Unit | None:
-        try:
-            index = load_shard_index(idx_name(url))
-            if len(index) != count:
-                raise ValueError(f"it lists {len(index)} samples, index.json {count}: rebuild the split")
-        except (OSError, ValueError, KeyError) as e:
-            self.counter.skip(url, f"no usable shard index {idx_name(url)} ({type(e).__name__}: {e})", hi - lo)
-            return None
+        attempt = 0
+        while True:
+            try:
+                index = load_shard_index(idx_name(url))
+                if len(index) != count:
+                    raise ValueError(f"it lists {len(index)} samples, index.json {count}: rebuild the split")
+                break
+            except (OSError, ValueError, KeyError) as e:
+                if _retry_after(idx_name(url), e, attempt):
+                    attempt += 1
+                    continue
+                why = f"no usable shard index {idx_name(url)} ({type(e).__name__}: {e}){_after(attempt)}"
+                self.counter.skip(url, why, hi - lo)
+                return None
         unit = _Unit(url, lo, hi, first, index)
         self.units.append(unit)
         return unit
 
     def _samples(self, unit: _Unit, start: int):
-        """``(n, raw sample | exception | None)`` from ``start`` to the unit's end; None: an unreadable shard,
-        counted once for all its samples."""
-        f = self._open(unit, unit.hi - start)
-        if f is None:
-            for n in range(start, unit.hi):
+        """``(n, raw sample | exception | None)`` from ``start`` to the unit's end (see :meth:`_read`)."""
+        return self._read(unit, list(range(start, unit.hi)))
+
+    def _read(self, unit: _Unit, numbers: list[int]) -> Iterator[tuple[int, dict | Exception | None]]:
+        """``(n, raw sample | exception | None)`` for the unit's samples ``numbers`` (ascending). An ``OSError``
+        opening the shard or reading it is retried (:func:`_retry_after`) from the sample it failed at, so a
+        retry that succeeds gives exactly the samples an undisturbed read gives; when the retries are spent (or
+        the error does not pass: a missing file), the samples not yet read are counted as skipped, once, naming
+        the shard and the error, and come back as None."""
+        done, attempt = 0, 0
+        while done < len(numbers):
+            error = None
+            try:
+                f = _open(unit.url)
+            except OSError as e:
+                error = e
+            else:
+                with f:
+                    for lo, hi in _runs(numbers[done:]):
+                        reader = read_range(f, unit.index, lo, hi)
+                        try:
+                            for n, sample in reader:
+                                if isinstance(sample, OSError):  # from this sample on, through a new handle
+                                    error = sample
+                                    break
+                                done, attempt = done + 1, 0
+                                yield n, sample
+                        finally:
+                            reader.close()
+                        if error is not None:
+                            break
+                if error is None:
+                    return
+            if _retry_after(unit.url, error, attempt):
+                attempt += 1
+                continue
+            why = f"shard unreadable ({type(error).__name__}: {error}){_after(attempt)}"
+            self.counter.skip(unit.url, why, len(numbers) - done)
+            for n in numbers[done:]:
                 yield n, None
             return
-        with f:
-            yield from read_range(f, unit.index, start, unit.hi)
-
-    def _open(self, unit: _Unit, samples: int):
-        """The unit's shard, open; or None, the ``samples`` it was to give counted as skipped, once."""
-        try:
-            return _open(unit.url)
-        except OSError as e:
-            self.counter.skip(unit.url, f"shard unreadable ({type(e).__name__}: {e})", samples)
-            return None
 
     def _check(self, item: tuple[int, dict | Exception | None], label: int, unit: _Unit) -> dict | None:
         n, sample = item
@@ -426,14 +510,9 @@ class _EpochReader:
         for u, todo in by_unit.items():
             unit = self.units[u]
             local = [unit.lo + p - unit.first for p in todo]
-            f = self._open(unit, len(todo))
-            if f is None:
-                self.held.update((p, (int(unit.index.labels[n]), None)) for p, n in zip(todo, local, strict=True))
-                continue
-            with f:
-                for p, n in zip(todo, local, strict=True):
-                    label = int(unit.index.labels[n])
-                    self.held[p] = (label, self._check(next(read_range(f, unit.index, n, n + 1)), label, unit))
+            for p, item in zip(todo, self._read(unit, local), strict=True):
+                label = int(unit.index.labels[item[0]])
+                self.held[p] = (label, self._check(item, label, unit))
 
     def _forget_dropped(self) -> None:
         for p in self.batcher.dropped:

@@ -90,11 +90,12 @@ def index_tar(path: str | Path) -> tuple[ShardIndex, list[str]]:
 
 
 def save_index(index: ShardIndex, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, offsets=index.offsets, labels=index.labels)
-    tmp.replace(path)
+    """Written atomically and durably (fsynced before and after its rename)."""
+    from ..durable import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, offsets=index.offsets, labels=index.labels)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_shard_index(url: str) -> ShardIndex:
@@ -155,15 +156,21 @@ def _add(sample: dict, name: str, data: bytes) -> None:
 
 def read_range(f, index: ShardIndex, lo: int, hi: int) -> Iterator[tuple[int, dict | Exception]]:
     """Samples ``lo .. hi - 1`` of an open, seekable shard: ``(n, sample)``, or ``(n, exception)`` for a sample
-    that does not parse (the next one is still found, from the index)."""
-    f.seek(int(index.offsets[lo]))
+    that does not parse or whose bytes do not read (an ``OSError``: the caller may retry from ``n``); the next
+    sample is still looked for, from the index."""
+    seek = True
     for n in range(lo, hi):
         size = int(index.offsets[n + 1] - index.offsets[n])
-        blob = f.read(size)
         try:
+            if seek:
+                f.seek(int(index.offsets[n]))
+                seek = False
+            blob = f.read(size)
             if len(blob) != size:
                 raise EOFError(f"shard ends {size - len(blob)} bytes early")
-            yield n, parse_sample(blob)
-        except (tarfile.TarError, ValueError, EOFError, UnicodeError) as e:
+            sample = parse_sample(blob)
+        except (tarfile.TarError, ValueError, EOFError, UnicodeError, OSError) as e:
+            seek = True
             yield n, e
-            f.seek(int(index.offsets[n + 1]))
+            continue
+        yield n, sample
