@@ -105,15 +105,28 @@ def _train(args: argparse.Namespace) -> int:
     from .ray_cluster import TrainingFailed
     from .train.stop import EXIT_PREEMPTED, Preempted
 
+    if args.fresh and args.force:
+        print("error: --fresh starts a new run, --force resumes this one: give one of them", file=sys.stderr)
+        return 2
+    if args.fresh:
+        import dataclasses
+
+        from .train.runfolder import fresh_name
+
+        cfg = dataclasses.replace(cfg, name=fresh_name(cfg))
+        print(f"a new run: name={cfg.name}, in {cfg.output_location()}")
     try:
         if args.local:
             from .train.launch import train_local
 
-            metrics = train_local(cfg)
+            metrics = train_local(cfg, force=args.force)
         else:
             from .train.launch import train_ray
 
-            metrics = train_ray(cfg, args.address).metrics or {}
+            metrics = train_ray(cfg, args.address, force=args.force).metrics or {}
+    except ConfigError as e:  # the run folder's checkpoints are another run's
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except DeterministicError as e:  # retrying cannot fix it: the message says what to change
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -153,7 +166,7 @@ def _smoke(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .errors import DeterministicError
-    from .evaluate import RECALL_KS, evaluate_folder, extract, resolve_model
+    from .evaluate import RECALL_KS, default_out, evaluate_folder, extract, resolve_model
     from .ray_cluster import TrainingFailed
 
     try:
@@ -168,8 +181,7 @@ def _eval(args: argparse.Namespace) -> int:
                 print("error: RUN_OR_MODEL and --shards SPLIT are needed (or --embeddings DIR)", file=sys.stderr)
                 return 2
             model, run = resolve_model(args.run)
-            split = Path(args.shards).name
-            out = Path(args.out) if args.out else (run or model.parent) / f"eval-{split}"
+            out = Path(args.out) if args.out else default_out(model, run, args.shards)
             folder = out
             n = extract(
                 model,
@@ -274,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100 data.images_per_class=4")
     t.add_argument("--local", action="store_true", help="run in this process (or under torchrun), without Ray")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    t.add_argument("--fresh", action="store_true", help="a new run in a new folder (name-2, name-3...)")
+    t.add_argument(
+        "--force", action="store_true", help="resume the run folder's checkpoints even if another config made them"
+    )
     t.set_defaults(func=_train)
 
     j = sub.add_parser("submit", help="submit a training run to a running Ray cluster as a Ray Job")
@@ -297,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", nargs="?", metavar="RUN_OR_MODEL", help="a run folder (with model.pt) or a model.pt")
     e.add_argument("--shards", help="the split to evaluate (a folder with index.json), class-disjoint from training")
     e.add_argument("--embeddings", metavar="DIR", help="recompute metrics from an earlier extraction folder")
-    e.add_argument("--out", help="output folder (default: RUN/eval-<split>)")
+    e.add_argument("--out", help="output folder (default: RUN/eval-<split>; a checkpoint's: RUN/eval-<split>-<step>)")
     e.add_argument("--local", action="store_true", help="embed in this process instead of on Ray workers")
     e.add_argument("--workers", type=int, default=2, help="Ray workers for the extraction (default 2)")
     e.add_argument("--gpu", action="store_true", help="one GPU per worker (bf16 backbone)")

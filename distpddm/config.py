@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,8 +274,8 @@ def _shards_exist(spec: str) -> bool:
     if "://" in spec or spec.startswith("pipe:"):
         return True  # remote: the reader reports what it cannot open
     p = Path(spec)
-    if p.is_dir():
-        return (p / "index.json").exists()
+    if p.is_dir():  # a build under way or interrupted leaves index.incomplete (distpddm.data.shards) instead
+        return (p / "index.json").exists() and not (p / "index.incomplete").exists()
     if "{" in spec:
         import braceexpand
 
@@ -290,6 +291,11 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
         if not cond:
             errors.append(msg)
 
+    need(
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name) is not None and ".." not in cfg.name,
+        f"name {cfg.name!r} must be one folder name (letters, digits, '.', '_', '-'; no '/' or '..'): the run "
+        "folder is ray.storage_path/name",
+    )
     need(bool(d.train_shards), "data.train_shards is empty: name the training split's shard folder")
     need(
         d.images_per_class >= 2,
@@ -347,10 +353,13 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> None:
     if check_paths:
         if d.train_shards:
             exists = _shards_exist(d.train_shards)
+            interrupted = (Path(d.train_shards) / "index.incomplete").exists()
             need(
                 exists,
-                f"data.train_shards: no shards at {d.train_shards!r} (expected a "
-                "folder with index.json, from `distpddm shards build`)",
+                f"data.train_shards: {d.train_shards!r} holds an interrupted `distpddm shards build`: rerun it"
+                if interrupted
+                else f"data.train_shards: no shards at {d.train_shards!r} (expected a folder with index.json, from "
+                "`distpddm shards build`)",
             )
             if exists:
                 errors += _check_batchable(cfg)

@@ -28,6 +28,10 @@ class NonFiniteLossError(DeterministicError):
     """``train.nan_abort_after`` consecutive non-finite losses."""
 
 
+class NonFiniteWeightsError(DeterministicError):
+    """Weights that are not finite when a checkpoint or the export is due (non-finite gradients)."""
+
+
 class RunAborted(DeterministicError):
     """A run stopped by a :class:`DeterministicError` on one or more workers (the message says which)."""
 

@@ -69,6 +69,34 @@ def resolve_model(run_or_model: str | Path) -> tuple[Path, Path | None]:
     return p, (p.parent if (p.parent / "metrics.jsonl").is_file() else None)
 
 
+def _checkpoint_run(model: Path) -> tuple[Path, str] | None:
+    """(the run folder, the checkpoint's name) for a model.pt inside a run's checkpoint folder
+    (``checkpoints/step-N`` of ``--local``, Ray's ``checkpoint_<time>``), whose folder pruning deletes."""
+    folder = model.parent
+    if folder.parent.name == "checkpoints" and folder.name.startswith("step-"):
+        return folder.parent.parent, folder.name
+    if folder.name.startswith("checkpoint_"):
+        return folder.parent, folder.name
+    return None
+
+
+def default_out(model: Path, run: Path | None, shards: str) -> Path:
+    """Where ``distpddm eval`` writes without ``--out``: ``eval-<split>`` in the run folder (for a checkpoint's
+    model, in the run folder beside it, ``eval-<split>-<checkpoint>``: pruning would delete it inside); when
+    that folder holds the results of another split of the same name, a name with the split's digest."""
+    import hashlib
+
+    split = Path(str(shards).rstrip("/")).name
+    inside = _checkpoint_run(Path(model).resolve())
+    base, name = (inside[0], f"eval-{split}-{inside[1]}") if inside else ((run or model.parent), f"eval-{split}")
+    out = Path(base) / name
+    where = str(shards) if "://" in str(shards) else str(Path(shards).resolve())
+    source = out / SOURCE
+    if source.is_file() and json.loads(source.read_text()).get("shards") not in (None, where):
+        out = out.with_name(f"{name}-{hashlib.sha256(where.encode()).hexdigest()[:8]}")
+    return out
+
+
 def _eval_worker(config: dict) -> None:
     """One rank of a distributed extraction (a Ray Train worker, or the only process with ``--local``)."""
     from .data.evalset import EvalDataset

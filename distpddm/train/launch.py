@@ -19,10 +19,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..config import RunConfig, save_config
-from ..errors import ClusterResourcesError, RunAborted
+from ..dist import agree, init_device
+from ..errors import ClusterResourcesError, DeterministicError, RunAborted
 from . import stop
 from .checkpoint import LocalPersistence
 from .outputs import RunOutput, is_remote, run_location
+from .runfolder import RunLock, check_resume
 from .trainer import ABORTED, ray_train_loop, run_worker
 
 log = logging.getLogger("distpddm.train")
@@ -35,9 +37,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_local(cfg: RunConfig) -> dict:
+def _split_digest(cfg: RunConfig) -> str | None:
+    from ..data.stream import resolve_shards
+
+    try:
+        return resolve_shards(cfg.data.train_shards).digest
+    except (OSError, ValueError, KeyError):  # the workers report an unreadable split, each in its own words
+        return None
+
+
+def claim(cfg: RunConfig, out: RunOutput, *, force: bool = False) -> RunLock:
+    """The run folder, locked for this run, checked to hold no other run's checkpoints (unless ``force``),
+    then given this run's config and cleared of an earlier attempt's stop request and outcome. Release the
+    returned lock when the run ends."""
+    lock = RunLock(out.location).__enter__()
+    try:
+        check_resume(cfg, _split_digest(cfg), force=force)
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    save_config(cfg, out.local / "config.yaml")  # after the check: it describes the checkpoints beside it
+    out.remove(ABORTED)  # an earlier attempt's; this one writes its own if it must stop
+    stop.clear(out)
+    return lock
+
+
+def train_local(cfg: RunConfig, *, force: bool = False) -> dict:
     """One process (or every process of a torchrun launch): no Ray, the same worker code. SIGUSR1 / SIGTERM
-    to any process stop the run at the next step with a checkpoint (:class:`~.stop.Preempted`)."""
+    to any process stop the run at the next step with a checkpoint (:class:`~.stop.Preempted`). Rank 0 holds
+    the run folder (:func:`claim`); a refusal there stops every rank."""
     if is_remote(cfg.ray.storage_path):
         raise ValueError(
             f"ray.storage_path={cfg.ray.storage_path!r} is remote: --local keeps checkpoints in a local or shared "
@@ -50,21 +78,27 @@ def train_local(cfg: RunConfig) -> dict:
                               LOCAL_RANK="0")  # fmt: skip
         backend = "nccl" if cfg.ray.use_gpu else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    lock, error = None, None
     if dist.get_rank() == 0:
-        save_config(cfg, out.local / "config.yaml")
-        stop.clear(out)
+        try:
+            lock = claim(cfg, out, force=force)
+        except DeterministicError as e:
+            error = e
     previous = stop.install()
     try:
+        agree(error, init_device(cfg.ray.use_gpu))
         metrics = run_worker(cfg, LocalPersistence(out.local, cfg.train.keep_checkpoints), out)
     finally:
         stop.restore(previous)
         dist.destroy_process_group()
+        if lock is not None:
+            lock.__exit__(None, None, None)
     if metrics.pop("preempted", False):  # every rank alike
         raise stop.Preempted(metrics["step"], out.location)
     return metrics
 
 
-def train_ray(cfg: RunConfig, address: str | None = None):
+def train_ray(cfg: RunConfig, address: str | None = None, *, force: bool = False):
     """Ray Train's TorchTrainer with ``ray.num_workers`` workers placed by ``ray.placement_strategy``; restarts
     failed workers from the last checkpoint up to ``ray.max_failures`` times. A deterministic failure (bad data,
     non-finite losses, a config that cannot work) spends no retry: it raises :class:`RunAborted` with the
@@ -78,12 +112,14 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     storage = cfg.ray.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    started_here = connect_ray(address, cfg.ray.num_workers * cfg.ray.cpus_per_worker)
     out = RunOutput(run_location(storage, cfg.name))
-    save_config(cfg, out.local / "config.yaml")
-    out.remove(ABORTED)  # an earlier attempt's; this one writes its own if it must stop
-    stop.clear(out)
+    lock = claim(cfg, out, force=force)  # the driver holds the run folder while the run lives
     out.push()
+    try:
+        started_here = connect_ray(address, cfg.ray.num_workers * cfg.ray.cpus_per_worker)
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
     loop_config = {"config": cfg.to_dict(), "output": out.location,
                    "deepspeed": json.loads(Path(cfg.train.deepspeed).read_text())}  # fmt: skip
     trainer = torch_trainer(
@@ -94,9 +130,7 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     )  # fmt: skip
     watch = ResourceWatch(cfg.ray)
     # After ray.init, which sets its own SIGTERM handler (exit at once).
-    previous = stop.install(lambda signum, _frame: _request_stop(out, signum))
-    if stop.pending():  # a signal while Ray started
-        _request_stop(out, None)
+    previous = stop.install(lambda what: _request_stop(out, what))  # also for a signal while Ray started
     try:
         watch.wait_until_fit()
         with watch:
@@ -114,6 +148,7 @@ def train_ray(cfg: RunConfig, address: str | None = None):
         out.close()
         if started_here:  # leave no local cluster (or a recovered run's leftovers) waiting at exit
             ray.shutdown()
+        lock.__exit__(None, None, None)
     if aborted:
         why = json.loads(aborted)
         raise RunAborted(f"{why['error']}: {why['message']}")
@@ -122,11 +157,8 @@ def train_ray(cfg: RunConfig, address: str | None = None):
     return result
 
 
-def _request_stop(out: RunOutput, signum: int | None) -> None:
-    """The driver's signal handler: the workers (elsewhere) see the request in the run folder."""
-    import signal
-    import threading
-
-    what = signal.Signals(signum).name if signum else "a stop request"
+def _request_stop(out: RunOutput, what: str) -> None:
+    """The driver's action on a stop request (``what``: the signal), run by :mod:`.stop`'s watcher thread, not
+    in the signal handler: the workers (elsewhere) see the request in the run folder."""
     log.warning("%s: the workers save a checkpoint at their next step, then stop", what)
-    threading.Thread(target=out.write_text, args=(stop.STOP_REQUEST, what), daemon=False).start()
+    out.write_text(stop.STOP_REQUEST, what)

@@ -21,6 +21,7 @@ class MetricsLog:
         from tqdm.auto import tqdm
 
         out.mkdir(parents=True, exist_ok=True)
+        drop_partial_line(out / "metrics.jsonl")
         self.jsonl = open(out / "metrics.jsonl", "a")  # noqa: SIM115 -- lives as long as the run
         from torch.utils.tensorboard import SummaryWriter
 
@@ -67,6 +68,22 @@ class MetricsLog:
         for h in (self.bar, self.tb, self.jsonl):
             if h is not None:
                 h.close()
+
+
+def drop_partial_line(path: Path) -> None:
+    """A killed run may leave half a JSON line at the end of the file: cut it, so that the resumed run's first
+    line is not glued to it (every whole line is kept)."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+    logging.getLogger("distpddm.train").warning(
+        "%s ended in half a line (%d bytes, a run killed while writing): removed", path, len(data) - keep
+    )
 
 
 def own_log_handler() -> None:

@@ -28,12 +28,13 @@ from ..config import RunConfig, deepspeed_config, from_dict
 from ..criterion import build_loss, inner_loss
 from ..data.stream import PKBatchDataset, resolve_shards
 from ..data.transforms import normalize_batch, train_transform
-from ..dist import agree, all_finite, device_time, init_device, max_over_ranks, rank_and_world
-from ..errors import DeterministicError, NonFiniteLossError
+from ..dist import agree, all_finite, any_rank, device_time, init_device, max_over_ranks, rank_and_world
+from ..errors import DeterministicError, NonFiniteLossError, NonFiniteWeightsError
 from ..model import create_model, export_model
 from ..validation import Validator
 from ..wrappers import CrossDevice
-from .checkpoint import Persistence, RayPersistence, load_checkpoint, save_checkpoint
+from .checkpoint import Persistence, RayPersistence, resume_latest, save_checkpoint
+from .health import CollapseWatch
 from .metrics_log import MetricsLog, own_log_handler
 from .outputs import RunOutput
 from .schedule import Schedule, apply_config, param_groups, set_learning_rates
@@ -99,6 +100,9 @@ class Trainer:
         self.net, self.loss = self.engine.module.net, self.engine.module.criterion
         self.criterion = CrossDevice(loss)
         self.validator = Validator(cfg, self.device)
+        alpha = getattr(self.loss, "alpha", None)  # a loss with a learned metric's margin (PDDMLoss)
+        patience = max(100, 5 * cfg.train.log_every)
+        self.collapse = CollapseWatch(alpha, patience) if self.rank == 0 and alpha else None
         self.resume(groups)
         self.watch, self.stopped = StopWatch(out, self.rank), False
         self.last: dict = {}  # the latest of each figure: what checkpoints and Ray reports carry
@@ -114,6 +118,7 @@ class Trainer:
         shard_set, error = None, None
         try:
             shard_set = resolve_shards(self.cfg.data.train_shards)
+            self.split_digest = shard_set.digest
             if self.rank == 0:
                 _warn_about_split(self.cfg, shard_set, self.world)
         except (DeterministicError, ValueError, FileNotFoundError) as e:  # missing or damaged shards on this node
@@ -136,8 +141,8 @@ class Trainer:
         """The engine, RNG and stream position from the latest checkpoint (if any); base rates, weight decay and
         betas from the config; the schedule continued, or recomputed where its settings changed."""
         cfg = self.cfg
-        with self.persistence.latest() as ckpt:
-            resumed = load_checkpoint(self.engine, ckpt, cfg)
+        resumed = resume_latest(self.engine, self.persistence, cfg, self.device)
+        ckpt = resumed.source
         apply_config(self.optimizer, groups, cfg)
         self.step, self.resumed_data, self.baseline = resumed.step, resumed.data, resumed.baseline
         self.schedule = resumed.schedule.resumed(cfg, self.step) if resumed.schedule else Schedule.from_config(cfg)
@@ -289,9 +294,11 @@ class Trainer:
     def _step_metrics(self, loss, stats: dict, batch: int, where, times: dict) -> dict:
         total = sum(times.values())
         gather = self.criterion.timings.get("gather", 0.0)
+        stats = {k: float(v) for k, v in stats.items()}
         return {
             "loss": float(loss.detach()),
-            **{k: float(v) for k, v in stats.items()},
+            **stats,
+            **(self.collapse(self.step, stats) if self.collapse is not None else {}),
             "lr": self.lr_of.get("backbone/decay", self.optimizer.param_groups[0])["lr"],
             "head_lr": self.lr_of.get("heads/decay", self.optimizer.param_groups[-1])["lr"],
             "images_per_s": self.world * batch / total,
@@ -309,17 +316,28 @@ class Trainer:
     # ---------------------------------------------------------------------------- checkpoints and the end
 
     def save_checkpoint(self) -> None:
-        """A checkpoint at the current step, reported to the persistence (collective: every rank writes its
-        part; the furthest data epoch of any rank goes with it)."""
+        """A checkpoint at the current step, reported to the persistence (collective: every rank checks its
+        weights are finite and writes its part; the furthest data epoch of any rank goes with it)."""
+        self.check_weights()
         self.stream_state.epoch_all = max_over_ranks(self.stream_state.epoch, self.device)
         staging = save_checkpoint(
             self.engine, self.persistence, self.cfg, self.step, self.schedule, self.stream_state, self.last,
-            self.baseline, metric=self.exported_metric(),
+            self.baseline, metric=self.exported_metric(), split_digest=self.split_digest,
         )  # fmt: skip
         self.persistence.report({"step": self.step, **self.baseline, **self.last}, staging)
         if self.rank == 0:
             self.log.flush()
             self.out.push()
+
+    def check_weights(self) -> None:
+        """Collective: stop every rank before a checkpoint or export when any weight is not finite (a finite
+        loss with non-finite gradients), so that no NaN weights become the checkpoint a resume takes."""
+        finite = all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters())
+        if any_rank(not finite, self.device):
+            raise NonFiniteWeightsError(
+                f"weights are not finite at step {self.step} (non-finite gradients from a finite loss): no "
+                "checkpoint is written and the last one stays; lower optim.lr or check the data"
+            )
 
     def exported_metric(self) -> nn.Module | None:
         """The loss whose learned metric goes beside the network in ``model.pt`` (PDDM, Mahalanobis)."""
@@ -340,7 +358,7 @@ class Trainer:
                 write_preempted(self.out, self.step)
                 log.warning("stopped on request at step %d (checkpoint saved); rerun the command to resume", self.step)
         else:
-            self.export()
+            self.export()  # the last step's checkpoint checked the weights
 
     def close(self) -> None:
         if self.log is not None:

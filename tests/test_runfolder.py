@@ -1,0 +1,189 @@
+"""A run folder is one run's own: the lock, the resume check, checkpoints that are whole, pruning, RNG state
+without pickle, the metrics file a killed run leaves, and where `distpddm eval` and `smoke` write."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distpddm.config import RunConfig, TrainConfig
+from distpddm.train import checkpoint
+from distpddm.train.checkpoint import LocalPersistence, check_whole
+from distpddm.train.metrics_log import drop_partial_line
+from distpddm.train.runfolder import ResumeRefused, RunInUse, RunLock, check_resume, config_differences, fresh_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_lock_refuses_a_second_holder_and_names_the_first():
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    with RunLock(folder), pytest.raises(RunInUse, match=rf'in use by a living run \(.*"pid": {os.getpid()}'):
+        RunLock(folder).__enter__()
+    with RunLock(folder):  # released at the end of the first
+        pass
+
+
+def test_a_dead_owner_does_not_hold_the_lock(tmp_path):
+    """SIGKILL gives the holder no chance to clean up; the kernel releases the lock with the process."""
+    code = "import sys, time; from distpddm.train.runfolder import RunLock; RunLock(sys.argv[1]).__enter__(); " \
+           "print('held', flush=True); time.sleep(60)"  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunInUse):
+        RunLock(str(tmp_path)).__enter__()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    with RunLock(str(tmp_path)):
+        pass
+
+
+def _cfg(tmp_path, **train) -> RunConfig:
+    cfg = RunConfig(name="r", train=TrainConfig(**train))
+    import dataclasses
+
+    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, storage_path=str(tmp_path)))
+
+
+def _checkpoint(tmp_path, step: int, cfg: RunConfig, digest="abc") -> Path:
+    folder = tmp_path / "r" / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    state = {"step": step, "config": cfg.to_dict(), "split_digest": digest}
+    (folder / checkpoint.CLIENT_STATE).write_text(json.dumps(state))
+    return folder
+
+
+def test_a_rerun_resumes_only_checkpoints_of_the_same_config_and_split(tmp_path):
+    saved = _cfg(tmp_path, steps=100, seed=1)
+    _checkpoint(tmp_path, 10, saved)
+    longer = _cfg(tmp_path, steps=200, seed=1, log_every=5)  # a supported resume: longer, logs more often
+    assert check_resume(longer, "abc")["step"] == 10
+    other = _cfg(tmp_path, steps=100, seed=2)
+    with pytest.raises(ResumeRefused, match=r"holds checkpoints \(step 10\) of another run: train.seed: 1 -> 2\."):
+        check_resume(other, "abc")
+    with pytest.raises(ResumeRefused, match=r"data.train_shards: another split \(digest abc -> xyz\)"):
+        check_resume(saved, "xyz")
+    assert check_resume(other, "xyz", force=True)["step"] == 10  # --force
+    assert config_differences(saved.to_dict(), longer) == []
+    assert fresh_name(saved) == "r-2"  # --fresh: a folder of its own
+    assert fresh_name(_cfg(tmp_path / "empty")) == "r"
+
+
+def test_resume_takes_the_newest_whole_checkpoint_whatever_latest_names(tmp_path):
+    store = LocalPersistence(tmp_path / "r", keep=2)
+    for step in (10, 20):
+        _checkpoint(tmp_path, step, _cfg(tmp_path))
+    (store.root / "latest").write_text("step-00000030")  # names a folder removed since
+    with store.candidates() as found:
+        assert [p.name for p in found] == ["step-00000020", "step-00000010"]
+
+
+def _staged(root: Path, step: int) -> Path:
+    folder = root / f".tmp-step-{step:08d}"
+    (folder / "checkpoint").mkdir(parents=True)
+    torch.save({"w": torch.arange(10.0)}, folder / "checkpoint" / "mp_rank_00_model_states.pt")
+    (folder / checkpoint.CLIENT_STATE).write_text(json.dumps({"step": step}))
+    checkpoint._write_manifest(folder, 0)
+    return folder
+
+
+def test_pruning_never_removes_the_checkpoint_just_committed(tmp_path, monkeypatch):
+    """A folder from an abandoned, longer timeline (step 30) must not push out the new step 10 with keep 1."""
+    monkeypatch.setattr(checkpoint, "barrier", lambda: None)
+    store = LocalPersistence(tmp_path, keep=1)
+    store.root.mkdir(parents=True)
+    (store.root / "step-00000030").mkdir()
+    store.report({}, _staged(store.root, 10))
+    assert (store.root / "step-00000010").is_dir() and (store.root / "latest").read_text() == "step-00000010"
+    store.report({}, _staged(store.root, 20))
+    assert sorted(p.name for p in store.root.glob("step-*")) == ["step-00000020", "step-00000030"]
+    assert not list(store.root.glob(".tmp-*"))
+
+
+def test_a_checkpoint_that_is_not_whole_is_named(tmp_path):
+    folder = _staged(tmp_path, 5)
+    assert check_whole(folder, 0) is None
+    states = folder / "checkpoint" / "mp_rank_00_model_states.pt"
+    data = states.read_bytes()
+    states.write_bytes(data[: len(data) // 2])  # a truncated write (disk full, power loss)
+    assert "missing or truncated" in check_whole(folder, 0)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        member = max(archive.infolist(), key=lambda i: i.file_size)  # the tensor's bytes
+    header = data[member.header_offset : member.header_offset + 30]
+    start = (
+        member.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    )
+    flipped = bytearray(data)
+    flipped[start + member.file_size // 2] ^= 0xFF  # the same size, one byte changed: only the CRC can tell
+    states.write_bytes(bytes(flipped))
+    assert "fails its CRC" in check_whole(folder, 0)
+    states.write_bytes(data)
+    (folder / checkpoint.CLIENT_STATE).write_text('{"step"x 5}')  # as long as '{"step": 5}', not JSON
+    assert "unreadable" in check_whole(folder, 0)
+    (folder / "manifest_rank0.json").rename(folder / "manifest_rank1.json")
+    assert "no manifest of rank 0" in check_whole(folder, 0)  # another rank's manifest: this one's is lost
+    (folder / "manifest_rank1.json").unlink()
+    (folder / checkpoint.CLIENT_STATE).write_text("{}")
+    assert check_whole(folder, 0) is None  # no manifest at all: an older checkpoint, only loading can tell
+
+
+def test_rng_state_goes_through_json_and_comes_back():
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    state = json.loads(json.dumps(checkpoint._rng_state()))  # nothing but JSON: no pickle
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    checkpoint._set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_half_a_line_left_by_a_killed_run_is_cut(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    drop_partial_line(path)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    drop_partial_line(path)  # whole lines: untouched
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_eval_writes_beside_a_checkpoint_and_never_over_another_split(tmp_path):
+    from distpddm.evaluate import default_out
+
+    run = tmp_path / "run"
+    model = run / "checkpoints" / "step-00000010" / "model.pt"
+    model.parent.mkdir(parents=True)
+    model.touch()
+    assert default_out(model, None, str(tmp_path / "a" / "test")) == run / "eval-test-step-00000010"
+    out = default_out(run / "model.pt", run, str(tmp_path / "a" / "test"))
+    assert out == run / "eval-test"
+    out.mkdir()
+    (out / "source.json").write_text(json.dumps({"shards": str(tmp_path / "a" / "test")}))
+    assert default_out(run / "model.pt", run, str(tmp_path / "a" / "test")) == out  # the same split: again
+    other = default_out(run / "model.pt", run, str(tmp_path / "b" / "test"))
+    assert other.parent == run and other.name.startswith("eval-test-") and other != out
+
+
+def test_smoke_replaces_only_a_smoke_run(tmp_path):
+    real = tmp_path / "smoke"  # configs/smoke.yaml's name: a real run of that name lives here
+    (real / "checkpoints").mkdir(parents=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "distpddm.cli", "smoke", "--steps", "2", "--device", "cpu", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "is not a smoke run" in result.stderr
+    assert (real / "checkpoints").is_dir()
