@@ -37,8 +37,9 @@ def font_shards(tmp_path_factory):
 
 @pytest.fixture
 def ray_tmp():
-    """The jobs' Ray temporary folder: short (Ray's socket paths stay under 108 bytes), removed after."""
-    path = tempfile.mkdtemp(prefix="distpddm-slurm-", dir="/tmp")
+    """Where the jobs' Ray keeps its temporary folders (DISTPDDM_RAY_TMP): short (Ray's socket paths stay under 108
+    bytes), removed after."""
+    path = tempfile.mkdtemp(prefix="dpslurm-", dir="/tmp")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -89,6 +90,12 @@ def _ckpt_steps(run: Path) -> list[int]:
     return sorted(json.loads(p.read_text())["step"] for p in run.glob("checkpoint_*/distpddm_state.json"))
 
 
+def _left_behind(ray_tmp: str, job: str) -> list[str]:
+    """What a job left in /tmp: its Ray folders (mktemp's ray-JOB.XXXXXX, one a node) and the driver's status."""
+    left = [str(p) for p in Path(ray_tmp).rglob("*")] + [str(p) for p in Path("/tmp").glob(f"distpddm-{job}.*")]
+    return sorted(left)
+
+
 def test_sbatch_wait_runs_a_cpu_smoke_config_to_its_checkpoint_and_metrics(cluster, font_shards, tmp_path, ray_tmp):
     env = _job_env(cluster, ray_tmp)
     log = tmp_path / "job.log"
@@ -102,6 +109,7 @@ def test_sbatch_wait_runs_a_cpu_smoke_config_to_its_checkpoint_and_metrics(clust
     assert [m["step"] for m in _metrics(run) if "loss" in m] == [5, 10, 15, 20]
     assert (run / "model.pt").exists()
     assert "ray: 1 node(s) up" in text and "done: step 20" in text
+    assert _left_behind(ray_tmp, got.stdout.split()[-1]) == []
     config = (run / "config.yaml").read_text()
     assert "num_workers: 1" in config and "cpus_per_worker: 2" in config and "use_gpu: false" in config
     print(f"slurm: sbatch --wait of a 20-step smoke run: {took:.1f} s")
@@ -167,6 +175,7 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes_at_the_saved_ste
     logged = [m["step"] for m in _metrics(run) if "loss" in m]
     assert logged == list(range(1, steps + 1))  # each step once: the second attempt began at the saved step
     assert (run / "model.pt").exists() and not (run / "preempted.json").exists()
+    assert _left_behind(ray_tmp, job) == []  # after both attempts
     print(
         f"slurm: preemption at step {stopped}: {t_steps - t0:.1f} s to step 5, {t_requeued - t_steps:.1f} s from "
         f"USR1 to the requeued job pending, {t_done - t_requeued:.1f} s for the second attempt"

@@ -5,6 +5,7 @@ a node do not collide unless their ids are equal modulo :data:`SLOTS`. Workers c
 variables of the allocation (nodes alike): with GPUs, one worker per GPU (``SLURM_GPUS_ON_NODE`` x nodes)
 sharing the node's CPUs; without, one worker per node holding all of its CPUs (``SLURM_CPUS_ON_NODE``).
 
+    python -m distpddm.train.slurm check-ray ["$(ray --version)"]   # exit 2 (one line on stderr): Ray too old
     python -m distpddm.train.slurm env          # shell assignments (eval them)
     python -m distpddm.train.slurm wait ADDRESS NODES TIMEOUT_S [PID ...]   # PIDs: the `ray start`s to watch
 """
@@ -18,6 +19,8 @@ import sys
 import time
 from collections.abc import Mapping
 
+from .stop import EXIT_PREEMPTED
+
 BASE, BLOCK, SLOTS = 20000, 200, 63  # ports 20000..32599: below Linux's ephemeral range (32768-60999)
 PORT_NAMES = (  # ray start's --<name>-port ("gcs": --port), in the job's block
     "gcs", "node-manager", "object-manager", "ray-client-server", "dashboard-agent-listen",
@@ -25,6 +28,45 @@ PORT_NAMES = (  # ray start's --<name>-port ("gcs": --port), in the job's block
     "dashboard",  # with ray[default] the head runs a dashboard process even with --include-dashboard=false
 )  # fmt: skip
 WORKER_PORTS = 10  # offset of the worker port range (to the end of the block)
+MIN_RAY = (2, 52)  # token authentication (RAY_AUTH_MODE=token), which the job's cluster relies on
+
+
+def ray_problem(version: str | None, what: str = "Ray") -> str | None:
+    """Why ``version`` (of ``what``; None: not installed) cannot host the job's cluster, in one line; None when
+    it can. A Ray older than :data:`MIN_RAY` ignores ``RAY_AUTH_MODE=token``: its ports would take anyone's
+    requests."""
+    if not version:
+        return f"{what} is not installed"
+    match = re.match(r"\s*(\d+)\.(\d+)", version)
+    if not match:
+        return f"{what}: cannot read its version from {version!r}"
+    if (int(match[1]), int(match[2])) < MIN_RAY:
+        need = ".".join(map(str, MIN_RAY))
+        return (
+            f"{what} {version.strip()} is older than {need}, which has token authentication (RAY_AUTH_MODE=token): "
+            f"its ports would be open to anyone on the network; install ray>={need}"
+        )
+    return None
+
+
+def check_ray(cli_says: str | None = None) -> str | None:
+    """:func:`ray_problem` of this Python's Ray, then of the ``ray`` command's (``cli_says``: what ``ray
+    --version`` printed, e.g. ``ray, version 2.60.0``; None: not checked)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("ray")
+    except PackageNotFoundError:
+        installed = None
+    problem = ray_problem(installed, f"Ray for {sys.executable}")
+    if problem or cli_says is None:
+        return problem
+    if not cli_says.strip():
+        return "no `ray` command on PATH (or `ray --version` failed)"
+    match = re.search(r"version\s+(\S+)", cli_says)
+    if not match:
+        return f"`ray --version` said {cli_says.strip()[:200]!r}, not a version"
+    return ray_problem(match[1], "the `ray` command on PATH")
 
 
 def ports(job_id: int) -> dict[str, int]:
@@ -54,10 +96,12 @@ def layout(env: Mapping[str, str]) -> dict[str, int | bool]:
 
 
 def shell_env(env: Mapping[str, str]) -> str:
-    """``NAME=value`` lines for the batch script: RAY_<PORT> for each port, and the layout in upper case."""
+    """``NAME=value`` lines for the batch script: RAY_<PORT> for each port, the layout in upper case, and
+    EXIT_PREEMPTED (the driver's exit status when it stopped on request with a checkpoint: requeue then)."""
     job = int(env.get("SLURM_JOB_ID", "0"))
     lines = [f"RAY_{name.upper().replace('-', '_')}_PORT={p}" for name, p in ports(job).items()]
     lines += [f"{k.upper()}={str(v).lower()}" for k, v in layout(env).items()]
+    lines.append(f"EXIT_PREEMPTED={EXIT_PREEMPTED}")
     return "\n".join(lines)
 
 
@@ -100,6 +144,12 @@ def wait_for_nodes(address: str, nodes: int, timeout: float, pids: list[int] = (
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["check-ray"] and len(argv) <= 2:
+        problem = check_ray(argv[1] if len(argv) == 2 else None)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        return 0
     if argv[:1] == ["env"]:
         print(shell_env(os.environ))
         return 0
