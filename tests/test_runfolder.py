@@ -22,6 +22,7 @@ from distpddm.train import checkpoint
 from distpddm.train.checkpoint import LocalPersistence, check_whole
 from distpddm.train.metrics_log import drop_partial_line
 from distpddm.train.runfolder import ResumeRefused, RunInUse, RunLock, check_resume, config_differences, fresh_name
+from tests import fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,8 +182,11 @@ def test_eval_writes_beside_a_checkpoint_and_never_over_another_split(tmp_path):
 def test_smoke_replaces_only_a_smoke_run(tmp_path):
     real = tmp_path / "smoke"  # configs/smoke.yaml's name: a real run of that name lives here
     (real / "checkpoints").mkdir(parents=True)
+    picture = fixtures.jpeg_bytes(np.zeros((32, 32, 3), np.uint8))  # its own shards: a clean clone has none yet
+    fixtures.write_shards(tmp_path / "train", [(n // 4, picture) for n in range(4 * 16)], per_shard=64)
     result = subprocess.run(
-        [sys.executable, "-m", "distpddm.cli", "smoke", "--steps", "2", "--device", "cpu", "--out", str(tmp_path)],
+        [sys.executable, "-m", "distpddm.cli", "smoke", "--steps", "2", "--device", "cpu", "--out", str(tmp_path),
+         f"data.train_shards={tmp_path / 'train'}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2 and "is not a smoke run" in result.stderr
