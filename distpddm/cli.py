@@ -103,6 +103,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     from .errors import DeterministicError
     from .ray_cluster import TrainingFailed
+    from .train.checkpoint import CheckpointUnreadable, CheckpointUnwritable
     from .train.stop import EXIT_PREEMPTED, Preempted
 
     if args.fresh and args.force:
@@ -132,6 +133,9 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     except TrainingFailed as e:  # Ray gave up on the workers (ray.max_failures spent)
         print(f"error: training failed: {e}", file=sys.stderr)
+        return 1
+    except (CheckpointUnreadable, CheckpointUnwritable) as e:  # storage at fault: the same command resumes later
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as p:
         print(f"preempted: checkpoint at step {p.step} in {p.location}; the same command resumes from it")

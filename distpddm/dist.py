@@ -131,6 +131,16 @@ def all_finite(x: Tensor) -> bool:
     return bool(finite.item() == 1)
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (picklable): one rank's view of a shared folder, so that every rank
+    acts on the same listing even where a network file system shows each node its own."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

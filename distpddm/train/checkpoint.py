@@ -21,8 +21,9 @@ import random
 import re
 import shutil
 import tempfile
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +32,10 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..data.stream import StreamState
-from ..dist import any_rank, barrier, rank_and_world
+from ..data.stream import READ_RETRIES, RETRY_BASE_S, StreamState
+from ..dist import any_rank, barrier, broadcast_object, rank_and_world
 from ..durable import atomic_write_text, commit_dir, fsync_file
-from ..errors import ConfigError
+from ..errors import ConfigError, DeterministicError
 from ..model import export_model
 from .schedule import Schedule
 
@@ -43,14 +44,16 @@ log = logging.getLogger("distpddm.train")
 CLIENT_STATE = "distpddm_state.json"
 TAG = "checkpoint"
 STEP_DIR = re.compile(r"step-(\d+)")
+MANIFEST = re.compile(r"manifest_rank(\d+)\.json")
 
 
 class Persistence:
     """Where checkpoints go, and the ones a resumed run may start from."""
 
     @contextlib.contextmanager
-    def candidates(self) -> Iterator[list[Path]]:
-        """The committed checkpoints, newest first (the trainer takes the first that is whole)."""
+    def candidates(self) -> Iterator[Iterable[Path]]:
+        """The committed checkpoints, newest first (the trainer takes the first that is whole); the same on
+        every rank."""
         yield []
 
     def staging_dir(self, step: int) -> Path:
@@ -75,22 +78,29 @@ class LocalPersistence(Persistence):
         self.root, self.keep = Path(out) / "checkpoints", keep
 
     def latest_name(self) -> str | None:
+        """What ``latest`` names; None where it is missing or unreadable (a write cut short can leave bytes that
+        are not text): the folders themselves say what is committed."""
         pointer = self.root / "latest"
         try:
             return pointer.read_text().strip() or None
-        except OSError:
+        except (OSError, UnicodeDecodeError):
             return None
 
     @contextlib.contextmanager
     def candidates(self) -> Iterator[list[Path]]:
-        found = sorted((p for p in self.root.glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of)
-        named = self.latest_name()
-        if found and named != found[-1].name and rank_and_world()[0] == 0:
-            log.warning(
-                "checkpoints/latest names %s, but %s is the newest committed checkpoint: it is tried first",
-                named or "nothing", found[-1].name,
-            )  # fmt: skip
-        yield found[::-1]
+        """Every ``step-<N>`` folder, newest step first; rank 0's listing, the same on every rank. A folder is
+        renamed into place only when every rank's files are on disk, so the newest whole one is the last commit
+        even where ``latest`` lags it (a kill between the rename and ``latest``'s replacement); a folder an
+        abandoned attempt left damaged fails its check and the next is tried."""
+        names = None
+        if rank_and_world()[0] == 0:
+            names = sorted((p.name for p in self.root.glob("step-*") if p.is_dir() and _step_of(p) >= 0),
+                           key=lambda n: _step_of(Path(n)), reverse=True)  # fmt: skip
+            named = self.latest_name()
+            if names and named != names[0]:
+                log.info("checkpoints/latest names %s; the highest step, %s, is tried first", named or "nothing",
+                         names[0])  # fmt: skip
+        yield [self.root / n for n in broadcast_object(names)]
 
     def staging_dir(self, step: int) -> Path:
         staging = self.root / f".tmp-step-{step:08d}"  # shared by every rank; the run folder is this run's own
@@ -123,18 +133,41 @@ class LocalPersistence(Persistence):
 
 
 class RayPersistence(Persistence):
-    """``ray.train.report(..., checkpoint=...)``: Ray merges every worker's directory and keeps the last N."""
+    """``ray.train.report(..., checkpoint=...)``: Ray merges every worker's directory and keeps the last N. A
+    resume tries the checkpoint Ray registered last, then the run folder's other ``checkpoint_*`` folders,
+    newest first (Ray names them by time), each fetched only when it is tried."""
+
+    def __init__(self, location: str):
+        self.location = location.rstrip("/")
 
     @contextlib.contextmanager
-    def candidates(self) -> Iterator[list[Path]]:
+    def candidates(self) -> Iterator[Iterable[Path]]:
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield []
-            return
-        with ckpt.as_directory() as d:
-            yield [Path(d)]
+        latest, names = ray.train.get_checkpoint(), None
+        if rank_and_world()[0] == 0:
+            import fsspec
+
+            try:
+                fs, root = fsspec.core.url_to_fs(self.location)
+                names = sorted((p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/checkpoint_*") if fs.isdir(p)),
+                               reverse=True)  # fmt: skip
+            except (OSError, ValueError, ImportError) as e:  # a store fsspec cannot list: Ray's latest alone
+                log.warning("cannot list checkpoints in %s (%s): none tried past Ray's latest", self.location, e)
+                names = []
+        names = broadcast_object(names)
+        first = latest.path.rstrip("/").rsplit("/", 1)[-1] if latest is not None else None
+        with contextlib.ExitStack() as stack:
+
+            def each() -> Iterator[Path]:
+                if latest is not None:
+                    yield Path(stack.enter_context(latest.as_directory()))
+                for name in names:
+                    if name != first:
+                        older = ray.train.Checkpoint(f"{self.location}/{name}")
+                        yield Path(stack.enter_context(older.as_directory()))
+
+            yield each()
 
     def staging_dir(self, step: int) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"distpddm-step{step}-"))
@@ -159,8 +192,9 @@ def _owner(relative: str) -> int:
 
 
 def _files(folder: Path, rank: int) -> list[Path]:
+    """This rank's files; never a dot-file (another rank's atomic write in progress, none of its business)."""
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("manifest_") and
+        p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(("manifest_", ".")) and
         _owner(p.relative_to(folder).as_posix()) == rank
     )  # fmt: skip
 
@@ -174,18 +208,53 @@ def _write_manifest(folder: Path, rank: int) -> None:
     atomic_write_text(folder / f"manifest_rank{rank}.json", json.dumps(sizes, sort_keys=True))
 
 
-def check_whole(folder: Path, rank: int) -> str | None:
-    """Why this rank's part of a checkpoint cannot be loaded (None: it can): files missing or of another
-    size than written, a zip archive (torch.save's format) whose CRCs fail, an unreadable client state.
-    Nothing is unpickled."""
-    manifest = folder / f"manifest_rank{rank}.json"
-    if not manifest.is_file():
-        if any(folder.glob("manifest_rank*.json")) or not (folder / CLIENT_STATE).is_file():
-            return f"{folder.name}: no manifest of rank {rank}'s files (incomplete)"
+class CheckpointUnreadable(OSError):
+    """A checkpoint the storage would not let us read (after retries): not damage, so no falling back."""
+
+
+class CheckpointUnwritable(OSError):
+    """A checkpoint this rank could not write (a full disk): the run stops, the last committed one stays."""
+
+
+def _saved_world(folder: Path) -> int | None:
+    """How many ranks wrote the checkpoint: its client state says, or (older ones) its manifests count."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        return int(json.loads((folder / CLIENT_STATE).read_text())["world"])
+    ranks = [int(m.group(1)) for p in folder.glob("manifest_rank*.json") if (m := MANIFEST.fullmatch(p.name))]
+    return max(ranks) + 1 if ranks else None
+
+
+def check_whole(folder: Path, rank: int, world: int = 1) -> str | None:
+    """Why a checkpoint cannot be loaded (None: it can), judged by this rank for its share of the saved ranks
+    (``rank``, ``rank + world``, ...: a run resumed on fewer or more workers still checks every file once):
+    files missing or of another size than written, a zip archive (torch.save's format) whose CRCs fail, an
+    unreadable client state. Reads every byte of its files; unpickles nothing. An I/O error that persists
+    over retries raises :class:`CheckpointUnreadable`: the storage, not the checkpoint, is at fault."""
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            return _check_whole(folder, rank, world)
+        except FileNotFoundError as e:
+            return f"{folder.name}: {e.filename or e} vanished while checked"
+        except OSError as e:
+            if attempt == READ_RETRIES:
+                raise CheckpointUnreadable(f"{folder}: {type(e).__name__}: {e}") from None
+            time.sleep(RETRY_BASE_S * 2**attempt)
+        except Exception as e:  # damage of any kind is a verdict, never an exception: every rank must vote
+            return f"{folder.name}: unreadable ({type(e).__name__}: {e})"
+    return None  # not reached
+
+
+def _check_whole(folder: Path, rank: int, world: int) -> str | None:
+    saved = _saved_world(folder)
+    if saved is None:  # no manifest at all
+        if not (folder / CLIENT_STATE).is_file():
+            return f"{folder.name}: no client state and no manifests (incomplete)"
         return None  # written before checkpoints had manifests: only loading it can tell
-    try:
-        sizes = json.loads(manifest.read_text())
-        for name, size in sizes.items():
+    for r in range(rank, saved, world):
+        manifest = folder / f"manifest_rank{r}.json"
+        if not manifest.is_file():
+            return f"{folder.name}: no manifest of rank {r}'s files (incomplete)"
+        for name, size in json.loads(manifest.read_text()).items():
             path = folder / name
             have = path.stat().st_size if path.is_file() else None
             if have != size:
@@ -195,10 +264,8 @@ def check_whole(folder: Path, rank: int) -> str | None:
                     bad = archive.testzip()
                 if bad is not None:
                     return f"{folder.name}/{name}: corrupt (member {bad} fails its CRC)"
-        if rank == 0:
-            json.loads((folder / CLIENT_STATE).read_text())
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        return f"{folder.name}: unreadable ({type(e).__name__}: {e})"
+    if rank == 0:
+        json.loads((folder / CLIENT_STATE).read_text())
     return None
 
 
@@ -251,26 +318,41 @@ class Resumed:
 
 
 def resume_latest(engine, persistence: Persistence, cfg: RunConfig, device: torch.device) -> Resumed:
-    """Load the newest checkpoint that is whole on every rank, falling back over the older ones (saying so);
-    a fresh start when there is none. Collective: every rank checks its part, and they agree."""
-    rank, _ = rank_and_world()
+    """Load the newest checkpoint that is whole on every rank, falling back over damaged ones (saying so); a
+    fresh start only when there is none at all. Checkpoints that are all damaged, or storage that will not
+    answer, stop the run: starting over at step 0 beside them would hide lost work. Collective."""
+    rank, world = rank_and_world()
     with persistence.candidates() as found:
+        problems = []
         for ckpt in found:
-            problem = check_whole(ckpt, rank)
+            problem, unreadable = None, None
+            try:
+                problem = check_whole(ckpt, rank, world)
+            except CheckpointUnreadable as e:
+                unreadable = str(e)
+            if any_rank(unreadable is not None, device):
+                raise CheckpointUnreadable(
+                    f"checkpoint {ckpt} could not be read ({unreadable or 'on another rank'}): not falling back "
+                    "to an older state; run again when the storage answers"
+                )  # fmt: skip
             if any_rank(problem is not None, device):
                 if problem is not None:
                     log.warning("checkpoint %s cannot be resumed from: %s; trying an older one", ckpt, problem)
+                problems.append(problem or f"{ckpt.name}: damaged on another rank")
                 continue
+            if problems and rank == 0:
+                log.warning("resuming from %s, older than the %d damaged checkpoint(s) above", ckpt, len(problems))
             return load_checkpoint(engine, ckpt, cfg)
-        if found and rank == 0:
-            log.warning("none of the %d checkpoints is whole: starting from step 0", len(found))
+        if problems:
+            raise DeterministicError(
+                f"none of the {len(problems)} checkpoints of {cfg.output_location()} is whole (newest: {problems[0]}); "
+                "nothing was resumed: move them away to start from step 0, or start anew with --fresh"
+            )  # fmt: skip
     return Resumed()
 
 
-def load_checkpoint(engine, ckpt: Path | None, cfg: RunConfig) -> Resumed:
+def load_checkpoint(engine, ckpt: Path, cfg: RunConfig) -> Resumed:
     """Restore the engine (weights, optimiser) and this rank's RNG; return the rest for the caller to use."""
-    if ckpt is None:
-        return Resumed()
     rank, _ = rank_and_world()
     try:
         engine.load_checkpoint(str(ckpt), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -315,8 +397,28 @@ def save_checkpoint(
     """A complete checkpoint in a staging folder, this rank's files flushed to disk and listed in its manifest
     (the persistence commits it when every rank is done); ``metric``, the loss holding a learned metric, is
     exported beside the network in ``model.pt``."""
-    rank, _ = rank_and_world()
     staging = persistence.staging_dir(step)
+    try:
+        _write_checkpoint(engine, staging, cfg, step, schedule, stream, metrics, baseline, metric, split_digest)
+    except (OSError, RuntimeError) as e:  # torch.save on a full disk: RuntimeError "[enforce fail ...]"
+        raise CheckpointUnwritable(_unwritable(staging, step, e)) from None
+    return staging
+
+
+def _unwritable(staging: Path, step: int, e: BaseException) -> str:
+    free = "?"
+    with contextlib.suppress(OSError):
+        free = f"{shutil.disk_usage(staging.parent).free / 2**20:.0f} MiB"
+    said = (str(e).strip().splitlines() or [""])[0][:200]
+    return (
+        f"the checkpoint of step {step} could not be written in {staging.parent} ({type(e).__name__}: {said}; "
+        f"{free} free there): the last committed checkpoint stays; free some space (or lower "
+        "train.keep_checkpoints) and rerun the same command to resume from it"
+    )
+
+
+def _write_checkpoint(engine, staging, cfg, step, schedule, stream, metrics, baseline, metric, split_digest):
+    rank, world = rank_and_world()
     engine.save_checkpoint(str(staging), tag=TAG, client_state={"step": step})
     (staging / f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
     (staging / f"data_rank{rank}.json").write_text(stream.to_json())
@@ -329,8 +431,8 @@ def save_checkpoint(
             "baseline": baseline,
             "config": cfg.to_dict(),
             "split_digest": split_digest,
+            "world": world,  # how many manifests make it whole
         }
         (staging / CLIENT_STATE).write_text(json.dumps(client))
         export_model(engine.module.net, staging / "model.pt", criterion=metric, image_size=cfg.data.image_size)
     _write_manifest(staging, rank)
-    return staging

@@ -412,7 +412,7 @@ def ray_train_loop(loop_config: dict) -> None:
     try:
         run_worker(
             from_dict(loop_config["config"]),
-            RayPersistence(),
+            RayPersistence(loop_config["output"]),
             RunOutput(loop_config["output"]),
             loop_config.get("deepspeed"),  # read by the driver: the file may sit in its own job folder
         )
