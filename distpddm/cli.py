@@ -94,6 +94,13 @@ def _train(args: argparse.Namespace) -> int:
     from .train import stop
 
     stop.install()  # first: SIGUSR1 / SIGTERM from now on stop the run with a checkpoint (exit 3), never kill it
+    try:
+        return _run_training(args)
+    finally:
+        stop.ignore_late()  # and a late one must not kill the exit either
+
+
+def _run_training(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
 
     try:

@@ -3,6 +3,7 @@ without pickle, the metrics file a killed run leaves, and where `distpddm eval` 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from distpddm.config import RunConfig, TrainConfig
+from distpddm.errors import DeterministicError
 from distpddm.train import checkpoint
 from distpddm.train.checkpoint import LocalPersistence, check_whole
 from distpddm.train.metrics_log import drop_partial_line
@@ -191,3 +193,137 @@ def test_smoke_replaces_only_a_smoke_run(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and "is not a smoke run" in result.stderr
     assert (real / "checkpoints").is_dir()
+
+
+def test_the_highest_step_is_tried_first_whatever_latest_says(tmp_path):
+    """A kill between a folder's rename and ``latest``'s replacement leaves ``latest`` one commit behind; a cut
+    write can leave it holding bytes that are not text. The folders, renamed only when whole, say what was
+    committed: the newest step goes first (the fault bench's lost work, docs/reliability.md)."""
+    store = LocalPersistence(tmp_path / "r", keep=2)
+    for step in (10, 20, 30):
+        _checkpoint(tmp_path, step, _cfg(tmp_path))
+    for pointer in (b"step-00000020", b"\xff\xfe\x00garbage", b""):
+        (store.root / "latest").write_bytes(pointer)
+        with store.candidates() as found:
+            assert [p.name for p in found] == ["step-00000030", "step-00000020", "step-00000010"]
+    assert store.latest_name() is None
+
+
+def test_each_rank_checks_its_share_of_the_saved_ranks_whatever_the_world_now(tmp_path):
+    folder = _staged(tmp_path, 5)
+    (folder / "data_rank1.json").write_text("{}")
+    checkpoint._write_manifest(folder, 1)  # a run of 2 workers
+    (folder / checkpoint.CLIENT_STATE).write_text(json.dumps({"step": 5, "world": 2}))
+    checkpoint._write_manifest(folder, 0)
+    (folder / ".manifest_rank1.json.77.ab.tmp").write_text("another rank's write in progress")
+    assert [p.name for p in checkpoint._files(folder, 0)] == ["mp_rank_00_model_states.pt", "distpddm_state.json"]
+    assert [check_whole(folder, r, 3) for r in range(3)] == [None, None, None]  # resumed on 3: rank 2 has none
+    (folder / "data_rank1.json").write_text("{ }")  # the same size: fine
+    (folder / "data_rank1.json").write_text("{}\n\n")
+    assert "data_rank1.json: missing or truncated" in check_whole(folder, 0, 1)  # resumed on 1: rank 0 checks both
+    (folder / "manifest_rank1.json").unlink()
+    assert "no manifest of rank 1" in check_whole(folder, 1, 2)
+    assert check_whole(folder, 0, 2) is None
+
+
+def _resume(tmp_path, monkeypatch, loaded: list):
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda engine, ckpt, cfg: loaded.append(ckpt.name))
+    monkeypatch.setattr(checkpoint, "RETRY_BASE_S", 0.0)
+    store = LocalPersistence(tmp_path / "r", keep=3)
+    store.root.mkdir(parents=True)
+    for step in (10, 20):
+        store.report({}, _staged(store.root, step))
+    return lambda: checkpoint.resume_latest(None, store, _cfg(tmp_path), torch.device("cpu"))
+
+
+def test_resume_falls_back_over_damage_but_never_to_step_0_beside_checkpoints(tmp_path, monkeypatch):
+    loaded = []
+    resume = _resume(tmp_path, monkeypatch, loaded)
+    root = tmp_path / "r" / "checkpoints"
+    resume()
+    assert loaded == ["step-00000020"]
+    (root / "step-00000020" / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"PK")
+    resume()
+    assert loaded[-1] == "step-00000010"  # the newest whole one, said in a warning
+    (root / "step-00000010" / "manifest_rank0.json").unlink()
+    (root / "step-00000010" / checkpoint.CLIENT_STATE).unlink()
+    with pytest.raises(checkpoint.DeterministicError, match=r"none of the 2 checkpoints .* is whole \(newest: "):
+        resume()
+    assert len(loaded) == 2 and sorted(p.name for p in root.glob("step-*")) == ["step-00000010", "step-00000020"]
+
+
+def test_an_io_error_is_retried_and_a_lasting_one_stops_the_resume(tmp_path, monkeypatch):
+    loaded = []
+    resume = _resume(tmp_path, monkeypatch, loaded)
+    real, failures = checkpoint._check_whole, []
+
+    def flaky(folder, rank, world):
+        if failures:
+            failures.pop()
+            raise OSError(5, "Input/output error")
+        return real(folder, rank, world)
+
+    monkeypatch.setattr(checkpoint, "_check_whole", flaky)
+    failures[:] = [1] * checkpoint.READ_RETRIES  # one short of giving up
+    resume()
+    assert loaded == ["step-00000020"]
+    failures[:] = [1] * (checkpoint.READ_RETRIES + 1)
+    with pytest.raises(checkpoint.CheckpointUnreadable, match="step-00000020 could not be read .*not falling back"):
+        resume()
+    assert loaded == ["step-00000020"]  # not step 10
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent(tmp_path):
+    """A DataLoader worker outliving its killed parent must not hold the run folder."""
+    code = (
+        "import os, sys, time; from distpddm.train.runfolder import RunLock; RunLock(sys.argv[1]).__enter__()\n"
+        "if os.fork() == 0:\n    print('child', flush=True); time.sleep(60); os._exit(0)\n"
+        "print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert {holder.stdout.readline().strip() for _ in range(2)} == {"held", "child"}  # the child is running
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    try:
+        with RunLock(str(tmp_path)):  # the orphaned child lives on, sleeping
+            pass
+    finally:
+        subprocess.run(["pkill", "-f", f"RunLock\\(sys.argv\\[1\\]\\).*{tmp_path}"], check=False)
+
+
+def test_a_file_system_without_locks_is_refused_in_one_line(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(DeterministicError, match=r"cannot lock the run folder .*No locks available.*UNLOCKED=1"):
+        RunLock(str(tmp_path)).__enter__()
+    monkeypatch.setenv("DISTPDDM_UNLOCKED", "1")
+    with RunLock(str(tmp_path)) as lock:
+        assert lock.fd is None
+
+
+def test_keys_added_to_distpddm_since_a_checkpoint_do_not_refuse_it(tmp_path):
+    cfg = _cfg(tmp_path)
+    saved = cfg.to_dict()
+    del saved["miner"], saved["train"]["seed"]  # as an older distpddm wrote it, without these keys
+    assert config_differences(saved, cfg) == []
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
+    assert config_differences(saved, other) == [f"train.seed: {cfg.train.seed} -> {cfg.train.seed + 1}"]
+
+
+def test_a_checkpoint_the_disk_cannot_hold_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    """torch.save on a full disk raises ``RuntimeError: [enforce fail at inline_container.cc:672] ...``: the
+    run stops saying what failed, where, and how much room is left (the fault bench's `disk_full`)."""
+
+    class FullDisk:
+        def save_checkpoint(self, path, tag, client_state):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7808 vs 7702\nframes")
+
+    monkeypatch.setattr(checkpoint, "barrier", lambda: None)
+    store = LocalPersistence(tmp_path, keep=2)
+    said = r"checkpoint of step 4 could not be written in .*checkpoints \(RuntimeError: .*unexpected pos 7808 vs "
+    with pytest.raises(checkpoint.CheckpointUnwritable, match=said + r"7702; \d+ MiB free there\): the last commit"):
+        checkpoint.save_checkpoint(FullDisk(), store, _cfg(tmp_path), 4, None, None, {}, {})

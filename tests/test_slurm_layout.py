@@ -82,7 +82,7 @@ exec {python} "$@"
     "driver": """echo "driver" >> "$STUB_LOG"
 IFS=: read -r how sig code <<< "$STUB_DRIVER"
 case $how in
-  usr1) trap 'kill $!; exit "$sig"' USR1; sleep 60 & wait $! ;;
+  usr1) trap 'kill $!; exit "$sig"' USR1; echo "driver trapped" >> "$STUB_LOG"; sleep 60 & wait $! ;;
   kick)  # to the batch script, above the wrapper that runs the driver
     script=$PPID
     until (( script <= 1 )) || grep -q slurm.sbatch "/proc/$script/cmdline"; do
@@ -118,9 +118,8 @@ def _batch(tmp_path, driver: str, signal_when_driver_runs=None, **env):
     try:
         if signal_when_driver_runs:
             deadline = time.time() + 60
-            while time.time() < deadline and "driver" not in (log.read_text() if log.exists() else ""):
-                time.sleep(0.05)
-            time.sleep(0.2)  # the driver's trap is set
+            while time.time() < deadline and "driver trapped" not in (log.read_text() if log.exists() else ""):
+                time.sleep(0.05)  # until the driver's trap is set
             proc.send_signal(signal_when_driver_runs)
         out, err = proc.communicate(timeout=120)
     finally:

@@ -224,3 +224,27 @@ def test_signal_storms_are_acted_on_once_without_deadlock_or_reentrant_logging(m
     said = "the workers save a checkpoint" if mode == "driver" else "saving a checkpoint at the next step"
     assert sum(said in line for line in text.splitlines()) == rounds  # logged once a round
     print(f"{mode}: {rounds} signal pairs in {took:.1f} s")
+
+
+_LATE_CHILD = """
+import os, subprocess, sys, time
+from distpddm.train import stop
+
+stop.install()
+subprocess.Popen(["sh", "-c", f"while kill -USR1 {os.getpid()}; do :; done"], stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)  # until it is gone; not holding the test's pipes
+time.sleep(0.5)  # the requests while running are the handler's
+if sys.argv[1] == "ignore":
+    stop.ignore_late()
+sys.exit(3)
+"""
+
+
+def test_a_stop_signal_during_the_exit_does_not_kill_a_stopped_run(tmp_path):
+    """The fault bench's `usr1_term`: USR1 twice 0.2 s apart, the checkpoint saved, then exit -10 -- Python puts
+    back the default action at interpreter exit, and the second signal came then. With the signals ignored once
+    the run has stopped, a stream of them during the exit leaves status 3."""
+    child = tmp_path / "late.py"
+    child.write_text(_LATE_CHILD)
+    done = subprocess.run([sys.executable, str(child), "ignore"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, (done.returncode, done.stderr[-2000:])

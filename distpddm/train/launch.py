@@ -114,8 +114,8 @@ def train_ray(cfg: RunConfig, address: str | None = None, *, force: bool = False
         storage = str(Path(storage).resolve())
     out = RunOutput(run_location(storage, cfg.name))
     lock = claim(cfg, out, force=force)  # the driver holds the run folder while the run lives
-    out.push()
     try:
+        out.push()
         started_here = connect_ray(address, cfg.ray.num_workers * cfg.ray.cpus_per_worker)
     except BaseException:
         lock.__exit__(None, None, None)

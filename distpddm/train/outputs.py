@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..durable import atomic_write_text
 from ..paths import is_remote, run_location
 
 __all__ = ["RunOutput", "is_remote", "run_location"]
@@ -53,7 +54,8 @@ class RunOutput:
         too, after :meth:`pull`)."""
         if not self.remote:
             return
-        files = [p for p in sorted(self.local.rglob("*")) if p.is_file() and not p.name.endswith(".tmp")]
+        files = [p for p in sorted(self.local.rglob("*")) if p.is_file() and not p.name.startswith(".")
+                 and not p.name.endswith(".tmp")]  # fmt: skip
         for path in files:
             remote = f"{self.root}/{path.relative_to(self.local).as_posix()}"
             self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
@@ -66,9 +68,7 @@ class RunOutput:
             self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(f"{self.root}/{name}", text.encode())
         else:
-            tmp = self.local / f"{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(self.local / name)
+            atomic_write_text(self.local / name, text)  # preempted.json must outlive a power loss too
 
     def read_text(self, name: str) -> str | None:
         if self.remote:

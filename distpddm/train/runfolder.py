@@ -1,13 +1,17 @@
 """The run folder as one run's own: a lock its driver holds while the run lives, and the check that a rerun
 resumes checkpoints made by the same run (config and split), not another's.
 
-The lock is ``flock`` on ``<run>/.lock``: the kernel releases it when its holder dies, however it dies, so a
-dead owner never holds it; on NFS (v4, or v3 with lockd) Linux maps it to a byte-range lock the server
-keeps. Object storage (``s3://``...) has no lock: there, one run per name is the user's to keep.
+The lock is ``flock`` on ``<run>/.lock``: the kernel releases it when its holder exits, however it exits
+(SIGKILL included); children forked while it is held (DataLoader workers) close their copy at once, so a
+lingering child does not keep it. On NFS (v4, or v3 with lockd) Linux maps it to a byte-range lock the server
+keeps: a client that crashes holds it until the server gives up on it (NFSv4: its lease, about 90 s). A file
+system without working locks is refused in one line (``DISTPDDM_UNLOCKED=1`` runs without the lock, at the
+user's risk). Object storage (``s3://``...) has no lock: there, one run per name is the user's to keep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -39,6 +43,19 @@ class ResumeRefused(ConfigError):
     """The run folder's checkpoints were made by another config or split."""
 
 
+_HELD: set[int] = set()  # lock fds of this process: a forked child closes its copies (_forget_in_child)
+
+
+def _forget_in_child() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the child's reference only: the parent still holds the lock
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class RunLock:
     """``flock`` on ``<run>/.lock`` for as long as the ``with`` block runs (none on remote storage)."""
 
@@ -62,13 +79,24 @@ class RunLock:
                 f"the run folder {folder} is in use by a living run ({owner or 'owner unknown'}): wait for it to "
                 "end, or start another with name= or --fresh"
             ) from None
+        except OSError as e:  # ENOLCK, ENOSYS, EOPNOTSUPP: NFSv3 without lockd, some FUSE file systems
+            os.close(fd)
+            if os.environ.get("DISTPDDM_UNLOCKED") == "1":
+                return self
+            raise DeterministicError(
+                f"cannot lock the run folder {folder} ({e.strerror or e}): its file system has no working locks; "
+                "put ray.storage_path on one that has, or set DISTPDDM_UNLOCKED=1 to run unlocked (one run per "
+                "name is then yours to keep)"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0)
         self.fd = fd
+        _HELD.add(fd)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
+            _HELD.discard(self.fd)
             os.close(self.fd)  # releases the lock
             self.fd = None
 
@@ -84,9 +112,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def config_differences(saved: dict, cfg: RunConfig) -> list[str]:
-    """``key: saved -> now`` for every key a resume may not change (:data:`RESUMABLE` may)."""
+    """``key: saved -> now`` for every key a resume may not change (:data:`RESUMABLE` may). A key the saved
+    config lacks (added to distpddm since) counts as its default: an upgrade alone refuses no checkpoint."""
     old, new = _flat(saved), _flat(cfg.to_dict())
-    keys = sorted(k for k in set(old) | set(new) if not k.startswith(RESUMABLE) and k != "name")
+    default = _flat(RunConfig().to_dict())
+    old = {k: old.get(k, default.get(k)) for k in set(old) | set(new)}
+    keys = sorted(k for k in old if not k.startswith(RESUMABLE) and k != "name")
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 

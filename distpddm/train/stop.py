@@ -131,6 +131,16 @@ def restore(previous: Installed) -> None:
         _signum, _served = 0, None
 
 
+def ignore_late() -> None:
+    """Ignore :data:`SIGNALS` from now on (main thread only): the run has stopped and said how. Python puts
+    back the default action of a signal it handles at interpreter exit, so a second stop signal during the
+    teardown (Slurm's TERM beside the forwarded one) would kill a run that saved its checkpoint (exit -10, not
+    3); an ignored signal stays ignored."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 class StopWatch:
     """Per-step check: this process's signal flag, and (rank 0) the run folder's request file at most every
     ``poll_s`` seconds (a remote folder costs a request per poll)."""
