@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .dist import barrier, init_device, rank_and_world
+from .dist import agree, barrier, init_device, rank_and_world
+from .durable import atomic_write_text
 from .errors import DeterministicError
 
 
@@ -97,14 +98,40 @@ def default_out(model: Path, run: Path | None, shards: str) -> Path:
     return out
 
 
+FAILED = "failed.json"  # in the output folder: the workers' agreed error, for the driver to raise in one line
+
+
 def _eval_worker(config: dict) -> None:
-    """One rank of a distributed extraction (a Ray Train worker, or the only process with ``--local``)."""
+    """One rank of a distributed extraction (a Ray Train worker, or the only process with ``--local``). An
+    error a retry cannot fix is agreed by every rank; on Ray, rank 0 leaves it in :data:`FAILED` and the
+    workers return, so Ray spends no retry on it and the driver says it in one line."""
+    import pickle
+
+    rank, world = rank_and_world()
+    device = init_device(config["gpu"])
+    error = None
+    try:
+        _embed_part(config, rank, world, device)
+    except DeterministicError as e:
+        error = e
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:  # a model or split this rank cannot read
+        error = EvalError(f"{type(e).__name__}: {e}")
+    try:
+        agree(error, device)
+    except DeterministicError as e:
+        if not config.get("on_ray"):
+            raise
+        if rank == 0:
+            atomic_write_text(Path(config["out"]) / FAILED, json.dumps({"error": type(e).__name__, "message": str(e)}))
+        return
+    barrier()
+
+
+def _embed_part(config: dict, rank: int, world: int, device: torch.device) -> None:
     from .data.evalset import EvalDataset
     from .extract import embed_split, part_path
     from .model import load_exported
 
-    rank, world = rank_and_world()
-    device = init_device(config["gpu"])
     net = load_exported(config["model"]).to(device)
     if config.get("bf16"):
         net.backbone_dtype = torch.bfloat16
@@ -120,7 +147,6 @@ def _eval_worker(config: dict) -> None:
         progress=config["progress"] and rank == 0,
     )
     part.save(part_path(config["out"], rank))
-    barrier()
 
 
 def extract(
@@ -166,8 +192,8 @@ def extract(
         "max_skip_rate": max_skip_rate,
         "progress": progress,
     }
-    for stale in out.glob("part-*.npz"):
-        stale.unlink()
+    for stale in [*out.glob("part-*.npz"), out / FAILED]:
+        stale.unlink(missing_ok=True)
     if local:
         _eval_worker(config)
         world = 1
@@ -185,14 +211,17 @@ def _extract_on_ray(config: dict, workers: int, gpu: bool, address: str | None) 
 
     started_here = connect_ray(address, workers)
     trainer = torch_trainer(
-        _eval_worker, config, name="extract", storage_path=str(Path(config["out"]) / "ray"), num_workers=workers,
-        use_gpu=gpu,
+        _eval_worker, config | {"on_ray": True}, name="extract", storage_path=str(Path(config["out"]) / "ray"),
+        num_workers=workers, use_gpu=gpu,
     )  # fmt: skip
     try:
         fit(trainer)
     finally:
         if started_here:
             ray.shutdown()
+    failed = Path(config["out"]) / FAILED
+    if failed.is_file():
+        raise EvalError(json.loads(failed.read_text())["message"])
     return workers
 
 

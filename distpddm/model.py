@@ -6,6 +6,7 @@ EfficientNet-Lite, torchvision's classifiers, ``timm/<name>``) + an embedding la
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +138,10 @@ def export_model(
 def _load_blob(path: str | os.PathLike, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no exported model at {path} (a run writes model.pt when it finishes)")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # truncated, or not torch.save's at all
+        raise ValueError(f"{path} is not a distpddm exported model, or is damaged ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != "distpddm-embedding-v1":
         raise ValueError(f"{path} is not a distpddm exported embedding model")
     return blob

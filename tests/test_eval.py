@@ -174,3 +174,13 @@ def test_eval_on_ray_workers_embeds_every_key_once_in_split_order(split, run, tm
     )
     ray_metrics = json.loads((tmp_path / "ray" / "metrics.json").read_text())
     assert ray_metrics["recall@1"] == json.loads((tmp_path / "local" / "metrics.json").read_text())["recall@1"]
+
+    # A model the workers cannot read (the driver does not open it with --image-size): one line, as with
+    # --local, and no retry spent on it.
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    failed = cli(bad, "--shards", split, "--out", tmp_path / "bad", "--workers", "2", "--image-size", "32")
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    last = [line for line in failed.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: ") and str(bad) in last, failed.stderr[-3000:]
+    assert "retry" not in failed.stderr.lower(), failed.stderr[-3000:]
