@@ -4,9 +4,14 @@ Subcommands (each prints one JSON object; ``--out`` also writes it; exit 1 when 
 
 * ``decoder``: can the training stream's image decoder (TorchCodec) decode a PNG here?
 * ``shards SPLIT --classes N --per-class K``: does the split have N classes of at least K images?
-* ``smoke RUN --device D --shards SPLIT``: the loss fell (mean of the first logged losses against the last
-  ones) and ``RUN/model.pt`` loads with :func:`distpddm.model.load_exported`, has fp32 weights and embeds a
-  batch of the split's images on ``D`` into unit vectors.
+* ``search --shim DIR``: can validation's nearest-neighbour search (``faiss.knn``) run here? If not, a
+  stand-in package in DIR does it in numpy (exact, ties in gallery order, as faiss), and the JSON says so.
+* ``smoke RUN --device D --shards SPLIT``: the run learned, judged as ``distpddm smoke`` judges it
+  (:func:`distpddm.smoke.judge_recall`): held-out Recall@1 (the trainer's validation on ``data.val_shards``)
+  rose from step 0, the untrained network, to the last step; and ``RUN/model.pt`` loads with
+  :func:`distpddm.model.load_exported`, has fp32 weights and embeds a batch of the split's images on ``D`` into
+  unit vectors. The loss (first logged values against the last) is reported, not judged: with hard mining it
+  need not fall while the embedding improves.
 * ``split RUN --warmup W``: images/s and the step-time split (``time_*`` of ``metrics.jsonl``), averaged
   over the logged steps after step W, in ms and as shares of the step.
 * ``mining RAW``: the figures of ``bench/mining.py --out RAW``.
@@ -140,11 +145,55 @@ def _first_images(split: Path, size: int, count: int) -> list:
     return out
 
 
+FAISS_SHIM = '''"""Stand-in written by bench/gpu_check.py: faiss does not work on this machine (%s).
+Only what validation calls: exact k nearest neighbours by squared L2, ties in gallery order (as faiss), in numpy;
+the whole query x gallery block at once, which suits the smoke's few hundred held-out images."""
+
+import numpy as np
+
+__version__ = "numpy stand-in"
+
+
+def knn(xq, xb, k, metric=None):
+    xq, xb = np.asarray(xq, dtype=np.float32), np.asarray(xb, dtype=np.float32)
+    d = (xq * xq).sum(1)[:, None] + (xb * xb).sum(1)[None, :] - 2 * (xq @ xb.T)
+    np.maximum(d, 0, out=d)
+    rows = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, rows, 1), rows.astype(np.int64)
+'''
+
+
+def cmd_search(args) -> int:
+    """faiss's exact search works here, or (``--shim DIR``) a numpy stand-in in DIR serves validation's calls."""
+    import numpy as np
+
+    result = {"check": "search"}
+    try:
+        import faiss
+
+        x = np.arange(12, dtype=np.float32).reshape(4, 3)
+        _, rows = faiss.knn(x, x, 2)
+        if rows[:, 0].tolist() != [0, 1, 2, 3]:
+            raise ValueError(f"faiss.knn found {rows.tolist()}")
+        result.update(nearest_neighbours=f"faiss {getattr(faiss, '__version__', '?')}", passed=True)
+    except Exception as e:  # noqa: BLE001 -- any failure means validation cannot use it here
+        error = f"{type(e).__name__}: {e}"[:300]
+        result.update(nearest_neighbours=None, passed=False, error=error)
+        if args.shim:
+            pkg = Path(args.shim) / "faiss"
+            pkg.mkdir(parents=True, exist_ok=True)
+            (pkg / "__init__.py").write_text(FAISS_SHIM % error.replace('"', "'").replace("\\", "/"))
+            result.update(nearest_neighbours=f"numpy stand-in (faiss unusable here: {error})", shim=str(pkg))
+            result["passed"] = True
+    return _emit(result, args.out)
+
+
 def cmd_smoke(args) -> int:
     import torch
 
     from distpddm.data.transforms import normalize_batch
     from distpddm.model import load_exported
+    from distpddm.smoke import judge_recall
 
     run = Path(args.run)
     rows = _metrics(run, "loss")
@@ -165,7 +214,12 @@ def cmd_smoke(args) -> int:
         "loss_first_mean": first,
         "loss_last_mean": last,
         "loss_fell": fell,
+        "loss_judged": False,  # information: with hard mining the loss need not fall while the embedding improves
+        "val_shards": _run_config(run).get("data", {}).get("val_shards"),
     }
+    every = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    held_out = judge_recall(every)
+    result |= held_out or {"learned": False, "error": "no held-out Recall@1 at step 0 and at a later step"}
     export = {}
     try:
         blob = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
@@ -202,7 +256,7 @@ def cmd_smoke(args) -> int:
     except Exception as e:  # noqa: BLE001 -- reported in the JSON
         export.update(ok=False, error=f"{type(e).__name__}: {e}"[:1000])
     result["export"] = export
-    result["passed"] = bool(fell and export.get("ok"))
+    result["passed"] = bool(result["learned"] and export.get("ok"))
     return _emit(result, args.out)
 
 
@@ -340,7 +394,7 @@ def cmd_report(args) -> int:
             entry["log_tail"] = {s: _tail(work / f"{s}.log") for s in failed_steps if (work / f"{s}.log").exists()}
         checks[name] = entry
 
-    decoder = load("decoder") or {}
+    decoder, search = load("decoder") or {}, load("search") or {}
     shards = load("shards") or {}
     result = {
         "mode": args.mode,
@@ -351,6 +405,7 @@ def cmd_report(args) -> int:
         "python": platform.python_version(),
         "deepspeed": _version("deepspeed"),
         "image_decoder": decoder.get("image_decoder"),
+        "nearest_neighbours": search.get("nearest_neighbours"),
         "shards": {k: shards.get(k) for k in ("path", "classes", "samples", "bytes", "passed")},
         "seconds": args.seconds,
         "checks": checks,
@@ -373,6 +428,10 @@ def main() -> int:
     s.add_argument("--classes", type=int, required=True)
     s.add_argument("--per-class", type=int, default=4)
     s.set_defaults(func=cmd_shards)
+
+    f = sub.add_parser("search")
+    f.add_argument("--shim", help="where faiss fails: write a numpy stand-in package here (validation then uses it)")
+    f.set_defaults(func=cmd_search)
 
     m = sub.add_parser("smoke")
     m.add_argument("run")
@@ -400,7 +459,7 @@ def main() -> int:
     r.add_argument("--seconds", type=int, default=None, help="the whole run's wall-clock seconds")
     r.set_defaults(func=cmd_report)
 
-    for sp in (d, s, m, t, g, r):
+    for sp in (d, f, s, m, t, g, r):
         sp.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
     return args.func(args)
