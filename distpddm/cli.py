@@ -90,6 +90,47 @@ def _shards_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _shards_index(args: argparse.Namespace) -> int:
+    from .data.sources import parse_holdout
+    from .data.wdsindex import IndexOptions, TooManyBadError, index_shards
+
+    options = IndexOptions(
+        split=args.split,
+        class_names=args.class_names,
+        classes=args.classes,
+        min_per_class=args.min_per_class,
+        val_per_class=args.val_per_class,
+        holdout=parse_holdout(args.holdout_classes),
+        seed=args.seed,
+        workers=args.workers,
+        window=args.window,
+        max_bad=args.max_bad,
+        max_bad_shards=args.max_bad_shards,
+        progress=not args.quiet,
+    )
+    try:
+        summary = index_shards(args.src, args.out, options)
+    except TooManyBadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    read = f"{summary.bytes_read / 2**20:.1f} MiB read of {summary.shard_bytes / 2**20:.1f} MiB of shards"
+    print(
+        f"{summary.shards} shards: {summary.indexed} indexed ({read}), {summary.skipped} already indexed, "
+        f"{len(summary.bad_shards)} skipped as damaged or unreadable; {summary.samples} samples, "
+        f"{len(summary.bad_samples)} bad samples left out"
+    )
+    for b in summary.bad_shards[:10]:
+        print(f"  shard {b['url']}: {b['error']}")
+    for b in summary.bad_samples[:10]:
+        print(f"  sample {b['url']}:{b['key']}: {b['error']}")
+    for split, index in summary.splits.items():
+        print(
+            f"{split}: {index['samples']} images, {len(index['classes'])} classes, {len(index['shards'])} shards "
+            f"-> {Path(args.out) / split}"
+        )
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import stop
 
@@ -291,6 +332,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sample", type=float, default=1.0, help="fraction of images to decode (default all)")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=_shards_verify)
+
+    x = shards.add_parser("index", help="index published WebDataset shards in place (no image is copied)")
+    x.add_argument("src", help="shard pattern, local or URL ('DIR/imagenet12k-train-{0000..1023}.tar'), or a folder")
+    x.add_argument("out", type=Path, help="output folder: OUT/shard-index/*.idx.npz + OUT/<split>/index.json")
+    x.add_argument("--split", default="train", help="the split the shards form (default train)")
+    x.add_argument("--class-names", type=Path, help="class names, line n naming label n (default: the json members)")
+    x.add_argument("--classes", type=Path, help="index only these classes: a file with one class name per line")
+    x.add_argument("--min-per-class", type=int, default=1, help="leave out classes with fewer images")
+    x.add_argument("--val-per-class", type=int, help="carve a val split: N images of each class (seeded)")
+    x.add_argument("--holdout-classes", metavar="FRACTION|LIST", help="carve a 'holdout' split of whole classes")
+    x.add_argument("--max-bad", type=float, default=0.001, help="most bad samples (a count, or a fraction < 1)")
+    x.add_argument("--max-bad-shards", type=int, default=0, help="most damaged or unreadable shards to skip")
+    x.add_argument("--window", type=_size, default="4k", help="bytes fetched with each tar header (default 4k)")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--workers", type=int, default=16, help="shards read at once (threads, default 16)")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
+    x.set_defaults(func=_shards_index)
 
     t = sub.add_parser("train", help="train PDDM embeddings (Ray Train + DeepSpeed, or --local)")
     t.add_argument("config", type=Path, help="a YAML run config (configs/*.yaml)")

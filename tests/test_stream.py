@@ -1,8 +1,14 @@
 """The shard readers: P x K training streams (never stalling, reproducible, rank-disjoint, resumable) and
 exactly-once evaluation, on shards the builder made from real glyph images."""
 
+import json
 import logging
+import re
+import sys
+import threading
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,7 +371,7 @@ def test_a_read_error_that_passes_is_retried_and_changes_no_batch(shards, monkey
     assert set(failed) >= set(urls) and all(n >= 2 for n in failed.values())  # each failed once, then read
     assert all(_same(x, y) for x, y in zip(whole, again, strict=True))  # the same samples, batches, crops
     assert sleeps and set(sleeps) == {stream.RETRY_BASE_S}  # one retry each, after the first wait
-    retries = [r.getMessage() for r in caplog.records if "retry 1 of 3" in r.getMessage()]
+    retries = [r.getMessage() for r in caplog.records if f"retry 1 of {stream.READ_RETRIES}" in r.getMessage()]
     assert len(retries) == len(sleeps) and all("shard-0000" in m and "OSError" in m for m in retries)
     assert "skipping" not in caplog.text
 
@@ -407,10 +413,11 @@ def test_a_shard_that_stays_unreadable_is_skipped_and_named_after_the_retries(sh
     with caplog.at_level(logging.WARNING, "distpddm.data"):
         batches = list(reader.run(skip=0))  # the epoch goes on without it
     assert batches and len(tries) == 1 + stream.READ_RETRIES
-    assert sleeps == [0.5, 1.0, 2.0]  # exponential backoff
+    assert sleeps == [0.5 * 2**i for i in range(stream.READ_RETRIES)]  # exponential backoff
     assert reader.counter.skipped == counts[1]  # all its samples, counted once
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
-    assert skipped == [f"skipping {victim}: shard unreadable (OSError: 503 Slow Down) after 3 retries"]
+    spent = f"after {stream.READ_RETRIES} retries"
+    assert skipped == [f"skipping {victim}: shard unreadable (OSError: 503 Slow Down) {spent}"]
     assert not {k for b in batches for k in b.keys.tolist()} & set(range(sum(counts[:1]), sum(counts[:2])))
     with pytest.raises(BadDataError, match=r"shard-000001\.tar \(shard unreadable \(OSError: 503 Slow Down\) after"):
         _take(PKBatchDataset(shards, 4, 3, image_size=16), 100, workers=0)  # past max_skip_rate: the run stops
@@ -454,3 +461,215 @@ def test_read_range_gives_an_io_error_as_that_samples_result(shards):
         got = list(read_range(f, index, 0, 3))
     assert [n for n, _ in got] == [0, 1, 2]
     assert isinstance(got[1][1], OSError) and isinstance(got[0][1], dict) and isinstance(got[2][1], dict)
+
+
+# ------------------------------------------------------------------------ transient HTTP errors (fsspec, aiohttp)
+
+
+def _http_error(status: int, url: str = "http://store/train/shard-000000.tar"):
+    """aiohttp's error for an HTTP status, as fsspec's HTTP filesystem raises it."""
+    aiohttp = pytest.importorskip("aiohttp")
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    info = aiohttp.RequestInfo(URL(url), "GET", CIMultiDictProxy(CIMultiDict()))
+    return aiohttp.ClientResponseError(info, (), status=status, message="Service Unavailable" if status == 503 else "")
+
+
+def _not_found_from(error: BaseException, url: str) -> FileNotFoundError:
+    """fsspec's report of a failed HEAD and GET: ``FileNotFoundError(url)`` raised from the GET's error."""
+    try:
+        raise FileNotFoundError(url) from error
+    except FileNotFoundError as e:
+        return e
+
+
+def test_which_http_errors_are_retried(monkeypatch):
+    aiohttp = pytest.importorskip("aiohttp")
+    url = "http://store/train/shard-000000.tar"
+    assert stream._transient(_http_error(503), url) and stream._transient(_http_error(429), url)
+    assert not stream._transient(_http_error(404), url) and not stream._transient(_http_error(403), url)
+    assert stream._transient(aiohttp.ServerDisconnectedError(), url)
+    assert stream._transient(aiohttp.ClientPayloadError("Response payload is not completed"), url)
+    assert stream._transient(aiohttp.ServerTimeoutError("Timeout on reading data from socket"), url)
+    assert not stream._transient(aiohttp.InvalidURL("http//store"), url)
+    # fsspec's FileNotFoundError for a 503: retried on a remote URL; one from a 404, or a local one, is not.
+    assert stream._transient(_not_found_from(_http_error(503), url), url)
+    assert stream._transient(_not_found_from(aiohttp.ServerDisconnectedError(), url), url)
+    assert not stream._transient(_not_found_from(_http_error(404), url), url)
+    assert not stream._transient(FileNotFoundError(url), url)
+    assert not stream._transient(_not_found_from(_http_error(503), url), "/data/train/shard-000000.tar")
+    assert stream._transient(OSError(5, "Input/output error"), "/data/x.tar")
+    assert not stream._transient(ValueError("stale index"), url)
+    message = stream._describe(_not_found_from(_http_error(503), url))
+    assert message.startswith(f"FileNotFoundError: {url}, from ClientResponseError: 503")
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # not installed (or never imported): OSErrors as before
+    assert stream._transient(OSError(5, "Input/output error"), url) and not stream._transient(ValueError(), url)
+    assert not stream._transient(FileNotFoundError(url), url)
+
+
+@pytest.mark.parametrize("where", ["open", "index", "read"])
+def test_a_503_from_aiohttp_is_retried_and_changes_no_batch(shards, monkeypatch, sleeps, caplog, where):
+    whole = _undisturbed(shards, monkeypatch)
+    monkeypatch.setattr(stream, "RETRY_BASE_S", 0.001)
+    failed = Counter()  # shard -> failures so far: two 503s each, then it reads
+    open_, load = stream._open, stream.load_shard_index
+
+    def twice(url):
+        name = url.replace(".idx.npz", ".tar")
+        failed[name] += 1
+        if failed[name] <= 2:
+            raise _http_error(503, url)
+
+    class _Read:  # a shard whose first range read past its first sample answers 503 (raised, not an OSError)
+        def __init__(self, f, url):
+            self.f, self.url, self.bad_from = f, url, int(load(stream.idx_name(url)).offsets[1])
+
+        def seek(self, pos, whence=0):
+            return self.f.seek(pos, whence)
+
+        def read(self, size=-1):
+            if self.f.tell() + max(size, 1) > self.bad_from:
+                twice(self.url)
+            return self.f.read(size)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def flaky_open(url):
+        if where == "open":
+            twice(url)
+        return _Read(open_(url), url) if where == "read" else open_(url)
+
+    def flaky_index(url):
+        if where == "index":
+            twice(url)
+        return load(url)
+
+    monkeypatch.setattr(stream, "_open", flaky_open)
+    monkeypatch.setattr(stream, "load_shard_index", flaky_index)
+    with caplog.at_level(logging.WARNING, "distpddm.data"):
+        again = _take(PKBatchDataset(shards, 4, 3, image_size=16, seed=2), 12, workers=0)
+    assert failed and all(n >= 3 for n in failed.values())  # each failed twice, then read
+    assert all(_same(x, y) for x, y in zip(whole, again, strict=True))
+    assert sleeps == [0.001, 0.002] * len(failed)
+    assert "ClientResponseError: 503, message='Service Unavailable'" in caplog.text
+    assert "skipping" not in caplog.text
+
+
+class _Store(BaseHTTPRequestHandler):
+    """A folder over HTTP as fsspec reads it (HEAD; GET whole or with Range); ``answer(method, name, nth)``
+    (``nth``: the how-manieth request for that file) may give another status instead (503, 404)."""
+
+    root: Path
+    answer = None
+    requests: Counter
+
+    def log_message(self, *args):
+        pass
+
+    def _file(self, body: bool) -> None:
+        name = self.path.lstrip("/")
+        self.requests[name] += 1
+        status = type(self).answer(self.command, name, self.requests[name]) if type(self).answer else None
+        path = self.root / name
+        if status is None and not path.is_file():
+            status = 404
+        if status is not None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = path.read_bytes()
+        lo, hi, status = 0, len(data), 200
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        if match:
+            lo, hi, status = int(match.group(1)), min(len(data), int(match.group(2)) + 1), 206
+        self.send_response(status)
+        self.send_header("Content-Length", str(hi - lo))
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
+        self.end_headers()
+        if body:
+            self.wfile.write(data[lo:hi])
+
+    def do_GET(self):  # noqa: N802
+        self._file(True)
+
+    def do_HEAD(self):  # noqa: N802
+        self._file(False)
+
+
+@pytest.fixture
+def store(shards):
+    """The split served over HTTP; set ``store.answer`` to make it fail."""
+    pytest.importorskip("aiohttp")
+    handler = type("Store", (_Store,), {"root": shards.parent, "answer": None, "requests": Counter()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{server.server_address[1]}/{shards.name}/index.json"
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("fault", ["head_and_get", "get"])
+def test_503s_over_http_through_fsspec_are_retried(shards, store, monkeypatch, sleeps, caplog, fault):
+    # fsspec reports a 503 to the HEAD and GET that open a file as FileNotFoundError (raised from aiohttp's
+    # ClientResponseError), and a 503 to a read as the ClientResponseError itself: both are retried.
+    whole = _undisturbed(shards, monkeypatch)
+    if fault == "head_and_get":  # every shard and shard index: its first HEAD and the GET fsspec tries next
+        store.answer = lambda method, name, nth: 503 if name.endswith((".tar", ".npz")) and nth <= 2 else None
+    else:  # its first GET, after a HEAD that went through
+        store.answer = lambda method, name, nth: 503 if name.endswith((".tar", ".npz")) and nth == 2 else None
+    with caplog.at_level(logging.WARNING, "distpddm.data"):
+        again = _take(PKBatchDataset(store.url, 4, 3, image_size=16, seed=2), 12, workers=0)
+    assert all(_same(x, y) for x, y in zip(whole, again, strict=True))
+    failed = {n for n in store.requests if n.endswith((".tar", ".npz"))}
+    assert failed and sleeps == [stream.RETRY_BASE_S] * len(failed) and "skipping" not in caplog.text
+    what = "FileNotFoundError" if fault == "head_and_get" else "ClientResponseError: 503"
+    assert what in caplog.text and "ClientResponseError: 503" in caplog.text
+
+
+def test_a_shard_that_stays_503_or_404_over_http_is_skipped_with_one_line(shards, store, monkeypatch, sleeps, caplog):
+    _as_rank(monkeypatch, 0, 1)
+    split = resolve_shards(store.url)
+    down, gone = split.urls[0].rsplit("/", 2)[-2:], split.urls[1].rsplit("/", 2)[-2:]
+    down, gone = "/".join(down), stream.idx_name("/".join(gone))
+
+    def answer(method, name, nth):
+        if name == down:  # the shard answers 503 to every request (its index reads)
+            return 503
+        return 404 if name == gone else None  # a shard index that is not there: not retried
+
+    store.answer = answer
+    reader = stream._EpochReader(PKBatchDataset(store.url, 4, 3, image_size=16), 0, 0, 1, 0, SkipCounter())
+    with caplog.at_level(logging.WARNING, "distpddm.data"):
+        assert list(reader.run(skip=0))  # the epoch goes on without them
+    assert sleeps == [0.5 * 2**i for i in range(stream.READ_RETRIES)]  # the shard answering 503 only
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert len(skipped) == 2 and reader.counter.skipped == split.counts[0] + split.counts[1]
+    assert any(f"{gone} (FileNotFoundError: " in m and "404" in m and "retries" not in m for m in skipped)
+    spent = f"after {stream.READ_RETRIES} retries"
+    assert any("shard unreadable (FileNotFoundError: " in m and "503" in m and spent in m for m in skipped)
+    with pytest.raises(BadDataError, match=r"shard-00000[01]\.(tar|idx\.npz)") as e:
+        _take(PKBatchDataset(store.url, 4, 3, image_size=16), 100, workers=0)  # past max_skip_rate: one line
+    assert "\n" not in str(e.value)
+
+
+def test_a_foreign_split_is_refused_by_the_stream(shards, tmp_path):
+    """``distpddm shards index`` (layout "foreign"): pre-shuffled, not chunked by class."""
+    split = tmp_path / "train"
+    split.mkdir()
+    index = json.loads((shards / "index.json").read_text()) | {"layout": "foreign"}
+    (split / "index.json").write_text(json.dumps(index))
+    for spec in (split, split / "index.json"):
+        with pytest.raises(ValueError, match=r"pre-shuffled split indexed in place .* cannot read it yet"):
+            resolve_shards(spec)
+    with pytest.raises(ValueError, match="cannot read it yet"):
+        PKBatchDataset(split, 4, 3, image_size=16)

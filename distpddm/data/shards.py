@@ -47,6 +47,8 @@ from .tarindex import SampleWriter, idx_name, index_tar, load_shard_index, save_
 INDEX = "index.json"
 INCOMPLETE = "index.incomplete"  # in place of index.json while a build of the split is under way
 INDEX_VERSION = 2
+#: ``layout`` of a split's index.json that `distpddm shards index` wrote for published shards it indexed in place.
+FOREIGN_LAYOUT = "foreign"
 DEFAULT_SHARD_BYTES = 512 * 2**20
 
 
@@ -471,7 +473,25 @@ def load_index(split_dir: Path) -> dict:
         if (Path(split_dir) / INCOMPLETE).exists():
             raise IncompleteBuildError(incomplete_message(split_dir))
         raise FileNotFoundError(f"no {INDEX} in {split_dir}: build the shards first (distpddm shards build)")
-    return json.loads(path.read_text())
+    index = json.loads(path.read_text())
+    if index.get("layout") == FOREIGN_LAYOUT:
+        raise ValueError(foreign_message(split_dir))
+    return index
+
+
+def foreign_message(split_dir: str | Path) -> str:
+    """Why a split that `distpddm shards index` wrote is refused: it has no hashes or class chunks to check."""
+    return (
+        f"{split_dir}: a pre-shuffled split indexed in place (`distpddm shards index`); `distpddm shards verify` "
+        "checks the splits `distpddm shards build` writes"
+    )
+
+
+def _is_foreign(split_dir: Path) -> bool:
+    try:
+        return json.loads((split_dir / INDEX).read_text()).get("layout") == FOREIGN_LAYOUT
+    except (OSError, ValueError, AttributeError):
+        return False  # missing or damaged: verify_split reports it
 
 
 def verify_split(split_dir: Path, sample: float = 1.0, seed: int = 0, progress: bool = True) -> VerifyReport:
@@ -586,4 +606,7 @@ def verify(out: Path, sample: float = 1.0, progress: bool = True) -> list[Verify
         dirs = sorted({p.parent for name in (INDEX, INCOMPLETE) for p in out.glob(f"*/{name}")})
     if not dirs:
         raise FileNotFoundError(f"no {INDEX} under {out}: nothing to verify")
+    foreign = [d for d in dirs if _is_foreign(d)]
+    if foreign:  # before any split is verified: not after minutes of reading the others
+        raise ValueError(foreign_message(foreign[0]))
     return [verify_split(d, sample, progress=progress) for d in dirs]

@@ -11,18 +11,21 @@ without reading images, and only the samples still waiting in the batcher are fe
 Bad samples (an image that does not decode, a missing label) and unreadable shards are skipped with a
 warning naming shard and key, and counted; past ``max_skip_rate`` the run stops with :class:`BadDataError`
 rather than training on quietly shrinking data. A read error that may pass (an ``OSError`` opening a shard or
-its index, or part-way through reading it: an NFS hiccup, an S3 503) is first retried, ``READ_RETRIES`` times
-with exponential backoff, from the sample where it failed: a retry that succeeds changes no batch.
+its index, or part-way through reading it: an NFS hiccup, an S3 503; over HTTP, aiohttp's 5xx, 429, reset or
+timeout, also when fsspec reports it as a ``FileNotFoundError``) is first retried, ``READ_RETRIES`` times with
+exponential backoff, from the sample where it failed: a retry that succeeds changes no batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import dataclasses
 import hashlib
 import json
 import logging
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -38,7 +41,7 @@ from ..errors import BadDataError, CannotBatchError
 from .batcher import PKBatcher
 from .epochs import reader_ranges, seed_sequence
 from .images import IMAGE_EXTENSIONS
-from .shards import INCOMPLETE, INDEX, IncompleteBuildError, incomplete_message
+from .shards import FOREIGN_LAYOUT, INCOMPLETE, INDEX, IncompleteBuildError, incomplete_message
 from .tarindex import ShardIndex, idx_name, load_shard_index, read_range
 from .transforms import train_transform
 
@@ -80,6 +83,11 @@ def resolve_shards(spec: str | Path) -> ShardSet:
             if _exists(f"{base}/{INCOMPLETE}"):
                 raise IncompleteBuildError(incomplete_message(base)) from None
             raise FileNotFoundError(f"no {INDEX} at {spec}: build the split with `distpddm shards build`") from None
+        if index.get("layout") == FOREIGN_LAYOUT:  # its samples are spread over shards, not chunked by class
+            raise ValueError(
+                f"{spec}: a pre-shuffled split indexed in place (`distpddm shards index`); "
+                "the class-chunked stream cannot read it yet"
+            )
         shards = index["shards"]
         return ShardSet(
             [f"{base}/{s['name']}" for s in shards],
@@ -116,23 +124,84 @@ def _open(url: str):
 
 
 #: How often a read error that may pass is retried before its samples are counted as skipped, and the first
-#: wait (doubled at every retry: 0.5, 1, 2 s). Module constants, so that tests can make them small.
-READ_RETRIES = 3
+#: wait (doubled at every retry: 0.5, 1, 2, 4, 8 s; 15.5 s in all, past a store's usual 503 burst -- the fault
+#: bench's server answers 503 for 10 s). Module constants, so that tests can make them small.
+READ_RETRIES = 5
 RETRY_BASE_S = 0.5
 #: OSErrors that say the file is not there or not ours to read: a retry would find the same.
 PERSISTENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 _sleep = time.sleep  # tests replace it
 
 
+def _aiohttp():
+    """aiohttp, if something (fsspec's HTTP filesystem) imported it: else none of its errors can be raised."""
+    return sys.modules.get("aiohttp")
+
+
+def _http_error(error: BaseException) -> bool:
+    """An error of aiohttp's client or an asyncio timeout: fsspec's HTTP filesystem raises them as they are,
+    and most are no ``OSError``."""
+    aiohttp = _aiohttp()
+    return isinstance(error, asyncio.TimeoutError) or (aiohttp is not None and isinstance(error, aiohttp.ClientError))
+
+
+def _transient_http(error: BaseException) -> bool:
+    """A server's or connection's failure, not the request's: 5xx or 429, a reset or dropped connection, a
+    truncated body, a timeout. A 404 or 403, a bad URL, a bad certificate are not."""
+    aiohttp = _aiohttp()
+    if aiohttp is not None and isinstance(error, aiohttp.ClientError):
+        if isinstance(error, aiohttp.ClientResponseError):
+            return error.status >= 500 or error.status == 429
+        if isinstance(error, (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch)):
+            return False
+        return isinstance(error, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError))
+    return isinstance(error, (asyncio.TimeoutError, TimeoutError, ConnectionError))
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """What ``error`` was raised from or while handling, nearest first (a bounded walk: chains can loop)."""
+    seen = error.__cause__ or error.__context__
+    for _ in range(8):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def _transient(error: BaseException, url: str) -> bool:
+    """May a retry of this read error of ``url`` succeed? An ``OSError`` but the persistent ones; an HTTP error
+    of :func:`_transient_http`; and, for a remote URL, a ``FileNotFoundError`` raised from one: fsspec's HTTP
+    filesystem reports a 503 to a file's HEAD and GET so (a real 404 is raised from the 404, and not retried)."""
+    aiohttp = _aiohttp()
+    if aiohttp is not None and isinstance(error, aiohttp.ClientError):
+        return _transient_http(error)
+    if isinstance(error, FileNotFoundError):
+        remote = "://" in url and not url.startswith("file://")
+        return remote and any(_transient_http(e) for e in _causes(error))
+    if isinstance(error, OSError):
+        return not isinstance(error, PERSISTENT_ERRORS)
+    return isinstance(error, asyncio.TimeoutError)  # no OSError before Python 3.11
+
+
+def _read_error(error: BaseException) -> bool:
+    """An error of reading a shard or its index (then counted as skipped when it stays), not a bug's."""
+    return isinstance(error, OSError) or _http_error(error)
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message``, and the HTTP error behind it (fsspec's ``FileNotFoundError`` names only the URL)."""
+    text = f"{type(error).__name__}: {error}"
+    cause = next((e for e in _causes(error) if _http_error(e)), None)
+    return text if cause is None else f"{text}, from {type(cause).__name__}: {cause}"
+
+
 def _retry_after(where: str, error: BaseException, attempt: int) -> bool:
-    """Wait before retry ``attempt + 1`` of a read error (logged once, naming ``where`` and the error); False,
-    without waiting, when the error is no ``OSError``, one that does not pass, or the retries are spent."""
-    if not isinstance(error, OSError) or isinstance(error, PERSISTENT_ERRORS) or attempt >= READ_RETRIES:
+    """Wait before retry ``attempt + 1`` of a read error of ``where`` (a URL; logged once, naming it and the
+    error); False, without waiting, when the error does not pass (:func:`_transient`) or the retries are spent."""
+    if not _transient(error, where) or attempt >= READ_RETRIES:
         return False
     delay = RETRY_BASE_S * 2**attempt
-    log.warning(
-        "%s: %s: %s; retry %d of %d in %.1f s", where, type(error).__name__, error, attempt + 1, READ_RETRIES, delay
-    )
+    log.warning("%s: %s; retry %d of %d in %.1f s", where, _describe(error), attempt + 1, READ_RETRIES, delay)
     _sleep(delay)
     return True
 
@@ -427,11 +496,13 @@ class _EpochReader:
                 if len(index) != count:
                     raise ValueError(f"it lists {len(index)} samples, index.json {count}: rebuild the split")
                 break
-            except (OSError, ValueError, KeyError) as e:
+            except Exception as e:
+                if not isinstance(e, (ValueError, KeyError)) and not _read_error(e):
+                    raise
                 if _retry_after(idx_name(url), e, attempt):
                     attempt += 1
                     continue
-                why = f"no usable shard index {idx_name(url)} ({type(e).__name__}: {e}){_after(attempt)}"
+                why = f"no usable shard index {idx_name(url)} ({_describe(e)}){_after(attempt)}"
                 self.counter.skip(url, why, hi - lo)
                 return None
         unit = _Unit(url, lo, hi, first, index)
@@ -443,8 +514,9 @@ class _EpochReader:
         return self._read(unit, list(range(start, unit.hi)))
 
     def _read(self, unit: _Unit, numbers: list[int]) -> Iterator[tuple[int, dict | Exception | None]]:
-        """``(n, raw sample | exception | None)`` for the unit's samples ``numbers`` (ascending). An ``OSError``
-        opening the shard or reading it is retried (:func:`_retry_after`) from the sample it failed at, so a
+        """``(n, raw sample | exception | None)`` for the unit's samples ``numbers`` (ascending). A read error
+        opening the shard or reading it (:func:`_read_error`: an ``OSError``, or aiohttp's, which
+        :func:`.read_range` does not catch) is retried (:func:`_retry_after`) from the sample it failed at, so a
         retry that succeeds gives exactly the samples an undisturbed read gives; when the retries are spent (or
         the error does not pass: a missing file), the samples not yet read are counted as skipped, once, naming
         the shard and the error, and come back as None."""
@@ -453,7 +525,9 @@ class _EpochReader:
             error = None
             try:
                 f = _open(unit.url)
-            except OSError as e:
+            except Exception as e:
+                if not _read_error(e):
+                    raise
                 error = e
             else:
                 with f:
@@ -466,6 +540,10 @@ class _EpochReader:
                                     break
                                 done, attempt = done + 1, 0
                                 yield n, sample
+                        except Exception as e:  # raised by the read itself, not yielded as the sample's
+                            if not _read_error(e):
+                                raise
+                            error = e
                         finally:
                             reader.close()
                         if error is not None:
@@ -475,7 +553,7 @@ class _EpochReader:
             if _retry_after(unit.url, error, attempt):
                 attempt += 1
                 continue
-            why = f"shard unreadable ({type(error).__name__}: {error}){_after(attempt)}"
+            why = f"shard unreadable ({_describe(error)}){_after(attempt)}"
             self.counter.skip(unit.url, why, len(numbers) - done)
             for n in numbers[done:]:
                 yield n, None
