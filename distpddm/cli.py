@@ -47,14 +47,15 @@ def _shards_build(args: argparse.Namespace) -> int:
         seed=args.seed,
         rescan=args.rescan,
         progress=not args.quiet,
+        in_flight=args.in_flight,
     )
     plan = carve(listed, args.val_per_class, holdout, seed=args.seed)
     if args.dry_run:
+        kept = "" if args.kind == "wds-index" else "; the listing is kept in OUT/plan.npz for the build"
         for split, planned in plan_summary(plan, options).items():
             print(
                 f"{split}: {planned['images']} images, {planned['classes']} classes -> {planned['shards']} shards, "
-                f"about {planned['estimated_bytes'] / 2**30:.2f} GiB (dry run: no shard written; the listing is "
-                "kept in OUT/plan.npz for the build)"
+                f"about {planned['estimated_bytes'] / 2**30:.2f} GiB (dry run: no shard written{kept})"
             )
         return 0
     indexes = build(plan, args.out, options)
@@ -300,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b = shards.add_parser("build", help="build shards from a dataset folder")
     b.add_argument("--source", dest="kind", choices=KINDS, required=True, help="source layout")
-    b.add_argument("src", type=Path, nargs="?", help="source folder (fonts: optional extra font folder)")
+    b.add_argument(
+        "src",
+        type=Path,
+        nargs="?",
+        help="source folder (fonts: optional extra font folder; wds-index: the OUT of `shards index`, or one split)",
+    )
     b.add_argument("out", type=Path, help="output folder: OUT/<split>/*.tar + index.json")
     b.add_argument("--shard-size", type=_size, default="512M", help="target shard size (default 512M)")
     b.add_argument("--max-side", type=int, help="re-encode as JPEG with the longer side at most N pixels")
@@ -324,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="list, carve and plan; print the shards it would write")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--workers", type=int, help="parallel processes (default: all cores)")
+    b.add_argument(
+        "--in-flight", type=int, help="wds-index: image range reads in flight per worker process (default 8)"
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_shards_build)
 

@@ -119,7 +119,7 @@ SAMPLE_OVERHEAD = 5 * 512 + 256
 
 def estimated_bytes(plan: SourcePlan, split: SplitPlan, max_side: int | None) -> np.ndarray:
     """Bytes each sample will take in a shard (to cut shards at about the target size)."""
-    if plan.reader is not None or split.sizes is None:
+    if split.sizes is None:  # rendered (fonts): no file to size
         image = np.full(len(split), 4096 if max_side is None else min(4096, max_side * max_side // 4), np.int64)
     elif max_side is None:
         image = split.sizes
@@ -253,6 +253,9 @@ def _read_file(root: Path, source: str) -> tuple[bytes, str]:
 
 def write_shard(task: ShardTask, reader: Callable[[str], tuple[bytes, str]] | None = None) -> dict:
     """Write one shard (atomically), its index and its sidecar; returns the sidecar's record."""
+    if hasattr(reader, "prefetch"):  # a reader that fetches ahead, several reads in flight, in the shard's order
+        with reader.prefetch(task.sources) as ahead:
+            return write_shard(task, ahead)
     final = task.out_dir / shard_name(task.shard)
     tmp = final.with_suffix(".tar.tmp")
     counts: dict[int, int] = {}
@@ -339,7 +342,8 @@ def _run_tasks(plan: SourcePlan, tasks: list[ShardTask], options: BuildOptions) 
     import multiprocessing
 
     workers = options.workers or min(len(tasks), os.cpu_count() or 1) or 1
-    if workers <= 1 or plan.reader is not None:
+    in_workers = getattr(plan.reader, "in_workers", False)  # a picklable reader: run it in the worker processes
+    if workers <= 1 or (plan.reader is not None and not in_workers):
         for task in tasks:
             yield write_shard(task, plan.reader)
         return
@@ -352,7 +356,7 @@ def _run_tasks(plan: SourcePlan, tasks: list[ShardTask], options: BuildOptions) 
         try:
             while True:
                 for task in todo:
-                    running.add(pool.submit(write_shard, task))
+                    running.add(pool.submit(write_shard, task, plan.reader))
                     if len(running) >= 2 * workers:
                         break
                 if not running:

@@ -195,7 +195,7 @@ def _describe(error: BaseException) -> str:
     return text if cause is None else f"{text}, from {type(cause).__name__}: {cause}"
 
 
-def _retry_after(where: str, error: BaseException, attempt: int) -> bool:
+def retry_after(where: str, error: BaseException, attempt: int) -> bool:
     """Wait before retry ``attempt + 1`` of a read error of ``where`` (a URL; logged once, naming it and the
     error); False, without waiting, when the error does not pass (:func:`_transient`) or the retries are spent."""
     if not _transient(error, where) or attempt >= READ_RETRIES:
@@ -499,7 +499,7 @@ class _EpochReader:
             except Exception as e:
                 if not isinstance(e, (ValueError, KeyError)) and not _read_error(e):
                     raise
-                if _retry_after(idx_name(url), e, attempt):
+                if retry_after(idx_name(url), e, attempt):
                     attempt += 1
                     continue
                 why = f"no usable shard index {idx_name(url)} ({_describe(e)}){_after(attempt)}"
@@ -516,7 +516,7 @@ class _EpochReader:
     def _read(self, unit: _Unit, numbers: list[int]) -> Iterator[tuple[int, dict | Exception | None]]:
         """``(n, raw sample | exception | None)`` for the unit's samples ``numbers`` (ascending). A read error
         opening the shard or reading it (:func:`_read_error`: an ``OSError``, or aiohttp's, which
-        :func:`.read_range` does not catch) is retried (:func:`_retry_after`) from the sample it failed at, so a
+        :func:`.read_range` does not catch) is retried (:func:`retry_after`) from the sample it failed at, so a
         retry that succeeds gives exactly the samples an undisturbed read gives; when the retries are spent (or
         the error does not pass: a missing file), the samples not yet read are counted as skipped, once, naming
         the shard and the error, and come back as None."""
@@ -550,7 +550,7 @@ class _EpochReader:
                             break
                 if error is None:
                     return
-            if _retry_after(unit.url, error, attempt):
+            if retry_after(unit.url, error, attempt):
                 attempt += 1
                 continue
             why = f"shard unreadable ({_describe(error)}){_after(attempt)}"

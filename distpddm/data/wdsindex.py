@@ -228,7 +228,7 @@ class RangeReader:
         if not self.streaming:
             try:
                 self._file.seek(pos)
-                data = _read_full(self._file, n)
+                data = read_full(self._file, n)
             except ValueError as e:
                 if "range requests" not in str(e):
                     raise
@@ -245,7 +245,7 @@ class RangeReader:
                     return b""
                 self._count(skipped)
                 self._stream_at += len(skipped)
-            data = _read_full(self._file, n)
+            data = read_full(self._file, n)
             self._stream_at += len(data)
         self._count(data)
         return data
@@ -255,7 +255,7 @@ class RangeReader:
         self.bytes_read += len(data)
 
 
-def _read_full(f, n: int) -> bytes:
+def read_full(f, n: int) -> bytes:
     """``n`` bytes, or fewer only at the end of the file (a stream or a raw file may return less per read)."""
     parts = []
     while n > 0:

@@ -1,0 +1,222 @@
+"""The builder's source for published WebDataset shards indexed in place (`distpddm shards index`): a plan
+from the index alone, and a reader that fetches each image by its byte range in the foreign tar.
+
+``distpddm shards build --source wds-index FOREIGN_OUT OUT`` re-chunks every foreign split under
+``FOREIGN_OUT`` (or the one split folder given) into the class-chunked layout that training reads. Nothing is
+extracted: the plan's source of a sample is ``<shard>/<key>.<ext>@<offset>+<size>`` (the shard's file name, the
+sample's key and image field, and where the image member's bytes lie), and :class:`RangeFetcher` reads exactly
+those bytes -- ``open``/``seek``/``read`` for a local shard, one ranged GET through fsspec (``cat_file``) for an
+http(s) or s3 URL -- retrying transient errors with the training stream's rules (:func:`.stream.retry_after`).
+Images are then stored or re-encoded by the builder (:func:`.shards.encode_image`) like any other source's.
+
+Reads are issued in the builder's class-chunked order, ``in_flight`` at once per shard being written (threads:
+:meth:`RangeFetcher.prefetch`); the builder's worker processes each write one shard at a time, so at most
+``workers x in_flight`` images are held. The plan (one source string and label per sample) is in memory, as
+for the other sources; image bytes never are, beyond those in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .sources import SourceError, SourcePlan, SplitPlan
+from .stream import retry_after  # imported here, once: the builder's forked workers share it (and torch)
+from .wdsindex import INDEX, LAYOUT, read_full
+
+KIND = "wds-index"
+#: Image reads in flight per shard being written (per builder worker process).
+IN_FLIGHT = 8
+
+
+def parse_source(source: str) -> tuple[str, int, int, str]:
+    """``<shard>/<key>.<ext>@<offset>+<size>`` -> (shard name, offset, size, ext). A key may hold dots, slashes
+    and ``@``: the place is after the last ``@``, the shard name (no slash: a file name) before the first ``/``."""
+    head, _, place = source.rpartition("@")
+    offset, _, size = place.partition("+")
+    shard, _, member = head.partition("/")
+    return shard, int(offset), int(size), member.rpartition(".")[2]
+
+
+def _read_local(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        return read_full(f, size)
+
+
+def _read_remote(url: str, offset: int, size: int) -> bytes:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)  # fsspec caches the filesystem: one session per process
+    return fs.cat_file(path, start=offset, end=offset + size)
+
+
+def read_range(url: str, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of a local file or an fsspec URL, transient errors retried (the stream's
+    rules and backoff). ``ValueError`` when the bytes do not fit the index: the shard changed since it was
+    indexed, or the server ignores range requests (it sent more than asked)."""
+    attempt = 0
+    while True:
+        try:
+            data = _read_remote(url, offset, size) if "://" in url else _read_local(url, offset, size)
+            break
+        except Exception as e:
+            if not retry_after(url, e, attempt):
+                raise
+            attempt += 1
+    if len(data) > size:
+        raise ValueError(
+            f"{url}: asked for bytes {offset}..{offset + size - 1}, got {len(data)} bytes: the server ignores range "
+            "requests; build from a store that serves ranges, or from a local copy of the shards"
+        )
+    if len(data) < size:
+        raise ValueError(
+            f"{url}: {len(data)} bytes at {offset}, the index says {size}: the shard is shorter than when it was "
+            "indexed; index it again (`distpddm shards index`)"
+        )
+    return data
+
+
+class RangeFetcher:
+    """The plan's reader: ``fetcher(source) -> (image bytes, ext)``, one ranged read. Picklable (the shard
+    table only), so the builder runs it in its worker processes (``in_workers``), where :meth:`prefetch` keeps
+    ``in_flight`` reads of a shard's sources going ahead of the writer."""
+
+    in_workers = True
+
+    def __init__(self, urls: dict[str, str], in_flight: int = IN_FLIGHT):
+        if in_flight < 1:
+            raise ValueError(f"reads in flight must be >= 1, got {in_flight}")
+        self.urls, self.in_flight = urls, in_flight
+
+    def __call__(self, source: str) -> tuple[bytes, str]:
+        shard, offset, size, ext = parse_source(source)
+        return read_range(self.urls[shard], offset, size), ext
+
+    @contextmanager
+    def prefetch(self, sources: list[str]) -> Iterator:
+        """A reader of ``sources``, to be asked for them in this order: ``in_flight`` reads (threads) run
+        ahead of the caller, so that at most ``in_flight`` images are held."""
+        pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="wds-read")
+        pending: deque[tuple[str, Future]] = deque()
+        upcoming = iter(sources)
+
+        def top_up() -> None:
+            while len(pending) < self.in_flight:
+                source = next(upcoming, None)
+                if source is None:
+                    return
+                pending.append((source, pool.submit(self, source)))
+
+        def read(source: str) -> tuple[bytes, str]:
+            top_up()
+            expected, future = pending.popleft()
+            if expected != source:
+                raise RuntimeError(f"prefetched {expected!r}, asked for {source!r}: sources read out of order")
+            try:
+                return future.result()
+            finally:
+                top_up()
+
+        try:
+            yield read
+        finally:  # a build stopped part-way (a bad image, ^C): reads not started are dropped, running ones end
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+def foreign_splits(folder: Path) -> dict[str, Path]:
+    """The split folders (name -> folder) that `distpddm shards index` wrote: ``folder`` itself if it is
+    one, else those under it."""
+    folder = Path(folder)
+    candidates = [folder / INDEX] if (folder / INDEX).exists() else sorted(folder.glob(f"*/{INDEX}"))
+    found = {}
+    for path in candidates:
+        try:
+            index = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SourceError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+        if index.get("layout") == LAYOUT:
+            found[index.get("split", path.parent.name)] = path.parent
+    if not found:
+        raise SourceError(
+            f"no split indexed in place (a {INDEX} with layout {LAYOUT!r}) in or under {folder}: "
+            "run `distpddm shards index SRC FOLDER` first"
+        )
+    return found
+
+
+def read_split(split_dir: Path) -> tuple[SplitPlan, dict[str, str], dict]:
+    """One foreign split -> its plan (sources, labels, image sizes, class list), the shard table (file name ->
+    URL) and its ``index.json``. Local shards must still have the size they were indexed at."""
+    index = json.loads((split_dir / INDEX).read_text())
+    with np.load(split_dir / index["selection"]) as sel:
+        shard_of, row_of, label_of = sel["shard"], sel["row"], sel["label"]
+    urls: dict[str, str] = {}
+    sources: list[str] = []
+    labels, sizes = [], []
+    order = np.argsort(shard_of, kind="stable")  # the selection's rows, one shard's together
+    bounds = np.searchsorted(shard_of[order], np.arange(len(index["shards"]) + 1))
+    for s, shard in enumerate(index["shards"]):
+        name, url = shard["name"], shard["url"]
+        if "://" not in url:
+            try:
+                now = os.stat(url).st_size
+            except OSError as e:
+                raise SourceError(f"shard {url} of {split_dir}: {type(e).__name__}: {e}") from None
+            if shard.get("bytes") is not None and now != shard["bytes"]:
+                raise SourceError(
+                    f"shard {url} has {now} bytes, {shard['bytes']} when it was indexed: index it again "
+                    "(`distpddm shards index`)"
+                )
+        urls[name] = url
+        picked = order[bounds[s] : bounds[s + 1]]
+        if not len(picked):
+            continue
+        try:
+            with np.load((split_dir / shard["index"]).resolve()) as arrays:
+                rows = row_of[picked]
+                keys = arrays["keys"][rows].tolist()
+                exts = arrays["image_exts"][rows].tolist()
+                offsets = arrays["image_offsets"][rows].tolist()
+                image_sizes = arrays["image_sizes"][rows]
+        except (OSError, KeyError, ValueError, IndexError) as e:
+            raise SourceError(
+                f"{split_dir / shard['index']}: unreadable shard index ({type(e).__name__}: {e})"
+            ) from None
+        sources += [
+            f"{name}/{key}.{ext}@{offset}+{size}"
+            for key, ext, offset, size in zip(keys, exts, offsets, image_sizes.tolist(), strict=True)
+        ]
+        labels.append(label_of[picked])
+        sizes.append(image_sizes)
+    label_arr = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+    size_arr = np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64)
+    return SplitPlan(list(index["classes"]), sources, label_arr, size_arr), urls, index
+
+
+def read_wds_index(folder: Path, in_flight: int = IN_FLIGHT) -> SourcePlan:
+    """The plan of every foreign split in or under ``folder`` (see :func:`foreign_splits`), reading them
+    through one :class:`RangeFetcher`; the index's carving record is kept."""
+    splits: dict[str, SplitPlan] = {}
+    urls: dict[str, str] = {}
+    carving: dict = {}
+    for name, split_dir in foreign_splits(folder).items():
+        plan, shard_urls, index = read_split(split_dir)
+        for shard, url in shard_urls.items():
+            if urls.setdefault(shard, url) != url:
+                raise SourceError(f"two shards named {shard!r} in {folder}: {urls[shard]} and {url}")
+        if not len(plan):
+            raise SourceError(f"split {name!r} of {split_dir} selects no sample")
+        splits[name] = plan
+        carving = carving or dict(index.get("carving") or {})
+    return SourcePlan(KIND, Path(folder).resolve(), splits, RangeFetcher(urls, in_flight), carving)

@@ -1,0 +1,230 @@
+"""Re-chunking published (timm-layout) WebDataset shards indexed in place into the class-chunked layout:
+`distpddm shards build --source wds-index`, against a plain tarfile read of the source shards, locally and over
+HTTP (nginx, as tests/test_wdsindex.py runs it), read by the training stream and by a short training run."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distpddm.cli import main as cli
+from distpddm.data import stream, wdsbuild
+from distpddm.data.shards import BuildOptions, build, encode_image, verify
+from distpddm.data.sources import read_source
+from distpddm.data.wdsbuild import parse_source, read_range
+from distpddm.data.wdsindex import IndexOptions, index_shards
+from tests import test_wdsindex as wi
+
+nginx = wi.nginx  # the fixture: it serves this module's ``source``
+
+REPO = Path(__file__).resolve().parents[1]
+SHARDS = [f"in12k-train-000{n}.tar" for n in range(3)]
+PATTERN = "in12k-train-{0000..0002}.tar"
+OPTS = {"shard_bytes": 120_000, "chunk_size": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """Three good shards of 18 pre-shuffled samples: JPEG (PAX), WEBP (GNU, fields in another order), JPEG
+    (ustar, the class only in the json's file name); keys with dots and class folders."""
+    src = tmp_path_factory.mktemp("wds")
+    rng = np.random.default_rng(1)
+    wi.timm_shard(src / SHARDS[0], 0, rng)
+    wi.timm_shard(src / SHARDS[1], 100, rng, "webp", ("cls", "json", "img"), fmt=tarfile.GNU_FORMAT)
+    wi.timm_shard(src / SHARDS[2], 200, rng, fmt=tarfile.USTAR_FORMAT)
+    return src
+
+
+@pytest.fixture(scope="module")
+def indexed(source, tmp_path_factory) -> Path:
+    """The source indexed in place, with a val split carved on the index (two foreign splits)."""
+    out = tmp_path_factory.mktemp("idx")
+    index_shards(str(source / PATTERN), out, IndexOptions(progress=False, val_per_class=1))
+    return out
+
+
+def truth(source: Path) -> dict[str, tuple[str, bytes]]:
+    """Every sample of the source shards, by the builder's source string: (class name, image bytes)."""
+    out = {}
+    for name in SHARDS:
+        good, bad = wi.tarfile_truth(source / name)
+        assert not bad
+        with tarfile.open(source / name) as tar:
+            members = {m.name: m for m in tar if m.isfile()}
+            for g in good:
+                offset, size = g["image"]
+                ext = next(e for e in ("jpg", "webp") if f"{g['key']}.{e}" in members)
+                image = tar.extractfile(members[f"{g['key']}.{ext}"]).read()
+                out[f"{name}/{g['key']}.{ext}@{offset}+{size}"] = (wi.WNIDS[g["label"]], image)
+    return out
+
+
+def built_samples(split_dir: Path) -> list[dict]:
+    """A built split's samples, read with tarfile: label, class name, source, image bytes and extension."""
+    index = json.loads((split_dir / "index.json").read_text())
+    samples = []
+    for shard in index["shards"]:
+        fields: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(split_dir / shard["name"]) as tar:
+            for m in tar:
+                key, _, field = m.name.partition(".")
+                fields.setdefault(key, {})[field] = tar.extractfile(m).read()
+        for f in fields.values():
+            meta = json.loads(f["json"])
+            ext = next(e for e in f if e not in ("cls", "json"))
+            label = int(f["cls"])
+            assert index["classes"][label] == meta["class_name"]
+            samples.append({"label": label, "meta": meta, "image": f[ext], "ext": ext})
+    return samples
+
+
+def assert_built_from(out: Path, indexed: Path, source: Path, max_side: int | None) -> None:
+    """Every sample of every indexed split is in the built split of that name once, with its class and its
+    image (the very bytes, or the builder's re-encoding of them)."""
+    want = truth(source)
+    for split in ("train", "val"):
+        foreign = json.loads((indexed / split / "index.json").read_text())
+        built = json.loads((out / split / "index.json").read_text())
+        assert built["classes"] == foreign["classes"] and built["class_counts"] == foreign["class_counts"]
+        assert built["source_kind"] == "wds-index" and built["carving"] == foreign["carving"]
+        samples = built_samples(out / split)
+        sources = [s["meta"]["source"] for s in samples]
+        assert len(sources) == foreign["samples"] == len(set(sources))  # each once
+        for s in samples:
+            name, image = want.pop(s["meta"]["source"])
+            assert s["meta"]["class_name"] == name
+            if max_side is None:
+                assert s["image"] == image and s["ext"] == parse_source(s["meta"]["source"])[3]
+                continue
+            expected, ext, width, height = encode_image(image, "jpg", max_side, 90)
+            assert s["image"] == expected and s["ext"] == ext == "jpg"
+            with Image.open(io.BytesIO(s["image"])) as img:
+                assert img.size == (width, height) == (max_side, max_side)  # 224 x 224 sources
+    assert not want  # and nothing of the source is missing
+
+
+def test_build_from_an_index_equals_a_tarfile_read(source, indexed, tmp_path, monkeypatch):
+    plan = read_source("wds-index", indexed)
+    assert set(plan.splits) == {"train", "val"} and plan.carving["val_per_class"] == 1
+    options = BuildOptions(**OPTS, workers=2)  # two worker processes, each with its reads in flight
+    indexes = build(plan, tmp_path / "out", options)
+    sizes = [s["bytes"] for s in indexes["train"]["shards"]]  # cut by the images' sizes, as for the other sources
+    assert len(sizes) >= 10 and max(sizes) < 2 * OPTS["shard_bytes"]
+    assert_built_from(tmp_path / "out", indexed, source, max_side=None)
+    assert all(r.ok for r in verify(tmp_path / "out", progress=False))
+
+    # The class-chunked stream reads it: P x K batches of the split's labels.
+    shard_set = stream.resolve_shards(tmp_path / "out" / "train")
+    assert shard_set.chunk_size == 2 and sum(shard_set.counts) == indexes["train"]["samples"]
+    images, labels, _, _ = next(iter(stream.PKBatchDataset(shard_set, 2, 2, image_size=16)))
+    assert images.shape == (4, 3, 16, 16) and sorted(Counter(labels.tolist()).values()) == [2, 2]
+
+    # A rerun finds every shard built (the sidecars match the plan): no image is read again.
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/shard-*.tar")}
+    monkeypatch.setattr(wdsbuild, "read_range", lambda *a: pytest.fail("a finished shard was read again"))
+    build(read_source("wds-index", indexed), tmp_path / "out", options)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/shard-*.tar")} == before
+
+
+def test_cli_build_resized_then_train(source, indexed, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["shards", "build", "--source", "wds-index", str(indexed), str(out), "--quiet", "--max-side", "32"]
+    assert cli([*argv, "--shard-size", "20k", "--chunk-size", "2", "--workers", "1", "--in-flight", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "train: 48 images, 6 classes" in printed and "val: 6 images, 6 classes" in printed
+    assert_built_from(out, indexed, source, max_side=32)
+    overrides = [
+        f"data.train_shards={out / 'train'}",
+        f"ray.storage_path={tmp_path}",
+        "data.classes_per_batch=2",
+        "data.images_per_class=2",
+        "train.steps=2",
+        "train.log_every=1",
+        "data.loader_workers=0",
+    ]
+    train = subprocess.run(
+        [sys.executable, "-m", "distpddm.cli", "train", "--local", "configs/smoke.yaml", *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "done: step 2" in train.stdout
+
+
+def test_one_split_folder_and_refusals(source, indexed, tmp_path, capsys):
+    plan = read_source("wds-index", indexed / "val")  # the split folder alone
+    assert set(plan.splits) == {"val"} and len(plan.splits["val"]) == 6
+    assert cli(["shards", "build", "--source", "wds-index", str(tmp_path), str(tmp_path / "o"), "--quiet"]) == 2
+    assert "run `distpddm shards index SRC FOLDER` first" in capsys.readouterr().err
+
+
+def test_transient_read_errors_are_retried_persistent_ones_not(source, monkeypatch):
+    monkeypatch.setattr(stream, "_sleep", lambda s: None)
+    url = str(source / SHARDS[0])
+    real, calls = wdsbuild._read_local, []
+
+    def flaky(path, offset, size):
+        calls.append(offset)
+        if len(calls) < 3:
+            raise ConnectionResetError("reset by peer")
+        return real(path, offset, size)
+
+    monkeypatch.setattr(wdsbuild, "_read_local", flaky)
+    assert read_range(url, 512, 100) == (source / SHARDS[0]).read_bytes()[512:612] and len(calls) == 3
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        read_range(str(source / "gone.tar"), 0, 10)
+    with pytest.raises(ValueError, match="shorter than when it was indexed"):
+        read_range(url, (source / SHARDS[0]).stat().st_size - 10, 100)
+
+
+def test_build_over_http_equals_local(source, tmp_path, nginx):
+    base, _ = nginx
+    index_shards(f"{base}/{PATTERN}", tmp_path / "idx", IndexOptions(progress=False, val_per_class=1))
+    plan = read_source("wds-index", tmp_path / "idx")
+    assert plan.reader.urls[SHARDS[0]] == f"{base}/{SHARDS[0]}"
+    build(plan, tmp_path / "out", BuildOptions(**OPTS, workers=2))
+    assert_built_from(tmp_path / "out", tmp_path / "idx", source, max_side=None)
+
+    # A server that ignores ranges would send whole shards for every image: refused, naming why.
+    index_shards(f"{base}/noranges/{PATTERN}", tmp_path / "idx2", IndexOptions(progress=False))
+    with pytest.raises(ValueError, match="ignores range requests"):
+        build(read_source("wds-index", tmp_path / "idx2"), tmp_path / "out2", BuildOptions(**OPTS, workers=1))
+
+
+def test_reads_are_in_flight_together_and_in_the_builders_order(indexed, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    real, lock = wdsbuild.read_range, threading.Lock()
+    running, most, order = [0], [0], []
+
+    def slow(url, offset, size):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            order.append((Path(url).name, offset))
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        return real(url, offset, size)
+
+    monkeypatch.setattr(wdsbuild, "read_range", slow)
+    plan = read_source("wds-index", indexed / "train", in_flight=4)
+    index = build(plan, tmp_path / "out", BuildOptions(**OPTS, workers=1))["train"]  # in this process
+    assert 2 <= most[0] <= 4  # several reads at once, never more than asked for
+    written = [parse_source(s["meta"]["source"])[:2] for s in built_samples(tmp_path / "out" / "train")]
+    assert sorted(order) == sorted(written) and len(order) == index["samples"] == len(set(order))
+    position = {sample: n for n, sample in enumerate(written)}
+    assert all(abs(position[sample] - n) < 4 for n, sample in enumerate(order))  # in the shards' order
