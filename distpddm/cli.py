@@ -37,18 +37,25 @@ def _shards_build(args: argparse.Namespace) -> int:
         max_bad=args.max_bad,
     )
     holdout = parse_holdout(args.holdout_classes)
-    listed = listed_source(
-        args.kind,
-        args.src,
-        args.out,
-        synsets=args.synsets,
-        fonts=args.fonts,
-        font_size=args.font_size,
-        seed=args.seed,
-        rescan=args.rescan,
-        progress=not args.quiet,
-        in_flight=args.in_flight,
-    )
+    if args.kind == "wds-index":  # published shards indexed in place: the plan is the index (no listing kept)
+        from .data.wdsbuild import read_wds_index
+
+        if args.src is None:
+            print("error: --source wds-index needs the folder `distpddm shards index` wrote", file=sys.stderr)
+            return 2
+        listed = read_wds_index(args.src, args.in_flight)
+    else:
+        listed = listed_source(
+            args.kind,
+            args.src,
+            args.out,
+            synsets=args.synsets,
+            fonts=args.fonts,
+            font_size=args.font_size,
+            seed=args.seed,
+            rescan=args.rescan,
+            progress=not args.quiet,
+        )
     plan = carve(listed, args.val_per_class, holdout, seed=args.seed)
     if args.dry_run:
         kept = "" if args.kind == "wds-index" else "; the listing is kept in OUT/plan.npz for the build"
@@ -300,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="shards_command", required=True
     )
     b = shards.add_parser("build", help="build shards from a dataset folder")
-    b.add_argument("--source", dest="kind", choices=KINDS, required=True, help="source layout")
+    b.add_argument("--source", dest="kind", choices=(*KINDS, "wds-index"), required=True, help="source layout")
     b.add_argument(
         "src",
         type=Path,
@@ -331,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--workers", type=int, help="parallel processes (default: all cores)")
     b.add_argument(
-        "--in-flight", type=int, help="wds-index: image range reads in flight per worker process (default 8)"
+        "--in-flight", type=int, default=8, help="wds-index: image range reads in flight per worker process (default 8)"
     )
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_shards_build)

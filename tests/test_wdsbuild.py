@@ -19,8 +19,7 @@ from PIL import Image
 from distpddm.cli import main as cli
 from distpddm.data import stream, wdsbuild
 from distpddm.data.shards import BuildOptions, build, encode_image, verify
-from distpddm.data.sources import read_source
-from distpddm.data.wdsbuild import parse_source, read_range
+from distpddm.data.wdsbuild import parse_source, read_range, read_wds_index
 from distpddm.data.wdsindex import IndexOptions, index_shards
 from tests import test_wdsindex as wi
 
@@ -113,7 +112,7 @@ def assert_built_from(out: Path, indexed: Path, source: Path, max_side: int | No
 
 
 def test_build_from_an_index_equals_a_tarfile_read(source, indexed, tmp_path, monkeypatch):
-    plan = read_source("wds-index", indexed)
+    plan = read_wds_index(indexed)
     assert set(plan.splits) == {"train", "val"} and plan.carving["val_per_class"] == 1
     options = BuildOptions(**OPTS, workers=2)  # two worker processes, each with its reads in flight
     indexes = build(plan, tmp_path / "out", options)
@@ -131,7 +130,7 @@ def test_build_from_an_index_equals_a_tarfile_read(source, indexed, tmp_path, mo
     # A rerun finds every shard built (the sidecars match the plan): no image is read again.
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/shard-*.tar")}
     monkeypatch.setattr(wdsbuild, "read_range", lambda *a: pytest.fail("a finished shard was read again"))
-    build(read_source("wds-index", indexed), tmp_path / "out", options)
+    build(read_wds_index(indexed), tmp_path / "out", options)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/shard-*.tar")} == before
 
 
@@ -163,7 +162,7 @@ def test_cli_build_resized_then_train(source, indexed, tmp_path, capsys):
 
 
 def test_one_split_folder_and_refusals(source, indexed, tmp_path, capsys):
-    plan = read_source("wds-index", indexed / "val")  # the split folder alone
+    plan = read_wds_index(indexed / "val")  # the split folder alone
     assert set(plan.splits) == {"val"} and len(plan.splits["val"]) == 6
     assert cli(["shards", "build", "--source", "wds-index", str(tmp_path), str(tmp_path / "o"), "--quiet"]) == 2
     assert "run `distpddm shards index SRC FOLDER` first" in capsys.readouterr().err
@@ -192,7 +191,7 @@ def test_transient_read_errors_are_retried_persistent_ones_not(source, monkeypat
 def test_build_over_http_equals_local(source, tmp_path, nginx):
     base, _ = nginx
     index_shards(f"{base}/{PATTERN}", tmp_path / "idx", IndexOptions(progress=False, val_per_class=1))
-    plan = read_source("wds-index", tmp_path / "idx")
+    plan = read_wds_index(tmp_path / "idx")
     assert plan.reader.urls[SHARDS[0]] == f"{base}/{SHARDS[0]}"
     build(plan, tmp_path / "out", BuildOptions(**OPTS, workers=2))
     assert_built_from(tmp_path / "out", tmp_path / "idx", source, max_side=None)
@@ -200,7 +199,7 @@ def test_build_over_http_equals_local(source, tmp_path, nginx):
     # A server that ignores ranges would send whole shards for every image: refused, naming why.
     index_shards(f"{base}/noranges/{PATTERN}", tmp_path / "idx2", IndexOptions(progress=False))
     with pytest.raises(ValueError, match="ignores range requests"):
-        build(read_source("wds-index", tmp_path / "idx2"), tmp_path / "out2", BuildOptions(**OPTS, workers=1))
+        build(read_wds_index(tmp_path / "idx2"), tmp_path / "out2", BuildOptions(**OPTS, workers=1))
 
 
 def test_reads_are_in_flight_together_and_in_the_builders_order(indexed, tmp_path, monkeypatch):
@@ -221,7 +220,7 @@ def test_reads_are_in_flight_together_and_in_the_builders_order(indexed, tmp_pat
         return real(url, offset, size)
 
     monkeypatch.setattr(wdsbuild, "read_range", slow)
-    plan = read_source("wds-index", indexed / "train", in_flight=4)
+    plan = read_wds_index(indexed / "train", in_flight=4)
     index = build(plan, tmp_path / "out", BuildOptions(**OPTS, workers=1))["train"]  # in this process
     assert 2 <= most[0] <= 4  # several reads at once, never more than asked for
     written = [parse_source(s["meta"]["source"])[:2] for s in built_samples(tmp_path / "out" / "train")]

@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from .images import IMAGE_EXTENSIONS
 
-#: ``wds-index``: published WebDataset shards that `distpddm shards index` indexed in place (:mod:`.wdsbuild`).
-KINDS = ("imagenet", "cub", "cars", "sop", "folder", "fonts", "wds-index")
+KINDS = ("imagenet", "cub", "cars", "sop", "folder", "fonts")
 
 
 class SourceError(ValueError):
@@ -240,18 +239,11 @@ def read_source(
     font_size: int = 64,
     seed: int = 0,
     progress: bool = False,
-    in_flight: int | None = None,
 ) -> SourcePlan:
-    """The plan for a source folder of layout ``kind`` (one of :data:`KINDS`); ``in_flight``: wds-index's image
-    reads in flight per shard being written."""
+    """The plan for a source folder of layout ``kind`` (one of :data:`KINDS`; published shards indexed in place
+    are :func:`.wdsbuild.read_wds_index`'s)."""
     if kind not in KINDS:
         raise SourceError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if kind == "wds-index":
-        from .wdsbuild import IN_FLIGHT, read_wds_index
-
-        if root is None:
-            raise SourceError("source kind 'wds-index' needs the folder `distpddm shards index` wrote")
-        return read_wds_index(_need(Path(root), "indexed shards folder"), IN_FLIGHT if in_flight is None else in_flight)
     if kind == "fonts":
         dirs = ([root] if root is not None else []) + list(fonts or [])
         splits, reader, font_root = read_fonts(dirs or None, font_size, seed=seed)
@@ -440,7 +432,6 @@ def listed_source(
     seed: int = 0,
     rescan: bool = False,
     progress: bool = False,
-    in_flight: int | None = None,
 ) -> SourcePlan:
     """:func:`read_source`, through ``OUT/plan.npz``: the first build lists the source and saves the
     listing there, a rerun (after a crash, or to add splits) reads it back."""
@@ -449,8 +440,6 @@ def listed_source(
 
     if kind == "fonts" or root is None:  # rendered in process: nothing worth keeping
         return read_source(kind, root, fonts=fonts, font_size=font_size, seed=seed, progress=progress)
-    if kind == "wds-index":  # listed already: the plan is read from the index, no file is listed
-        return read_source(kind, root, in_flight=in_flight)
     root = _need(Path(root), "source folder").resolve()
     key = {"kind": kind, "root": str(root)}
     if synsets is not None:
