@@ -174,6 +174,11 @@ def extract(
     if "://" not in str(shards):  # Ray workers start in other directories, and source.json outlives the cwd
         shards = str(Path(shards).expanduser().resolve())
     split = resolve_shards(shards)
+    if split.foreign:
+        raise EvalError(
+            f"{shards}: a pre-shuffled split indexed in place; evaluation reads class-chunked splits: build one "
+            "with `distpddm shards build --source wds-index`"
+        )
     if split.counts is None:
         raise EvalError(f"{shards}: not a split folder with index.json (build it with `distpddm shards build`)")
     size = image_size or exported_image_size(model)

@@ -501,7 +501,7 @@ def test_which_http_errors_are_retried(monkeypatch):
     assert not stream._transient(_not_found_from(_http_error(503), url), "/data/train/shard-000000.tar")
     assert stream._transient(OSError(5, "Input/output error"), "/data/x.tar")
     assert not stream._transient(ValueError("stale index"), url)
-    message = stream._describe(_not_found_from(_http_error(503), url))
+    message = stream.describe_error(_not_found_from(_http_error(503), url))
     assert message.startswith(f"FileNotFoundError: {url}, from ClientResponseError: 503")
     monkeypatch.setitem(sys.modules, "aiohttp", None)  # not installed (or never imported): OSErrors as before
     assert stream._transient(OSError(5, "Input/output error"), url) and not stream._transient(ValueError(), url)
@@ -662,14 +662,19 @@ def test_a_shard_that_stays_503_or_404_over_http_is_skipped_with_one_line(shards
     assert "\n" not in str(e.value)
 
 
-def test_a_foreign_split_is_refused_by_the_stream(shards, tmp_path):
-    """``distpddm shards index`` (layout "foreign"): pre-shuffled, not chunked by class."""
+def test_a_foreign_split_is_left_to_the_foreign_stream(shards, tmp_path):
+    """``distpddm shards index`` (layout "foreign"): pre-shuffled, not chunked by class. It resolves (the
+    trainer reads it with :class:`distpddm.data.foreign.ForeignPKDataset`, tests/test_foreign_stream.py) but
+    has no class-chunked counts: this stream and evaluation refuse it."""
     split = tmp_path / "train"
     split.mkdir()
-    index = json.loads((shards / "index.json").read_text()) | {"layout": "foreign"}
+    index = json.loads((shards / "index.json").read_text()) | {"layout": "foreign", "selection": "samples-x.npz"}
     (split / "index.json").write_text(json.dumps(index))
     for spec in (split, split / "index.json"):
-        with pytest.raises(ValueError, match=r"pre-shuffled split indexed in place .* cannot read it yet"):
-            resolve_shards(spec)
-    with pytest.raises(ValueError, match="cannot read it yet"):
+        found = resolve_shards(spec)
+        assert found.foreign and found.counts is None and found.split_dir == str(split)
+        assert found.digest != resolve_shards(shards).digest
+    with pytest.raises(ValueError, match=r"pre-shuffled split indexed in place .*ForeignPKDataset"):
         PKBatchDataset(split, 4, 3, image_size=16)
+    with pytest.raises(ValueError, match="evaluation needs"):
+        EvalDataset(split)

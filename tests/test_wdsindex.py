@@ -222,33 +222,26 @@ def test_damaged_tars_are_refused(source, tmp_path):
         index_shards(str(source / PATTERN), tmp_path / "a", IndexOptions(progress=False, max_bad_shards=1, max_bad=1))
 
 
-def test_training_and_verify_refuse_an_indexed_split_with_one_line(source, tmp_path, capsys):
-    # Not yet readable by the class-chunked training stream, and verify checks what `shards build` writes.
+def test_training_reads_an_indexed_split_and_verify_refuses_it_with_one_line(source, tmp_path, capsys):
+    # Training reads it by class-aware range reads (tests/test_foreign_stream.py runs `distpddm train` on one);
+    # verify checks what `shards build` writes.
+    from distpddm.data.foreign import ForeignPKDataset
     from distpddm.data.stream import PKBatchDataset, resolve_shards
 
     out = tmp_path / "idx"
     index_shards(str(source / PATTERN), out, IndexOptions(**LENIENT))
     for spec in (out / "train", out / "train" / "index.json"):
-        with pytest.raises(ValueError, match=r"pre-shuffled split indexed in place .*cannot read it yet"):
-            resolve_shards(spec)
-    with pytest.raises(ValueError, match="cannot read it yet"):
+        assert resolve_shards(spec).foreign
+    with pytest.raises(ValueError, match="ForeignPKDataset"):
         PKBatchDataset(out / "train", 2, 2, image_size=16)
+    batch = next(iter(ForeignPKDataset(out / "train", 2, 2, image_size=16)))
+    assert batch.images.shape == (4, 3, 16, 16) and len(set(batch.labels.tolist())) == 2
     capsys.readouterr()
     for where in (out, out / "train"):  # OUT (its splits found under it) or the split itself
         assert cli(["shards", "verify", str(where), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {out / 'train'}: a pre-shuffled split indexed in place (`distpddm shards")
         assert err.count("\n") == 1 and "Traceback" not in err
-    overrides = [f"data.train_shards={out / 'train'}", f"ray.storage_path={tmp_path}", "data.classes_per_batch=2"]
-    train = subprocess.run(
-        [sys.executable, "-m", "distpddm.cli", "train", "--local", "configs/smoke.yaml", *overrides],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert train.returncode == 1 and train.stderr.count("\n") == 1, train.stderr[-3000:]  # one line, no traceback
-    assert train.stderr.startswith("error: ") and "the class-chunked stream cannot read it yet" in train.stderr
 
 
 def test_rerun_skips_indexed_shards(source, tmp_path, monkeypatch):

@@ -59,12 +59,22 @@ class ShardSet:
     counts: list[int] | None = None  # samples per shard (index.json); needed for training
     class_counts: list[int] | None = None
     chunk_size: int | None = None
+    #: ``"foreign"`` for a split that `distpddm shards index` wrote (read by :mod:`.foreign`; ``counts`` is None
+    #: then, so the class-chunked readers refuse it), with its folder and selection file (named by its hash).
+    layout: str | None = None
+    split_dir: str | None = None
+    selection: str | None = None
 
     @property
     def digest(self) -> str:
         """Identifies the split's layout (shard names and sizes): a saved stream position is valid for it."""
-        h = hashlib.sha256(json.dumps([[u.rsplit("/", 1)[-1] for u in self.urls], self.counts]).encode())
+        layout = [[u.rsplit("/", 1)[-1] for u in self.urls], self.counts]
+        h = hashlib.sha256(json.dumps(layout + ([self.selection] if self.selection else [])).encode())
         return h.hexdigest()[:16]
+
+    @property
+    def foreign(self) -> bool:
+        return self.layout == FOREIGN_LAYOUT
 
 
 def resolve_shards(spec: str | Path) -> ShardSet:
@@ -83,12 +93,17 @@ def resolve_shards(spec: str | Path) -> ShardSet:
             if _exists(f"{base}/{INCOMPLETE}"):
                 raise IncompleteBuildError(incomplete_message(base)) from None
             raise FileNotFoundError(f"no {INDEX} at {spec}: build the split with `distpddm shards build`") from None
-        if index.get("layout") == FOREIGN_LAYOUT:  # its samples are spread over shards, not chunked by class
-            raise ValueError(
-                f"{spec}: a pre-shuffled split indexed in place (`distpddm shards index`); "
-                "the class-chunked stream cannot read it yet"
-            )
         shards = index["shards"]
+        if index.get("layout") == FOREIGN_LAYOUT:  # its samples are spread over shards, not chunked by class
+            return ShardSet(
+                [s.get("url") or f"{base}/{s['name']}" for s in shards],
+                index["classes"],
+                index["samples"],
+                class_counts=index.get("class_counts"),
+                layout=FOREIGN_LAYOUT,
+                split_dir=base,
+                selection=index.get("selection"),
+            )
         return ShardSet(
             [f"{base}/{s['name']}" for s in shards],
             index["classes"],
@@ -183,12 +198,12 @@ def _transient(error: BaseException, url: str) -> bool:
     return isinstance(error, asyncio.TimeoutError)  # no OSError before Python 3.11
 
 
-def _read_error(error: BaseException) -> bool:
+def is_read_error(error: BaseException) -> bool:
     """An error of reading a shard or its index (then counted as skipped when it stays), not a bug's."""
     return isinstance(error, OSError) or _http_error(error)
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     """``Type: message``, and the HTTP error behind it (fsspec's ``FileNotFoundError`` names only the URL)."""
     text = f"{type(error).__name__}: {error}"
     cause = next((e for e in _causes(error) if _http_error(e)), None)
@@ -201,7 +216,7 @@ def retry_after(where: str, error: BaseException, attempt: int) -> bool:
     if not _transient(error, where) or attempt >= READ_RETRIES:
         return False
     delay = RETRY_BASE_S * 2**attempt
-    log.warning("%s: %s; retry %d of %d in %.1f s", where, _describe(error), attempt + 1, READ_RETRIES, delay)
+    log.warning("%s: %s; retry %d of %d in %.1f s", where, describe_error(error), attempt + 1, READ_RETRIES, delay)
     _sleep(delay)
     return True
 
@@ -366,6 +381,11 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
     ):
         super().__init__()
         shard_set = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
+        if shard_set.foreign:
+            raise ValueError(
+                f"{shards}: a pre-shuffled split indexed in place (`distpddm shards index`): read it with "
+                "distpddm.data.foreign.ForeignPKDataset (the trainer picks it), not the class-chunked stream"
+            )
         if shard_set.counts is None:
             raise ValueError(
                 f"training reads a split through its index.json and per-shard indexes; {shards!r} has none. "
@@ -497,12 +517,12 @@ class _EpochReader:
                     raise ValueError(f"it lists {len(index)} samples, index.json {count}: rebuild the split")
                 break
             except Exception as e:
-                if not isinstance(e, (ValueError, KeyError)) and not _read_error(e):
+                if not isinstance(e, (ValueError, KeyError)) and not is_read_error(e):
                     raise
                 if retry_after(idx_name(url), e, attempt):
                     attempt += 1
                     continue
-                why = f"no usable shard index {idx_name(url)} ({_describe(e)}){_after(attempt)}"
+                why = f"no usable shard index {idx_name(url)} ({describe_error(e)}){_after(attempt)}"
                 self.counter.skip(url, why, hi - lo)
                 return None
         unit = _Unit(url, lo, hi, first, index)
@@ -515,7 +535,7 @@ class _EpochReader:
 
     def _read(self, unit: _Unit, numbers: list[int]) -> Iterator[tuple[int, dict | Exception | None]]:
         """``(n, raw sample | exception | None)`` for the unit's samples ``numbers`` (ascending). A read error
-        opening the shard or reading it (:func:`_read_error`: an ``OSError``, or aiohttp's, which
+        opening the shard or reading it (:func:`is_read_error`: an ``OSError``, or aiohttp's, which
         :func:`.read_range` does not catch) is retried (:func:`retry_after`) from the sample it failed at, so a
         retry that succeeds gives exactly the samples an undisturbed read gives; when the retries are spent (or
         the error does not pass: a missing file), the samples not yet read are counted as skipped, once, naming
@@ -526,7 +546,7 @@ class _EpochReader:
             try:
                 f = _open(unit.url)
             except Exception as e:
-                if not _read_error(e):
+                if not is_read_error(e):
                     raise
                 error = e
             else:
@@ -541,7 +561,7 @@ class _EpochReader:
                                 done, attempt = done + 1, 0
                                 yield n, sample
                         except Exception as e:  # raised by the read itself, not yielded as the sample's
-                            if not _read_error(e):
+                            if not is_read_error(e):
                                 raise
                             error = e
                         finally:
@@ -553,7 +573,7 @@ class _EpochReader:
             if retry_after(unit.url, error, attempt):
                 attempt += 1
                 continue
-            why = f"shard unreadable ({_describe(error)}){_after(attempt)}"
+            why = f"shard unreadable ({describe_error(error)}){_after(attempt)}"
             self.counter.skip(unit.url, why, len(numbers) - done)
             for n in numbers[done:]:
                 yield n, None
@@ -633,7 +653,7 @@ class _EpochReader:
                 images[n] = same[n % len(same)]
         stats = self.batcher.stats
         info = BatchInfo(self.worker, self.epoch, index, stats.read, stats.used, stats.dropped)
-        return Batch(_stack(images), torch.tensor(labels), torch.tensor(keys), info)
+        return Batch(stack_samples(images), torch.tensor(labels), torch.tensor(keys), info)
 
     def _cannot_batch(self) -> CannotBatchError:
         ds = self.ds
@@ -648,7 +668,7 @@ class _EpochReader:
         )
 
 
-def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+def stack_samples(images: list[torch.Tensor]) -> torch.Tensor:
     """Stacked straight into shared memory inside a DataLoader worker (as ``default_collate`` does), so the
     batch is not copied again to cross to the main process."""
     out = None

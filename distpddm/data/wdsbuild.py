@@ -155,47 +155,66 @@ def foreign_splits(folder: Path) -> dict[str, Path]:
     return found
 
 
-def read_split(split_dir: Path) -> tuple[SplitPlan, dict[str, str], dict]:
-    """One foreign split -> its plan (sources, labels, image sizes, class list), the shard table (file name ->
-    URL) and its ``index.json``. Local shards must still have the size they were indexed at."""
-    index = json.loads((split_dir / INDEX).read_text())
-    with np.load(split_dir / index["selection"]) as sel:
-        shard_of, row_of, label_of = sel["shard"], sel["row"], sel["label"]
-    urls: dict[str, str] = {}
-    sources: list[str] = []
-    labels, sizes = [], []
+def read_selection(split_dir: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """A foreign split's ``index.json`` and its selection, in the split's order: per sample the shard (its
+    number in the index's shard list), the row of that shard's index, and the split's label (int32 arrays)."""
+    index = json.loads((Path(split_dir) / INDEX).read_text())
+    with np.load(Path(split_dir) / index["selection"]) as sel:
+        return index, sel["shard"].astype(np.int32), sel["row"].astype(np.int32), sel["label"].astype(np.int32)
+
+
+def shard_url(split_dir: Path, shard: dict) -> str:
+    """A foreign split's shard's URL; a local shard must still have the size it was indexed at."""
+    url = shard["url"]
+    if "://" not in url:
+        try:
+            now = os.stat(url).st_size
+        except OSError as e:
+            raise SourceError(f"shard {url} of {split_dir}: {type(e).__name__}: {e}") from None
+        if shard.get("bytes") is not None and now != shard["bytes"]:
+            raise SourceError(
+                f"shard {url} has {now} bytes, {shard['bytes']} when it was indexed: index it again "
+                "(`distpddm shards index`)"
+            )
+    return url
+
+
+def shard_rows(index: dict, shard_of: np.ndarray) -> Iterator[tuple[int, dict, np.ndarray]]:
+    """``(shard number, its index.json entry, the selection's samples in it)`` for every shard, in order."""
     order = np.argsort(shard_of, kind="stable")  # the selection's rows, one shard's together
     bounds = np.searchsorted(shard_of[order], np.arange(len(index["shards"]) + 1))
     for s, shard in enumerate(index["shards"]):
-        name, url = shard["name"], shard["url"]
-        if "://" not in url:
-            try:
-                now = os.stat(url).st_size
-            except OSError as e:
-                raise SourceError(f"shard {url} of {split_dir}: {type(e).__name__}: {e}") from None
-            if shard.get("bytes") is not None and now != shard["bytes"]:
-                raise SourceError(
-                    f"shard {url} has {now} bytes, {shard['bytes']} when it was indexed: index it again "
-                    "(`distpddm shards index`)"
-                )
-        urls[name] = url
-        picked = order[bounds[s] : bounds[s + 1]]
+        yield s, shard, order[bounds[s] : bounds[s + 1]]
+
+
+def member_fields(split_dir: Path, shard: dict, rows: np.ndarray, fields: tuple[str, ...]) -> list[np.ndarray]:
+    """The arrays ``fields`` of a shard's per-shard index, at ``rows`` (only those members are loaded)."""
+    try:
+        with np.load((Path(split_dir) / shard["index"]).resolve()) as arrays:
+            return [arrays[f][rows] for f in fields]
+    except (OSError, KeyError, ValueError, IndexError) as e:
+        raise SourceError(f"{split_dir / shard['index']}: unreadable shard index ({type(e).__name__}: {e})") from None
+
+
+def read_split(split_dir: Path) -> tuple[SplitPlan, dict[str, str], dict]:
+    """One foreign split -> its plan (sources, labels, image sizes, class list), the shard table (file name ->
+    URL) and its ``index.json``. Local shards must still have the size they were indexed at."""
+    index, shard_of, row_of, label_of = read_selection(split_dir)
+    urls: dict[str, str] = {}
+    sources: list[str] = []
+    labels, sizes = [], []
+    for _, shard, picked in shard_rows(index, shard_of):
+        name = shard["name"]
+        urls[name] = shard_url(split_dir, shard)
         if not len(picked):
             continue
-        try:
-            with np.load((split_dir / shard["index"]).resolve()) as arrays:
-                rows = row_of[picked]
-                keys = arrays["keys"][rows].tolist()
-                exts = arrays["image_exts"][rows].tolist()
-                offsets = arrays["image_offsets"][rows].tolist()
-                image_sizes = arrays["image_sizes"][rows]
-        except (OSError, KeyError, ValueError, IndexError) as e:
-            raise SourceError(
-                f"{split_dir / shard['index']}: unreadable shard index ({type(e).__name__}: {e})"
-            ) from None
+        fields = ("keys", "image_exts", "image_offsets", "image_sizes")
+        keys, exts, offsets, image_sizes = member_fields(split_dir, shard, row_of[picked], fields)
         sources += [
             f"{name}/{key}.{ext}@{offset}+{size}"
-            for key, ext, offset, size in zip(keys, exts, offsets, image_sizes.tolist(), strict=True)
+            for key, ext, offset, size in zip(
+                keys.tolist(), exts.tolist(), offsets.tolist(), image_sizes.tolist(), strict=True
+            )
         ]
         labels.append(label_of[picked])
         sizes.append(image_sizes)

@@ -160,17 +160,26 @@ class Trainer:
 
     def _open_stream(self, shard_set) -> None:
         d = self.cfg.data
-        dataset = PKBatchDataset(
-            shard_set,
-            d.classes_per_batch,
-            d.images_per_class,
-            image_size=d.image_size,
-            buffer_images=d.buffer_images,
-            max_skip_rate=d.max_skip_rate,
-            seed=self.cfg.train.seed,
-            transform=train_transform(d.image_size, crop_scale=d.crop_scale, hflip=d.hflip),
-            start=self.resumed_data,
-        )
+        common = {
+            "image_size": d.image_size,
+            "max_skip_rate": d.max_skip_rate,
+            "seed": self.cfg.train.seed,
+            "transform": train_transform(d.image_size, crop_scale=d.crop_scale, hflip=d.hflip),
+            "start": self.resumed_data,
+        }
+        dataset, error = None, None
+        try:
+            if shard_set.foreign:  # pre-shuffled, indexed in place: class-aware range reads (distpddm.data.foreign)
+                from ..data.foreign import ForeignPKDataset
+
+                dataset = ForeignPKDataset(shard_set, d.classes_per_batch, d.images_per_class, **common)
+            else:
+                dataset = PKBatchDataset(
+                    shard_set, d.classes_per_batch, d.images_per_class, buffer_images=d.buffer_images, **common
+                )
+        except (ValueError, OSError) as e:  # a foreign split's indexes are read here: missing on one node
+            error = DeterministicError(f"the training split cannot be read on this node: {e}")
+        agree(error, self.device)
         self.stream_state = dataset.start_state(self.world, max(1, d.loader_workers))  # advanced by every batch
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=d.loader_workers, persistent_workers=d.loader_workers > 0

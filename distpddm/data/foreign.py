@@ -1,0 +1,273 @@
+"""P x K training batches from a pre-shuffled split indexed in place (`distpddm shards index`, layout "foreign").
+
+Published releases (timm's ``imagenet-12k-wds``) spread every class thinly over every shard, so reading
+shards in order rarely gathers K images of P classes. :class:`ForeignPKDataset` reads class-aware instead: one
+image member at a time, by its byte range in the foreign tar (:func:`.wdsbuild.read_range`, through
+:class:`.wdsbuild.RangeFetcher`: ``open``/``seek``/``read`` locally, one ranged GET over fsspec).
+
+Per epoch, from the seed alone and the same on every rank: each class's samples are permuted and cut into
+groups of K (a class's last, short group is left out that epoch), and the groups of all classes are shuffled
+and dealt round-robin to the readers (``rank x loader worker``): the readers' groups are disjoint, so no sample
+is read twice in an epoch across the job. Each reader fills batches of P groups of distinct classes in the
+order its groups come (a group whose class is already in every open batch opens a new one; batches still open
+at the epoch's end are left out). The plan is labels only, so the batches are a pure function of (seed, epoch,
+reader, readers), and a resumed reader skips to its next batch without reading an image: the position is the
+same :class:`.stream.StreamState` the class-chunked stream saves in checkpoints (epoch and batch index per
+loader worker). Images of the coming batches are fetched ``in_flight`` at a time (threads), decoded and
+transformed as :class:`.stream.PKBatchDataset` does; a sample that does not read or decode is replaced by
+another image of its class in the batch, and skipped and counted (:class:`.stream.SkipCounter`).
+
+Memory: the split is held as numpy arrays, sorted by class -- shard number (int32), image offset (int64),
+image size (int32) and the sample's position in the split (int32): 20 bytes a sample, 240 MB for 12M samples,
+loaded once by the process that builds the dataset and shared copy-on-write with forked loader workers -- and
+each reader's epoch plan adds one int32 array of N (the within-class permutation) and its own groups. No
+per-sample Python object is kept; image bytes are held only for the reads in flight and the batch being made.
+The split folder (its ``index.json``, selection and per-shard indexes) must be local; the shards may be
+anywhere fsspec reads.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..dist import env_rank_and_world
+from ..errors import CannotBatchError
+from .epochs import seed_sequence
+from .stream import (
+    Batch,
+    BatchInfo,
+    PKBatchDataset,
+    ShardSet,
+    SkipCounter,
+    StreamState,
+    describe_error,
+    is_read_error,
+    resolve_shards,
+    stack_samples,
+)
+from .transforms import train_transform
+from .wdsbuild import RangeFetcher, member_fields, read_selection, shard_rows, shard_url
+
+#: Image reads in flight per reader (threads of one loader worker).
+IN_FLIGHT = 16
+
+
+class ForeignSplit:
+    """A foreign split's samples as arrays sorted by class (see the module's docstring for their size)."""
+
+    def __init__(self, split_dir: str | Path):
+        split_dir = Path(split_dir)
+        if "://" in str(split_dir) or not split_dir.is_dir():
+            raise ValueError(f"{split_dir}: a pre-shuffled split is read from a local split folder")
+        index, shard_of, row_of, label_of = read_selection(split_dir)
+        n = len(label_of)
+        if n >= 2**31:
+            raise ValueError(f"{split_dir}: {n} samples; positions are int32")
+        offset = np.zeros(n, np.int64)
+        size = np.zeros(n, np.int32)
+        self.names: list[str] = []
+        self.urls: dict[str, str] = {}
+        for _, shard, picked in shard_rows(index, shard_of):
+            self.names.append(shard["name"])
+            self.urls[shard["name"]] = shard_url(split_dir, shard)
+            if len(picked):
+                offset[picked], size[picked] = member_fields(
+                    split_dir, shard, row_of[picked], ("image_offsets", "image_sizes")
+                )
+        self.classes: list[str] = list(index["classes"])
+        order = np.argsort(label_of, kind="stable").astype(np.int32)
+        self.shard, self.offset, self.size, self.position = shard_of[order], offset[order], size[order], order
+        self.class_counts = np.bincount(label_of, minlength=len(self.classes)).astype(np.int64)
+        self.class_start = np.concatenate([[0], np.cumsum(self.class_counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+
+class ForeignPKDataset(torch.utils.data.IterableDataset):
+    """Endless P x K training batches (:class:`.stream.Batch`) from a foreign split, as
+    :class:`.stream.PKBatchDataset` gives them from a class-chunked one (same arguments but the buffer, same
+    :class:`.stream.StreamState` for ``start``). ``rank`` / ``world`` default to ``RANK`` / ``WORLD_SIZE``."""
+
+    def __init__(
+        self,
+        shards: ShardSet | str | Path,
+        classes_per_batch: int,
+        images_per_class: int,
+        image_size: int = 224,
+        max_skip_rate: float = 0.01,
+        seed: int = 0,
+        transform: Callable[[bytes, random.Random], torch.Tensor] | None = None,
+        start: StreamState | None = None,
+        in_flight: int = IN_FLIGHT,
+    ):
+        super().__init__()
+        shard_set = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
+        if not shard_set.foreign:
+            raise ValueError(f"{shards}: not a split that `distpddm shards index` wrote; use PKBatchDataset")
+        if images_per_class < 2:
+            raise ValueError(f"images_per_class must be >= 2, got {images_per_class}")
+        if classes_per_batch < 2:
+            raise ValueError(f"classes_per_batch must be >= 2, got {classes_per_batch}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.split = ForeignSplit(shard_set.split_dir)
+        self.split_digest = shard_set.digest
+        self.P, self.K = classes_per_batch, images_per_class
+        full = int((self.split.class_counts >= self.K).sum())
+        if full < self.P:
+            raise ValueError(
+                f"{shard_set.split_dir}: only {full} classes have >= {self.K} images, and a batch needs {self.P}"
+            )
+        self.max_skip_rate, self.seed, self.start, self.in_flight = max_skip_rate, seed, start, in_flight
+        self.transform = transform or train_transform(image_size)
+
+    def layout(self, world: int, workers: int) -> dict:
+        """What a saved position is valid for."""
+        return {
+            "world": world,
+            "workers": workers,
+            "P": self.P,
+            "K": self.K,
+            "reads": "foreign",
+            "seed": self.seed,
+            "split": self.split_digest,
+        }
+
+    def start_state(self, world: int, workers: int, warn: bool = True) -> StreamState:
+        """As :meth:`.stream.PKBatchDataset.start_state` (the same rules for a position saved for other
+        settings: every rank restarts at the next epoch)."""
+        return PKBatchDataset.start_state(self, world, workers, warn)  # uses only layout() and start
+
+    def __iter__(self) -> Iterator[Batch]:
+        rank, world = env_rank_and_world()
+        info = torch.utils.data.get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = self.start_state(world, workers, warn=info is None)  # a loader worker leaves it to the trainer
+        worker = (physical + start.next_worker) % workers  # the DataLoader asks physical worker 0 first
+        epoch, skip = start.positions.get(worker, (0, 0))
+        counter = SkipCounter(self.max_skip_rate)
+        while True:
+            yield from EpochPlan(self, epoch, rank * workers + worker, world * workers, worker).run(skip, counter)
+            epoch, skip = epoch + 1, 0
+
+
+class EpochPlan:
+    """One reader's batches of one epoch: ``batches[i]`` are the split's class-sorted indexes of batch ``i``'s
+    P x K samples, classes contiguous."""
+
+    def __init__(self, ds: ForeignPKDataset, epoch: int, reader: int, readers: int, worker: int):
+        if not 0 <= reader < readers:
+            raise ValueError(f"reader {reader} outside 0..{readers - 1}")
+        self.ds, self.epoch, self.reader, self.readers, self.worker = ds, epoch, reader, readers, worker
+        split, K = ds.split, ds.K
+        rng = np.random.default_rng(seed_sequence(ds.seed, epoch, 3))  # the same on every reader
+        ids = np.arange(len(split), dtype=np.int32)
+        starts, counts = split.class_start, split.class_counts
+        for c in np.flatnonzero(counts >= K).tolist():  # each class's samples permuted in place
+            rng.shuffle(ids[starts[c] : starts[c + 1]])
+        per_class = counts // K
+        group_class = np.repeat(np.arange(len(counts)), per_class)
+        first_group = np.cumsum(per_class) - per_class
+        group_start = starts[group_class] + K * (np.arange(len(group_class)) - first_group[group_class])
+        mine = rng.permutation(len(group_class))[reader::readers]  # dealt: disjoint between readers
+        batches = _fill(group_class[mine].tolist(), ds.P)
+        picks = group_start[mine][np.asarray(batches, dtype=np.int64).reshape(-1, ds.P)]  # (B, P) group starts
+        self.batches = ids[picks[:, :, None] + np.arange(K)].reshape(len(picks), ds.P * K)
+
+    def run(self, skip: int, counter: SkipCounter) -> Iterator[Batch]:
+        """Batches ``skip``, ``skip + 1``, ... of this epoch; the ones before are not read."""
+        ds, split = self.ds, self.ds.split
+        if not len(self.batches):
+            raise self._cannot_batch()
+        counter.seen += min(skip, len(self.batches)) * ds.P * ds.K  # read before a resume: the rate's denominator
+        todo = self.batches[skip:]
+        fetcher = RangeFetcher(split.urls, ds.in_flight)
+        with fetcher.prefetch(self._source(int(i)) for i in todo.flat) as read:  # lazily: no list of N
+            for index, row in enumerate(todo, start=skip):
+                samples, images = row.tolist(), []
+                for i in samples:
+                    try:
+                        data, _ = read(self._source(i))
+                    except Exception as e:
+                        if not (is_read_error(e) or isinstance(e, ValueError)):
+                            raise
+                        counter.skip(self._where(i), f"unreadable ({describe_error(e)})")
+                        data = None
+                    images.append(data)
+                batch = self._make(index, samples, images, counter)
+                if batch is not None:
+                    yield batch
+
+    def _source(self, i: int) -> str:
+        """What :class:`.wdsbuild.RangeFetcher` reads: ``<shard>/<key>.<ext>@<offset>+<size>`` (the key and ext
+        are not needed to read a range)."""
+        split = self.ds.split
+        return f"{split.names[split.shard[i]]}/s.img@{split.offset[i]}+{split.size[i]}"
+
+    def _where(self, i: int) -> str:
+        split = self.ds.split
+        return f"{split.urls[split.names[split.shard[i]]]}@{split.offset[i]} (sample {split.position[i]})"
+
+    def _make(self, index: int, samples: list[int], data: list[bytes | None], counter: SkipCounter) -> Batch | None:
+        ds, split = self.ds, self.ds.split
+        rng = random.Random(
+            int(seed_sequence(ds.seed, self.epoch, self.reader, self.readers, 2, index).generate_state(1)[0])
+        )
+        labels = np.searchsorted(split.class_start, samples, side="right") - 1
+        images: list[torch.Tensor | None] = []
+        for i, raw in zip(samples, data, strict=True):
+            img = None
+            if raw is not None:
+                try:
+                    img = ds.transform(raw, rng)
+                    counter.ok()
+                except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad sample
+                    counter.skip(self._where(i), f"image does not decode ({type(e).__name__}: {e})")
+            images.append(img)
+        keys = [int(split.position[i]) if img is not None else -1 for i, img in zip(samples, images, strict=True)]
+        for n, img in enumerate(images):
+            if img is None:  # keep the P x K shape: reuse another image of the same class
+                group = n - n % ds.K
+                same = [x for x in images[group : group + ds.K] if x is not None]
+                if not same:
+                    return None
+                images[n] = same[n % len(same)]
+        done = (index + 1) * ds.P * ds.K
+        info = BatchInfo(self.worker, self.epoch, index, done, done, 0)
+        return Batch(stack_samples(images), torch.from_numpy(labels.astype(np.int64)), torch.tensor(keys), info)
+
+    def _cannot_batch(self) -> CannotBatchError:
+        ds = self.ds
+        full = int((ds.split.class_counts >= ds.K).sum())
+        return CannotBatchError(
+            f"loader reader {self.reader} of {self.readers} (rank x loader worker) formed no batch in epoch "
+            f"{self.epoch}: the split's {len(ds.split)} samples make groups of {ds.K} in {full} classes, dealt "
+            f"to {self.readers} readers, and a batch needs {ds.P} groups of distinct classes. Use fewer ranks "
+            "or data.loader_workers, a smaller data.classes_per_batch or data.images_per_class, or more data."
+        )
+
+
+def _fill(classes: list[int], P: int) -> list[int]:
+    """Batches of ``P`` distinct classes from groups of the given classes, in order: each group goes to the
+    first open batch without its class (else opens one); a batch is done when full. The groups' indexes in
+    ``classes``, batch after batch, in the order the batches were completed; open batches are left out."""
+    open_batches: list[tuple[list[int], set[int]]] = []
+    done: list[int] = []
+    for g, c in enumerate(classes):
+        for n, (members, seen) in enumerate(open_batches):
+            if c not in seen:
+                members.append(g)
+                seen.add(c)
+                if len(members) == P:
+                    done += members
+                    del open_batches[n]
+                break
+        else:
+            open_batches.append(([g], {c}))
+    return done

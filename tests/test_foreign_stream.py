@@ -1,0 +1,163 @@
+"""P x K training batches from pre-shuffled (timm-layout) shards indexed in place: class-aware range reads,
+disjoint between readers, reproducible, resumable, and what `distpddm train` reads from such a split."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distpddm.data import wdsbuild
+from distpddm.data.foreign import EpochPlan, ForeignPKDataset
+from distpddm.data.stream import PKBatchDataset, SkipCounter, StreamState, resolve_shards
+from distpddm.data.wdsindex import IndexOptions, index_shards
+from tests.test_stream import _as_rank, _same, _take
+from tests.test_wdsindex import N_CLASSES, PER_SHARD, timm_shard
+
+SHARDS = 8
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Path:
+    """Eight pre-shuffled shards of six classes (144 samples), indexed in place."""
+    root = tmp_path_factory.mktemp("foreign")
+    rng = np.random.default_rng(0)
+    for s in range(SHARDS):
+        timm_shard(root / f"wds-{s:04d}.tar", 100 * s, rng)
+    index_shards(str(root / f"wds-{{0000..{SHARDS - 1:04d}}}.tar"), root / "idx", IndexOptions(progress=False))
+    return root / "idx" / "train"
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every range read, as (url, offset)."""
+    seen, lock, real = [], threading.Lock(), wdsbuild.read_range
+
+    def spy(url, offset, size):
+        with lock:
+            seen.append((url, offset))
+        return real(url, offset, size)
+
+    monkeypatch.setattr(wdsbuild, "read_range", spy)
+    return seen
+
+
+def _check_shape(batch, P: int, K: int) -> None:
+    labels = batch.labels.tolist()
+    assert batch.images.shape == (P * K, 3, 16, 16)
+    assert len(set(labels)) == P and set(Counter(labels).values()) == {K}
+    assert labels == sorted(labels, key=labels.index)  # classes contiguous
+
+
+def test_readers_read_disjoint_samples_once_per_epoch_in_p_by_k_batches(split, reads):
+    index = resolve_shards(split)
+    assert index.foreign and index.counts is None and index.samples == SHARDS * PER_SHARD
+    ds = ForeignPKDataset(split, 2, 2, image_size=16)
+    for epoch in (0, 1):
+        reads.clear()
+        keys: list[int] = []
+        for reader in range(4):  # rank 0 and 1, loader workers 0 and 1 each
+            batches = list(EpochPlan(ds, epoch, reader, 4, reader % 2).run(0, SkipCounter()))
+            assert len(batches) >= 5 and [b.info.index for b in batches] == list(range(len(batches)))
+            for batch in batches:
+                _check_shape(batch, 2, 2)
+                assert (batch.info.epoch, batch.info.worker) == (epoch, reader % 2)
+                keys += batch.keys.tolist()
+        assert len(keys) == len(set(keys)) == len(reads) == len(set(reads))  # each sample read once, no reader twice
+        assert len(keys) > 0.6 * index.samples and min(keys) >= 0 and max(keys) < index.samples
+
+
+def test_the_same_seed_gives_the_same_batches_on_every_rank(split, monkeypatch):
+    first = {}
+    for rank in (0, 1):
+        _as_rank(monkeypatch, rank, 2)
+        a = _take(ForeignPKDataset(split, 2, 3, image_size=16, seed=3), 6)  # two loader workers
+        b = _take(ForeignPKDataset(split, 2, 3, image_size=16, seed=3), 6)
+        assert all(_same(x, y) for x, y in zip(a, b, strict=True))
+        for batch in a:
+            _check_shape(batch, 2, 3)
+        first[rank] = {k for batch in a if batch.info.epoch == 0 for k in batch.keys.tolist()}
+    assert first[0] and first[1] and not first[0] & first[1]  # ranks read disjoint samples within the epoch
+    other = _take(ForeignPKDataset(split, 2, 3, image_size=16, seed=4), 6)
+    assert not all(_same(x, y) for x, y in zip(a, other, strict=True))
+
+
+@pytest.mark.parametrize("stop", [5, 13])
+def test_a_resumed_stream_continues_the_uninterrupted_one(split, monkeypatch, stop):
+    _as_rank(monkeypatch, 1, 2)
+    ds = ForeignPKDataset(split, 2, 2, image_size=16, seed=1)
+    whole = _take(ds, 24)
+    assert len({b.info.epoch for b in whole}) >= 2  # the stop and the rest cross an epoch boundary
+    state = ds.start_state(world=2, workers=2)
+    for batch in whole[:stop]:
+        state.advance(batch.info)  # what the trainer does with every batch it consumes
+    saved = StreamState.from_json(state.to_json())  # as a checkpoint stores it
+    resumed = _take(ForeignPKDataset(split, 2, 2, image_size=16, seed=1, start=saved), 24 - stop)
+    assert all(_same(x, y) for x, y in zip(whole[stop:], resumed, strict=True))
+
+
+def test_a_resume_reads_no_image_of_the_batches_before_it(split, reads):
+    ds = ForeignPKDataset(split, 2, 2, image_size=16)
+    whole = list(EpochPlan(ds, 0, 0, 1, 0).run(0, SkipCounter()))
+    reads.clear()
+    rest = list(EpochPlan(ds, 0, 0, 1, 0).run(3, SkipCounter()))
+    assert all(_same(x, y) for x, y in zip(whole[3:], rest, strict=True))
+    assert len(reads) == 4 * len(rest)
+
+
+def test_a_bad_image_is_replaced_within_its_class_and_counted(split, monkeypatch, caplog):
+    ds = ForeignPKDataset(split, 2, 2, image_size=16)
+    good = list(EpochPlan(ds, 0, 0, 1, 0).run(0, SkipCounter()))
+    bad_key = good[1].keys[0].item()
+    i = np.flatnonzero(ds.split.position == bad_key)[0]
+    bad = (ds.split.urls[ds.split.names[ds.split.shard[i]]], ds.split.offset[i])
+    real = wdsbuild.read_range
+    monkeypatch.setattr(wdsbuild, "read_range", lambda u, o, s: b"not an image" if (u, o) == bad else real(u, o, s))
+    counter = SkipCounter()
+    again = list(EpochPlan(ds, 0, 0, 1, 0).run(0, counter))
+    assert counter.skipped == 1 and "does not decode" in caplog.text
+    assert again[1].keys.tolist() == [-1, *good[1].keys.tolist()[1:]]
+    assert again[1].labels.tolist() == good[1].labels.tolist()
+    assert all(_same(x, y) for n, (x, y) in enumerate(zip(good, again, strict=True)) if n != 1)
+
+
+def test_the_class_chunked_stream_points_to_the_foreign_one(split):
+    with pytest.raises(ValueError, match="ForeignPKDataset"):
+        PKBatchDataset(split, 2, 2, image_size=16)
+    with pytest.raises(ValueError, match=f"only {N_CLASSES} classes"):
+        ForeignPKDataset(split, N_CLASSES + 1, 2, image_size=16)
+
+
+def test_train_runs_on_a_foreign_split(split, tmp_path):
+    overrides = [
+        f"data.train_shards={split}",
+        f"ray.storage_path={tmp_path}",
+        "data.classes_per_batch=2",
+        "data.images_per_class=2",
+        "train.steps=3",
+    ]
+    train = subprocess.run(
+        [sys.executable, "-m", "distpddm.cli", "train", "--local", "configs/smoke.yaml", *overrides],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    saved = json.loads((tmp_path / "smoke" / "checkpoints" / "step-00000003" / "data_rank0.json").read_text())
+    assert saved["layout"]["reads"] == "foreign" and saved["positions"] == {"0": [0, 3]}
+
+
+def test_evaluation_refuses_a_foreign_split_saying_how_to_build_one(split, tmp_path):
+    """Evaluation embeds every sample once, in class-chunked order: a foreign split is named as such, with the
+    command that builds what it reads."""
+    from distpddm.evaluate import EvalError, extract
+
+    with pytest.raises(EvalError, match=r"pre-shuffled split indexed in place.*shards build --source wds-index"):
+        extract(tmp_path / "model.pt", str(split), tmp_path / "out")
