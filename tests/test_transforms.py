@@ -198,3 +198,49 @@ def test_eval_crop_and_resized_shards_show_exif_rotated_jpegs_upright():
     ref = _upright_reference(data, 64).float()
     got = torch.from_numpy(np.array(img.convert("RGB").resize((64, 64), Image.BILINEAR))).permute(2, 0, 1).float()
     assert (got - ref).abs().mean() < 8
+
+
+def _transparent(mode: str, fmt: str) -> bytes:
+    """8 x 8: the left half opaque red (gray 76 in L), the right half fully transparent over black, one pixel
+    half transparent blue."""
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    for y in range(8):
+        for x in range(4):
+            rgba.putpixel((x, y), (255, 0, 0, 255))
+    rgba.putpixel((6, 6), (0, 0, 255, 128))
+    img = {"RGBA": rgba, "LA": rgba.convert("LA")}.get(mode)
+    if mode == "P":  # a palette with a transparent index (GIF's and many PNGs' way)
+        img = rgba.convert("RGB").quantize(4)
+        img.info["transparency"] = img.getpixel((7, 0))
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}),
+             **({"transparency": img.info["transparency"]} if mode == "P" else {}))  # fmt: skip
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("RGBA", "PNG"), ("RGBA", "WEBP"), ("LA", "PNG"), ("P", "PNG"),
+                                           ("P", "GIF")])  # fmt: skip
+def test_transparent_parts_are_composited_onto_white_by_every_reader(mode, fmt):
+    """Clip art is RGBA: dropping the alpha channel shows the black under it. Every decoding path -- TorchCodec's
+    (training and evaluation crops), PIL's, and the builder's re-encoding -- shows white there instead."""
+    from distpddm.data.images import decode_image, decode_tensor, pil_to_tensor
+    from distpddm.data.shards import encode_image
+    from distpddm.data.transforms import EvalCrop, TrainCrop
+
+    data = _transparent(mode, fmt)
+    stored, _, _, _ = encode_image(data, fmt.lower(), max_side=8, quality=100)
+    views = {
+        "decode_tensor": decode_tensor(data),
+        "decode_image": pil_to_tensor(decode_image(data)),
+        "eval_crop": EvalCrop(8, resize_ratio=1.0)(data),
+        "train_crop": TrainCrop(8, crop_scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False)(data),
+        "rebuilt": decode_tensor(stored),
+    }
+    for name, x in views.items():
+        right = x[:, :, 5:].int()
+        assert right[:, :5].min() >= 245, (name, right[:, :5].min())  # white (JPEG re-encoding: near white)
+        assert x[:, :, :3].int().sum(0).max() < 3 * 245, name  # the opaque half is not white
+        if mode == "RGBA" and name != "rebuilt":
+            assert abs(int(x[2, 6, 6]) - 255) <= 2 and abs(int(x[0, 6, 6]) - 127) <= 3, name  # half blue on white

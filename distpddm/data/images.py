@@ -1,4 +1,7 @@
-"""Decoding encoded images: upright (EXIF orientation applied), RGB, and no larger than needed."""
+"""Decoding encoded images: upright (EXIF orientation applied), RGB, and no larger than needed. Transparent
+parts (RGBA clip art and logos, a palette's transparent index) are composited onto white: dropping the alpha
+channel shows whatever colour lies under it, black in most files, so a drawing's background would say nothing
+of the drawing."""
 
 from __future__ import annotations
 
@@ -19,10 +22,24 @@ def decode_image(data: bytes, target: int | None = None):
     img = Image.open(io.BytesIO(data))
     if target is not None and img.format == "JPEG":
         img.draft("RGB", (target, target))  # keeps both sides >= target
-    img = ImageOps.exif_transpose(img)
-    img = img.convert("RGB")
+    img = to_rgb(ImageOps.exif_transpose(img))
     img.load()
     return img
+
+
+def has_alpha(img) -> bool:
+    """Whether an opened PIL image has transparent parts to composite (its header says so: no decoding)."""
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def to_rgb(img):
+    """An RGB PIL image, transparent parts composited onto white."""
+    from PIL import Image
+
+    if not has_alpha(img):
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def upright_size(img) -> tuple[int, int]:
@@ -39,8 +56,17 @@ def decode_tensor(data: bytes):
     """``uint8`` (3, H, W) with channels-last memory (what libjpeg-turbo writes, and what the antialiased
     uint8 resize is fastest on). TorchCodec's decoders (JPEG, PNG, WebP, GIF; torchvision's successors)
     first; PIL for what they refuse (BMP, TIFF) and for a clearer error on a broken file."""
+    from PIL import Image
     from torchcodec.decoders import decode_image as codec_decode
 
+    alpha = False
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # the header only
+            alpha = has_alpha(header)
+    except (OSError, ValueError, SyntaxError):  # not an image PIL knows: TorchCodec's verdict, then PIL's error
+        pass
+    if alpha:  # TorchCodec's RGB drops the alpha channel
+        return pil_to_tensor(decode_image(data))
     try:
         return codec_decode(data, mode="RGB")
     except (RuntimeError, ValueError):

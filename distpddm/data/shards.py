@@ -165,7 +165,7 @@ def encode_image(data: bytes, ext: str, max_side: int | None, quality: int) -> t
     at reduced scale first; kept bytes keep their EXIF, which the readers apply."""
     from PIL import Image, ImageOps
 
-    from .images import upright_size
+    from .images import to_rgb, upright_size
 
     with Image.open(io.BytesIO(data)) as opened:
         width, height = upright_size(opened)
@@ -175,7 +175,7 @@ def encode_image(data: bytes, ext: str, max_side: int | None, quality: int) -> t
         opened.load()  # decode fully now: a truncated file fails the build, not a training run
         if max_side is None:
             return data, ext, width, height
-        img = ImageOps.exif_transpose(opened).convert("RGB")
+        img = to_rgb(ImageOps.exif_transpose(opened))
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         if img.size != size:
             img = img.resize(size, Image.BICUBIC)
