@@ -1,0 +1,86 @@
+"""The choice, from validation records only: per method the configuration with the best Recall@1 (ties: MAP@R).
+
+    python experiments/protocol/choose.py fonts scratch            # print the choice
+    python experiments/protocol/choose.py fonts scratch --write    # -> chosen/fonts_scratch.json (commit it)
+
+Only ``split == "val"`` records of the tuning seed (0) count, and only those of the configurations grid.py still
+lists; a method whose row is not complete is reported as such (its choice is still the best so far). The final
+command (``run.py --chosen --split test --final``) reads the written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import grid  # noqa: E402
+import run  # noqa: E402
+
+TUNING_SEED = 0
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def choose(records: list[dict], seed: int = TUNING_SEED) -> dict[str, dict]:
+    """method -> {config, recall@1, map@r, commit, tried, complete}: the best validation configuration. A
+    configuration run more than once at the tuning seed counts by its latest record."""
+    latest: dict[tuple[str, str], dict] = {}
+    for r in records:
+        if r.get("split") != "val" or r.get("seed") != seed or r.get("extra_overrides"):
+            continue
+        if r["method"] in grid.GRID and r["config"] in grid.GRID[r["method"]]:
+            latest[(r["method"], r["config"])] = r
+    out = {}
+    for method in grid.METHODS:
+        rows = [r for (m, _), r in latest.items() if m == method]
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: (r["recall@1"], r["map@r"]))
+        out[method] = {
+            "config": best["config"],
+            "recall@1": best["recall@1"],
+            "map@r": best["map@r"],
+            "commit": best["commit"],
+            "tried": sorted(r["config"] for r in rows),
+            "complete": len(rows) == len(grid.GRID[method]),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dataset")
+    p.add_argument("regime", choices=run.REGIMES)
+    p.add_argument("--results", type=Path, help="default results/<dataset>_<regime>.jsonl")
+    p.add_argument("--write", action="store_true", help="write chosen/<dataset>_<regime>.json")
+    args = p.parse_args(argv)
+    source = args.results or run.results_path(args.dataset, args.regime)
+    picked = choose(read_records(source))
+    if not picked:
+        print(f"no tuning records in {source} (split val, seed 0, no --set overrides)", file=sys.stderr)
+        return 1
+    for method, c in picked.items():
+        note = "" if c["complete"] else f"  (row incomplete: {len(c['tried'])} of {len(grid.GRID[method])} run)"
+        print(f"{method:<17} {c['config']:<24} Recall@1 {c['recall@1']:.4f}  MAP@R {c['map@r']:.4f}{note}")
+    if args.write:
+        out = run.chosen_path(args.dataset, args.regime)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        body = {"dataset": args.dataset, "regime": args.regime, "rule": "best val Recall@1, ties by MAP@R, seed 0"}
+        body["chosen"] = {m: c["config"] for m, c in picked.items()}
+        body["evidence"] = picked
+        out.write_text(json.dumps(body, indent=1) + "\n")
+        print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

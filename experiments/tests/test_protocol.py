@@ -1,0 +1,124 @@
+"""The quality protocol's scaffolding (experiments/protocol): splits, commands, the test-split guard, and one tiny
+real run through the product (build -> train -> eval -> record)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+PROTOCOL = Path(__file__).resolve().parents[1] / "protocol"
+sys.path.insert(0, str(PROTOCOL))
+
+import build  # noqa: E402
+import choose  # noqa: E402
+import grid  # noqa: E402
+import run  # noqa: E402
+import splits  # noqa: E402
+
+
+@pytest.mark.parametrize("dataset", splits.DATASETS)
+def test_committed_splits_are_disjoint_and_50_25_25(dataset):
+    record = splits.load(dataset)
+    splits.check(record)
+    n = sum(record["counts"].values())
+    assert record["seed"] == splits.SEED
+    assert record["counts"]["train"] == round(n / 2) and record["counts"]["val"] == round(n / 4)
+    assert record == {**record, **splits.assign([c for s in splits.SPLITS for c in record[s]], record["seed"])}
+
+
+def test_assign_is_reproducible_and_seeded():
+    classes = [f"c{i:03d}" for i in range(101)]
+    a, b = splits.assign(classes), splits.assign(list(reversed(classes)))
+    assert a == b  # the input order does not matter
+    assert [len(a[s]) for s in splits.SPLITS] == [50, 25, 26]
+    record = {"dataset": "x", "counts": {s: len(a[s]) for s in splits.SPLITS}, **a}
+    splits.check(record, classes)
+    assert splits.assign(classes, seed=1) != a
+    with pytest.raises(ValueError, match="in both"):
+        splits.check({**record, "val": a["val"] + a["train"][:1], "counts": {**record["counts"], "val": 26}})
+
+
+@pytest.mark.skipif(not splits.CLIPART_DIR.is_dir(), reason="openclipart-png is not installed")
+def test_clipart_split_regenerates():
+    record = splits.make("clipart")
+    committed = splits.load("clipart")
+    assert {s: record[s] for s in splits.SPLITS} == {s: committed[s] for s in splits.SPLITS}
+
+
+def test_grid_budget_and_defaults():
+    grid.check()
+    assert set(grid.GRID) == set(grid.METHODS)
+    assert grid.config("multi_similarity", "default")["loss"] == {
+        "name": "multi_similarity",
+        "alpha": 2.0,
+        "beta": 50.0,
+        "base": 0.5,
+    }
+    assert grid.config("triplet_margin", "default")["miner"] == {"name": "batch_hard"}
+    assert grid.config("pddm", "default")["loss"]["alpha"] == 0.5
+
+
+def test_dry_run_prints_the_product_commands(capsys):
+    assert run.main(["--dataset", "fonts", "--regime", "lite0", "--method", "pddm", "--config", "shipped",
+                     "--seed", "2", "--dry-run"]) == 0  # fmt: skip
+    train, evaluate = capsys.readouterr().out.strip().splitlines()
+    assert " -m distpddm.cli train " in train and train.endswith(" --local")
+    assert "experiments/protocol/configs/fonts_lite0.yaml" in train
+    assert """'loss={"name": "pddm", "metric": "pddm", "alpha": 0.1, "beta": 0.1""" in train
+    assert '\'miner={"name": "hard", "positives": "all"}\' reducer=null train.seed=2' in train
+    assert "name=fonts-lite0-pddm-shipped-s2-val-" in train
+    assert " -m distpddm.cli eval " in evaluate
+    assert "--shards " + str(build.DEFAULT_ROOT / "fonts" / "val") in evaluate
+    assert "--local --no-report" in evaluate
+
+
+def test_test_split_refused_without_final(capsys):
+    args = ["--dataset", "fonts", "--regime", "scratch", "--method", "pddm", "--split", "test", "--dry-run"]
+    assert run.main(args) == 2
+    assert "--final" in capsys.readouterr().err
+    with pytest.raises(run.Refused, match="clean tree"):
+        run.check_allowed("test", True, dirty=True, changed=["x.py"])
+    with pytest.raises(run.Refused, match="val"):
+        run.check_allowed("val", True, dirty=False, changed=[])
+    run.check_allowed("test", True, dirty=False, changed=[])  # the final command on a clean tree
+
+
+def test_choose_best_val_recall_ties_by_map():
+    def rec(method, config, r1, mapr, split="val", seed=0):
+        return {"method": method, "config": config, "recall@1": r1, "map@r": mapr, "split": split, "seed": seed,
+                "commit": "c", "extra_overrides": []}  # fmt: skip
+
+    picked = choose.choose(
+        [
+            rec("pddm", "default", 0.5, 0.2),
+            rec("pddm", "shipped", 0.6, 0.1),
+            rec("pddm", "allpos", 0.6, 0.3),
+            rec("pddm", "nomg", 0.9, 0.9, split="test"),  # never counts
+            rec("pddm", "a0.1b0.1", 0.9, 0.9, seed=1),  # not the tuning seed
+            rec("contrastive", "neg0.5", 0.4, 0.1),
+        ]
+    )
+    assert picked["pddm"]["config"] == "allpos" and not picked["pddm"]["complete"]
+    assert picked["contrastive"]["config"] == "neg0.5"
+
+
+@pytest.mark.skipif(not splits.FONTS_DIR.is_dir(), reason="fonts-aenigma is not installed")
+def test_tiny_end_to_end_run_writes_a_record(tmp_path):
+    """4 classes per split, 5 steps, through `shards build`, `train --local` and `eval` (about 1-2 min on 2 busy
+    cores: most of it the product's two process starts)."""
+    build.build("fonts", tmp_path / "shards", limit=4, workers=1, quiet=True)
+    out = tmp_path / "results.jsonl"
+    code = run.main(
+        ["--dataset", "fonts", "--regime", "scratch", "--method", "multi_similarity", "--split", "val",
+         "--shards-root", str(tmp_path / "shards"), "--runs", str(tmp_path / "runs"), "--results", str(out),
+         "--set", "train.steps=5", "--set", "data.classes_per_batch=4", "--set", "train.val_at_start=false",
+         "--set", "train.progress=false"]
+    )  # fmt: skip
+    assert code == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["method"] == "multi_similarity" and record["config"] == "default" and record["split"] == "val"
+    assert 0 <= record["recall@1"] <= 1 and 0 <= record["map@r"] <= 1
+    assert len(record["commit"]) == 40 and isinstance(record["dirty"], bool)
+    assert record["training"]["step"] == 5 and record["wall_s"] > 0
+    assert record["metrics"]["recall@1"] == record["recall@1"]
