@@ -196,10 +196,17 @@ def test_build_over_http_equals_local(source, tmp_path, nginx):
     build(plan, tmp_path / "out", BuildOptions(**OPTS, workers=2))
     assert_built_from(tmp_path / "out", tmp_path / "idx", source, max_side=None)
 
-    # A server that ignores ranges would send whole shards for every image: refused, naming why.
+    # A server that ignores ranges would send a whole shard for every image: refused at the first image, before
+    # its body is read, by the builder (also with --skip-bad) and by training's reader alike, naming why.
     index_shards(f"{base}/noranges/{PATTERN}", tmp_path / "idx2", IndexOptions(progress=False))
-    with pytest.raises(ValueError, match="ignores range requests"):
-        build(read_wds_index(tmp_path / "idx2"), tmp_path / "out2", BuildOptions(**OPTS, workers=1))
+    for skip_bad in (False, True):
+        with pytest.raises(wdsbuild.RangesIgnored, match="ignores HTTP range requests"):
+            build(read_wds_index(tmp_path / "idx2"), tmp_path / "out2", BuildOptions(**OPTS, workers=1,
+                                                                                       skip_bad=skip_bad))  # fmt: skip
+    from distpddm.data.foreign import ForeignPKDataset
+
+    with pytest.raises(wdsbuild.RangesIgnored, match="ignores HTTP range requests"):
+        next(iter(ForeignPKDataset(str(tmp_path / "idx2" / "train"), 2, 2, image_size=16)))
 
 
 def test_reads_are_in_flight_together_and_in_the_builders_order(indexed, tmp_path, monkeypatch):

@@ -51,7 +51,7 @@ from .stream import (
     stack_samples,
 )
 from .transforms import train_transform
-from .wdsbuild import RangeFetcher, member_fields, read_selection, shard_rows, shard_url
+from .wdsbuild import RangeFetcher, RangesIgnored, member_fields, read_selection, shard_rows, shard_url
 
 #: Image reads in flight per reader (threads of one loader worker).
 IN_FLIGHT = 16
@@ -195,8 +195,8 @@ class EpochPlan:
                     try:
                         data, _ = read(self._source(i))
                     except Exception as e:
-                        if not (is_read_error(e) or isinstance(e, ValueError)):
-                            raise
+                        if isinstance(e, RangesIgnored) or not (is_read_error(e) or isinstance(e, ValueError)):
+                            raise  # a server without ranges fails every read alike: the run stops, in one line
                         counter.skip(self._where(i), f"unreadable ({describe_error(e)})")
                         data = None
                     images.append(data)

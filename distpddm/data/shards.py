@@ -40,6 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..durable import atomic_write_text, fsync_dir, fsync_file
+from ..errors import DeterministicError
 from .images import IMAGE_EXTENSIONS
 from .sources import SourcePlan, SplitPlan
 from .tarindex import SampleWriter, idx_name, index_tar, load_shard_index, save_index
@@ -269,6 +270,8 @@ def write_shard(task: ShardTask, reader: Callable[[str], tuple[bytes, str]] | No
                     raw, ext = reader(source) if reader is not None else _read_file(task.root, source)
                     data, ext, width, height = encode_image(raw, ext, options.max_side, options.jpeg_quality)
                 except Exception as e:  # noqa: BLE001 -- whatever PIL or the file system raises
+                    if isinstance(e, DeterministicError):  # the store's fault (no range requests), not this image's
+                        raise
                     why = f"{type(e).__name__}: {e}"
                     if not options.skip_bad:
                         raise BadSourceError(

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DeterministicError
 from .sources import SourceError, SourcePlan, SplitPlan
 from .stream import retry_after  # imported here, once: the builder's forked workers share it (and torch)
 from .wdsindex import INDEX, LAYOUT, read_full
@@ -51,17 +52,37 @@ def _read_local(path: str, offset: int, size: int) -> bytes:
         return read_full(f, size)
 
 
+class RangesIgnored(DeterministicError):
+    """The server sends whole files for range requests: reading one image would download its shard."""
+
+
+def _ranges_ignored(url: str) -> RangesIgnored:
+    return RangesIgnored(
+        f"{url}: the server ignores HTTP range requests (each image would download its whole shard): serve the "
+        "shards from one that honours Range, or build a local class-chunked copy"
+    )
+
+
 def _read_remote(url: str, offset: int, size: int) -> bytes:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url)  # fsspec caches the filesystem: one session per process
+    if "http" in fs.protocol:  # fsspec's HTTPFile refuses a response that is no range before reading its body
+        try:  # size: a lower bound of the file's, so that opening costs no HEAD request
+            with fs.open(path, "rb", block_size=size, cache_type="none", size=offset + size) as f:
+                f.seek(offset)
+                return read_full(f, size)
+        except ValueError as e:
+            if "range requests" in str(e):
+                raise _ranges_ignored(url) from None
+            raise
     return fs.cat_file(path, start=offset, end=offset + size)
 
 
 def read_range(url: str, offset: int, size: int) -> bytes:
     """``size`` bytes at ``offset`` of a local file or an fsspec URL, transient errors retried (the stream's
-    rules and backoff). ``ValueError`` when the bytes do not fit the index: the shard changed since it was
-    indexed, or the server ignores range requests (it sent more than asked)."""
+    rules and backoff). :class:`RangesIgnored` from a server that sends more than asked; ``ValueError`` when
+    the shard is shorter than the index says (it changed since it was indexed)."""
     attempt = 0
     while True:
         try:
@@ -72,10 +93,7 @@ def read_range(url: str, offset: int, size: int) -> bytes:
                 raise
             attempt += 1
     if len(data) > size:
-        raise ValueError(
-            f"{url}: asked for bytes {offset}..{offset + size - 1}, got {len(data)} bytes: the server ignores range "
-            "requests; build from a store that serves ranges, or from a local copy of the shards"
-        )
+        raise _ranges_ignored(url)
     if len(data) < size:
         raise ValueError(
             f"{url}: {len(data)} bytes at {offset}, the index says {size}: the shard is shorter than when it was "

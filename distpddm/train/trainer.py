@@ -177,8 +177,8 @@ class Trainer:
                 dataset = PKBatchDataset(
                     shard_set, d.classes_per_batch, d.images_per_class, buffer_images=d.buffer_images, **common
                 )
-        except (ValueError, OSError) as e:  # a foreign split's indexes are read here: missing on one node
-            error = DeterministicError(f"the training split cannot be read on this node: {e}")
+        except Exception as e:  # noqa: BLE001 -- before any collective: a foreign split's indexes are read here
+            error = DeterministicError(f"the training split cannot be read on this node: {type(e).__name__}: {e}")
         agree(error, self.device)
         self.stream_state = dataset.start_state(self.world, max(1, d.loader_workers))  # advanced by every batch
         loader = torch.utils.data.DataLoader(
