@@ -159,7 +159,7 @@ def _run_training(args: argparse.Namespace) -> int:
         return 2
     from .errors import DeterministicError
     from .ray_cluster import TrainingFailed
-    from .train.checkpoint import CheckpointUnreadable, CheckpointUnwritable
+    from .train.checkpoint import CheckpointUnreadable
     from .train.stop import EXIT_PREEMPTED, Preempted
 
     if args.fresh and args.force:
@@ -190,7 +190,7 @@ def _run_training(args: argparse.Namespace) -> int:
     except TrainingFailed as e:  # Ray gave up on the workers (ray.max_failures spent)
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
-    except (CheckpointUnreadable, CheckpointUnwritable) as e:  # storage at fault: the same command resumes later
+    except CheckpointUnreadable as e:  # storage that would not answer: the same command resumes later
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as p:

@@ -277,11 +277,12 @@ def test_a_forked_child_does_not_keep_the_lock_after_its_parent(tmp_path):
     """A DataLoader worker outliving its killed parent must not hold the run folder."""
     code = (
         "import os, sys, time; from distpddm.train.runfolder import RunLock; RunLock(sys.argv[1]).__enter__()\n"
+        "print('held', flush=True)\n"  # before the fork: the two lines cannot interleave
         "if os.fork() == 0:\n    print('child', flush=True); time.sleep(60); os._exit(0)\n"
-        "print('held', flush=True); time.sleep(60)"
+        "time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    assert {holder.stdout.readline().strip() for _ in range(2)} == {"held", "child"}  # the child is running
+    assert [holder.stdout.readline().strip() for _ in range(2)] == ["held", "child"]  # the child is running
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=10)
     try:

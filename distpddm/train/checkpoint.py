@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data.stream import READ_RETRIES, RETRY_BASE_S, StreamState
-from ..dist import any_rank, barrier, broadcast_object, rank_and_world
+from ..dist import agree, any_rank, barrier, broadcast_object, rank_and_world
 from ..durable import atomic_write_text, commit_dir, fsync_file
 from ..errors import ConfigError, DeterministicError
 from ..model import export_model
@@ -212,8 +212,13 @@ class CheckpointUnreadable(OSError):
     """A checkpoint the storage would not let us read (after retries): not damage, so no falling back."""
 
 
-class CheckpointUnwritable(OSError):
-    """A checkpoint this rank could not write (a full disk): the run stops, the last committed one stays."""
+class CheckpointUnwritable(DeterministicError):
+    """A checkpoint some rank could not write (a full disk): every rank stops, the last committed one stays.
+    Not retried on Ray: the next attempt would train to the same checkpoint and fail again."""
+
+
+#: torch.save's messages for a write that failed (a full disk), told apart from a collective's RuntimeError.
+WRITE_FAILED = re.compile(r"enforce fail|unexpected pos|PytorchStreamWriter|No space left|write", re.IGNORECASE)
 
 
 def _saved_world(folder: Path) -> int | None:
@@ -393,15 +398,19 @@ def save_checkpoint(
     baseline: dict,
     metric: nn.Module | None = None,
     split_digest: str | None = None,
+    device: torch.device | None = None,
 ) -> Path:
     """A complete checkpoint in a staging folder, this rank's files flushed to disk and listed in its manifest
     (the persistence commits it when every rank is done); ``metric``, the loss holding a learned metric, is
     exported beside the network in ``model.pt``."""
-    staging = persistence.staging_dir(step)
+    staging, error = persistence.staging_dir(step), None
     try:
         _write_checkpoint(engine, staging, cfg, step, schedule, stream, metrics, baseline, metric, split_digest)
     except (OSError, RuntimeError) as e:  # torch.save on a full disk: RuntimeError "[enforce fail ...]"
-        raise CheckpointUnwritable(_unwritable(staging, step, e)) from None
+        if isinstance(e, RuntimeError) and not WRITE_FAILED.search(str(e)):
+            raise
+        error = CheckpointUnwritable(_unwritable(staging, step, e))
+    agree(error, device)  # rank 0 alone writes the client state and model.pt: the others must not wait
     return staging
 
 

@@ -331,7 +331,7 @@ class Trainer:
         self.stream_state.epoch_all = max_over_ranks(self.stream_state.epoch, self.device)
         staging = save_checkpoint(
             self.engine, self.persistence, self.cfg, self.step, self.schedule, self.stream_state, self.last,
-            self.baseline, metric=self.exported_metric(), split_digest=self.split_digest,
+            self.baseline, metric=self.exported_metric(), split_digest=self.split_digest, device=self.device,
         )  # fmt: skip
         self.persistence.report({"step": self.step, **self.baseline, **self.last}, staging)
         if self.rank == 0:
