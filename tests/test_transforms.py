@@ -244,3 +244,26 @@ def test_transparent_parts_are_composited_onto_white_by_every_reader(mode, fmt):
         assert x[:, :, :3].int().sum(0).max() < 3 * 245, name  # the opaque half is not white
         if mode == "RGBA" and name != "rebuilt":
             assert abs(int(x[2, 6, 6]) - 255) <= 2 and abs(int(x[0, 6, 6]) - 127) <= 3, name  # half blue on white
+
+
+@pytest.mark.parametrize("transparent", [None, 0])
+def test_sixteen_bit_gray_pngs_keep_their_tones(transparent):
+    """PIL converts 16-bit gray to RGB by clipping at 255 (a white image); TorchCodec scales. Every path scales,
+    and a 16-bit transparent value is composited onto white like an alpha channel."""
+    from PIL import Image
+
+    from distpddm.data.images import decode_image, decode_tensor, pil_to_tensor
+    from distpddm.data.shards import encode_image
+
+    arr = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520: mean 127.5 in 8 bits
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", **({} if transparent is None else {"transparency": transparent}))
+    data = buf.getvalue()
+    stored, _, _, _ = encode_image(data, "png", max_side=64, quality=100)
+    for name, x in {"decode_tensor": decode_tensor(data), "decode_image": pil_to_tensor(decode_image(data)),
+                    "rebuilt": decode_tensor(stored)}.items():  # fmt: skip
+        x = x.float()
+        if transparent is None:
+            assert abs(float(x.mean()) - 127.5) < 2, (name, float(x.mean()))
+        else:
+            assert float(x[:, 0, 0].min()) >= 250 and abs(float(x[0, 40, 0]) - (40 * 64 * 16 >> 8)) < 3, name

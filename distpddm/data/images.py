@@ -32,10 +32,27 @@ def has_alpha(img) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
-def to_rgb(img):
-    """An RGB PIL image, transparent parts composited onto white."""
+def eight_bit(img):
+    """A 16-bit grayscale image (PIL's ``I;16``, or ``I``) as 8-bit ``L`` (``LA`` when its transparent value is
+    set), scaled: PIL's own conversion to RGB clips at 255, and the image comes out white."""
     from PIL import Image
 
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    arr = np.asarray(img).astype(np.int64)
+    arr8 = arr >> 8 if img.mode.startswith("I;16") or arr.max() > 255 else arr  # "I": maybe 8-bit values
+    gray = Image.fromarray(arr8.clip(0, 255).astype(np.uint8), "L")
+    transparent = img.info.get("transparency")
+    if isinstance(transparent, int):
+        gray.putalpha(Image.fromarray(np.where(arr == transparent, 0, 255).astype(np.uint8), "L"))
+    return gray
+
+
+def to_rgb(img):
+    """An RGB PIL image: 16-bit gray scaled to 8 bits, transparent parts composited onto white."""
+    from PIL import Image
+
+    img = eight_bit(img)
     if not has_alpha(img):
         return img.convert("RGB")
     rgba = img.convert("RGBA")
