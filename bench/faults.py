@@ -765,7 +765,7 @@ def fault_kill_driver(bench: Bench, rng: random.Random) -> Outcome:
         bench.kill_group(pgid)
     if again.resumed is not None and again.resumed < whole:
         notes.append(f"resumed at {again.resumed}: a whole checkpoint of step {whole} was on disk, not registered")
-    return bench.judge(run, again, expect_from=registered or None, kind="ray", notes=notes)
+    return bench.judge(run, again, expect_from=max(whole, registered or 0) or None, kind="ray", notes=notes)
 
 
 def fault_kill_host(bench: Bench, rng: random.Random) -> Outcome:

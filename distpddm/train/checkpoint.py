@@ -64,6 +64,14 @@ class Persistence:
         raise NotImplementedError
 
 
+def _saved_step(fs, folder: str) -> int:
+    """The step a checkpoint folder's client state names; -1 when it cannot say (tried last)."""
+    try:
+        return int(json.loads(fs.cat_file(f"{folder}/{CLIENT_STATE}"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def _step_of(path: Path) -> int:
     match = STEP_DIR.fullmatch(path.name)
     return int(match.group(1)) if match else -1
@@ -134,8 +142,9 @@ class LocalPersistence(Persistence):
 
 class RayPersistence(Persistence):
     """``ray.train.report(..., checkpoint=...)``: Ray merges every worker's directory and keeps the last N. A
-    resume tries the checkpoint Ray registered last, then the run folder's other ``checkpoint_*`` folders,
-    newest first (Ray names them by time), each fetched only when it is tried."""
+    resume tries the run folder's ``checkpoint_*`` folders by the step each holds, newest first, each fetched
+    only when it is tried: a driver killed after the workers wrote a checkpoint but before Ray registered it
+    leaves a whole one newer than Ray's latest (the fault bench's ``kill_driver``)."""
 
     def __init__(self, location: str):
         self.location = location.rstrip("/")
@@ -150,8 +159,8 @@ class RayPersistence(Persistence):
 
             try:
                 fs, root = fsspec.core.url_to_fs(self.location)
-                names = sorted((p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/checkpoint_*") if fs.isdir(p)),
-                               reverse=True)  # fmt: skip
+                found = [p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/checkpoint_*") if fs.isdir(p)]
+                names = sorted(found, key=lambda n: (_saved_step(fs, f"{root}/{n}"), n), reverse=True)
             except (OSError, ValueError, ImportError) as e:  # a store fsspec cannot list: Ray's latest alone
                 log.warning("cannot list checkpoints in %s (%s): none tried past Ray's latest", self.location, e)
                 names = []
@@ -160,12 +169,11 @@ class RayPersistence(Persistence):
         with contextlib.ExitStack() as stack:
 
             def each() -> Iterator[Path]:
-                if latest is not None:
+                if latest is not None and first not in names:  # not in the run folder's listing: first
                     yield Path(stack.enter_context(latest.as_directory()))
                 for name in names:
-                    if name != first:
-                        older = ray.train.Checkpoint(f"{self.location}/{name}")
-                        yield Path(stack.enter_context(older.as_directory()))
+                    found = latest if name == first else ray.train.Checkpoint(f"{self.location}/{name}")
+                    yield Path(stack.enter_context(found.as_directory()))
 
             yield each()
 
