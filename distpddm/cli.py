@@ -157,7 +157,7 @@ def _run_training(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .errors import DeterministicError
+    from .errors import DeterministicError, StorageUnavailable
     from .ray_cluster import TrainingFailed
     from .train.checkpoint import CheckpointUnreadable
     from .train.stop import EXIT_PREEMPTED, Preempted
@@ -190,7 +190,7 @@ def _run_training(args: argparse.Namespace) -> int:
     except TrainingFailed as e:  # Ray gave up on the workers (ray.max_failures spent)
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
-    except CheckpointUnreadable as e:  # storage that would not answer: the same command resumes later
+    except (CheckpointUnreadable, StorageUnavailable) as e:  # storage that would not answer: rerun later
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as p:

@@ -18,7 +18,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import DeterministicError
+from .errors import DeterministicError, StorageUnavailable
 
 
 def is_distributed(group=None) -> bool:
@@ -173,4 +173,5 @@ def agree(error: DeterministicError | None, device: torch.device) -> None:
     if error is not None and len(failed) == 1:
         raise error
     text = "; ".join(f"rank {r}: {m}" for r, m in failed)
-    raise (type(error) if error is not None else DeterministicError)(text)
+    outage = all(m.startswith(f"{StorageUnavailable.__name__}: ") for _, m in failed)  # Ray may retry it
+    raise (type(error) if error is not None else StorageUnavailable if outage else DeterministicError)(text)

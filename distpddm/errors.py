@@ -39,3 +39,9 @@ class RunAborted(DeterministicError):
 class ClusterResourcesError(DeterministicError):
     """The Ray cluster could not host the run's workers for ``ray.resources_timeout_s`` (a node lost and not
     back, too few nodes for the placement strategy): a restart of the workers cannot fix it."""
+
+
+class StorageUnavailable(OSError):
+    """Samples skipped past ``data.max_skip_rate`` mostly because the storage did not answer, retries spent
+    (a store's outage, not bad data): not deterministic, so Ray restarts the workers from the last checkpoint,
+    and the same command resumes once the storage answers."""

@@ -47,6 +47,7 @@ from .stream import (
     StreamState,
     describe_error,
     is_read_error,
+    is_transient,
     resolve_shards,
     stack_samples,
 )
@@ -197,7 +198,8 @@ class EpochPlan:
                     except Exception as e:
                         if isinstance(e, RangesIgnored) or not (is_read_error(e) or isinstance(e, ValueError)):
                             raise  # a server without ranges fails every read alike: the run stops, in one line
-                        counter.skip(self._where(i), f"unreadable ({describe_error(e)})")
+                        counter.skip(self._where(i), f"unreadable ({describe_error(e)})",
+                                     unanswered=is_transient(e, self._where(i)))  # fmt: skip
                         data = None
                     images.append(data)
                 batch = self._make(index, samples, images, counter)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..dist import env_rank_and_world
-from ..errors import BadDataError, CannotBatchError
+from ..errors import BadDataError, CannotBatchError, StorageUnavailable
 from .batcher import PKBatcher
 from .epochs import reader_ranges, seed_sequence
 from .images import IMAGE_EXTENSIONS
@@ -183,7 +183,7 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
         seen = seen.__cause__ or seen.__context__
 
 
-def _transient(error: BaseException, url: str) -> bool:
+def is_transient(error: BaseException, url: str) -> bool:
     """May a retry of this read error of ``url`` succeed? An ``OSError`` but the persistent ones; an HTTP error
     of :func:`_transient_http`; and, for a remote URL, a ``FileNotFoundError`` raised from one: fsspec's HTTP
     filesystem reports a 503 to a file's HEAD and GET so (a real 404 is raised from the 404, and not retried)."""
@@ -212,8 +212,8 @@ def describe_error(error: BaseException) -> str:
 
 def retry_after(where: str, error: BaseException, attempt: int) -> bool:
     """Wait before retry ``attempt + 1`` of a read error of ``where`` (a URL; logged once, naming it and the
-    error); False, without waiting, when the error does not pass (:func:`_transient`) or the retries are spent."""
-    if not _transient(error, where) or attempt >= READ_RETRIES:
+    error); False, without waiting, when the error does not pass (:func:`is_transient`) or the retries are spent."""
+    if not is_transient(error, where) or attempt >= READ_RETRIES:
         return False
     delay = RETRY_BASE_S * 2**attempt
     log.warning("%s: %s; retry %d of %d in %.1f s", where, describe_error(error), attempt + 1, READ_RETRIES, delay)
@@ -244,21 +244,29 @@ class SkipCounter:
         if not 0 <= max_skip_rate <= 1:
             raise ValueError(f"max_skip_rate must be in [0, 1], got {max_skip_rate}")
         self.max_skip_rate, self.min_samples = max_skip_rate, min_samples
-        self.seen = self.skipped = 0
+        self.seen = self.skipped = self.unanswered = 0
         self.last: list[str] = []
 
     def ok(self) -> None:
         self.seen += 1
 
-    def skip(self, where: str, why: str, count: int = 1) -> None:
+    def skip(self, where: str, why: str, count: int = 1, unanswered: bool = False) -> None:
+        """``unanswered``: skipped because the storage kept failing with errors that may pass, retries spent."""
         self.seen += count
         self.skipped += count
+        self.unanswered += count if unanswered else 0
         self.last = (self.last + [f"{where} ({why})"])[-5:]
         log.warning("skipping %s: %s", where, why)
         self.check()
 
     def check(self) -> None:
         if self.seen >= self.min_samples and self.skipped > self.max_skip_rate * self.seen:
+            if 2 * self.unanswered > self.skipped:  # an outage, not bad data: the run may be resumed
+                raise StorageUnavailable(
+                    f"{self.skipped} of {self.seen} samples skipped, {self.unanswered} of them because the storage "
+                    f"did not answer after {READ_RETRIES} retries; last: {'; '.join(self.last)}. The run stops "
+                    "(on Ray, restarted from the last checkpoint); the same command resumes once it answers."
+                )
             raise BadDataError(
                 f"{self.skipped} of {self.seen} samples skipped ({100 * self.skipped / self.seen:.1f}%), above "
                 f"max_skip_rate={self.max_skip_rate:.2%}; last: {'; '.join(self.last)}. Verify the shards with "
@@ -523,7 +531,7 @@ class _EpochReader:
                     attempt += 1
                     continue
                 why = f"no usable shard index {idx_name(url)} ({describe_error(e)}){_after(attempt)}"
-                self.counter.skip(url, why, hi - lo)
+                self.counter.skip(url, why, hi - lo, unanswered=attempt > 0)
                 return None
         unit = _Unit(url, lo, hi, first, index)
         self.units.append(unit)
@@ -574,7 +582,7 @@ class _EpochReader:
                 attempt += 1
                 continue
             why = f"shard unreadable ({describe_error(error)}){_after(attempt)}"
-            self.counter.skip(unit.url, why, len(numbers) - done)
+            self.counter.skip(unit.url, why, len(numbers) - done, unanswered=attempt > 0)
             for n in numbers[done:]:
                 yield n, None
             return

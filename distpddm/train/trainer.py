@@ -29,7 +29,7 @@ from ..criterion import build_loss, inner_loss
 from ..data.stream import PKBatchDataset, resolve_shards
 from ..data.transforms import normalize_batch, train_transform
 from ..dist import agree, all_finite, any_rank, device_time, init_device, max_over_ranks, rank_and_world
-from ..errors import DeterministicError, NonFiniteLossError, NonFiniteWeightsError
+from ..errors import DeterministicError, NonFiniteLossError, NonFiniteWeightsError, StorageUnavailable
 from ..model import create_model, export_model
 from ..validation import Validator
 from ..wrappers import CrossDevice
@@ -282,7 +282,7 @@ class Trainer:
         batch, error = None, None
         try:
             batch = next(self.loader)
-        except DeterministicError as e:  # bad data past the threshold, a share that forms no batch
+        except (DeterministicError, StorageUnavailable) as e:  # bad data or an outage past the threshold, ...
             error = e
         agree(error, self.device)
         images, labels, _, where = batch
