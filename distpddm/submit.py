@@ -33,7 +33,7 @@ JOB_DIR = ".distpddm-job"  # in the job's working directory: config.yaml and dee
 # gitwildmatch patterns (relative to the checkout), on top of .gitignore and Ray's defaults (.git, .venv...).
 EXCLUDES = [
     ".git/", ".venv/", "venv/", "__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/", "build/",
-    "/shards/out/", "/runs/", "/.gpu/", "/.whl/", f"/{JOB_DIR}/",
+    "/shards/out/", "/runs/", "/.gpu/", "/.whl/", f"/{JOB_DIR}/", "/experiments/",  # the study: not the product
     "*.tar", "*.tar.gz", "*.zip", "*.whl", "*.npz", "*.npy", "*.pt", "*.pth", "*.ckpt", "events.out.tfevents.*",
 ]  # fmt: skip
 
