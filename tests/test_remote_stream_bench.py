@@ -82,7 +82,8 @@ def test_the_relay_delays_each_way_and_keeps_the_bytes(bench):
                 conn.sendall(chunk)
                 assert conn.recv(1) == chunk
                 times.append(time.perf_counter() - start)
-            assert 2 * delay <= times[1] < 2 * delay + 0.5 and times[0] >= times[1] + delay  # 4 x delay from accept
+            # Lower bounds only where a busy machine could stretch the time: the first waits the handshake too.
+            assert 2 * delay <= times[1] < 2 * delay + 1.0 and times[0] >= 3 * delay
             sender = threading.Thread(target=conn.sendall, args=(payload,))
             sender.start()
             got = bytearray()
