@@ -107,7 +107,7 @@ def test_sigterm_to_a_ray_driver_stops_every_worker_at_one_step_without_a_retry(
     assert 3 <= stopped < 300 and f"preempted: checkpoint at step {stopped}" in result.stdout
     saved = [json.loads(p.read_text())["step"] for p in run.glob("checkpoint_*/distpddm_state.json")]
     assert saved == [stopped]  # the stop's checkpoint, reported to Ray by both ranks (data_rank0/1)
-    ckpt = next(run.glob("checkpoint_*"))
+    ckpt = next(p for p in run.glob("checkpoint_*") if p.is_dir())  # not Ray's checkpoint_manager_snapshot.json
     assert (ckpt / "data_rank0.json").exists() and (ckpt / "data_rank1.json").exists()
     # A success to Ray, no retry: a restarted attempt would resume at the stop's checkpoint, meet the stop
     # request again and save (and log) one step more.
