@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from distpddm.data import stream
+from distpddm.data import retry, stream
 from distpddm.data.epochs import reader_ranges
 from distpddm.data.evalset import EvalDataset
 from distpddm.data.shards import BuildOptions, build, verify
@@ -331,7 +331,7 @@ class _Flaky:
 def sleeps(monkeypatch):
     """The backoff's waits, recorded instead of slept."""
     waits = []
-    monkeypatch.setattr(stream, "_sleep", waits.append)
+    monkeypatch.setattr(retry, "_sleep", waits.append)
     return waits
 
 
@@ -351,10 +351,10 @@ def test_a_read_error_that_passes_is_retried_and_changes_no_batch(shards, monkey
         failed[url.replace(".idx.npz", ".tar")] += 1
         return failed[url.replace(".idx.npz", ".tar")] == 1
 
-    def flaky_open(url):
+    def flaky_open(url, spans=None):
         if where == "open" and once(url):
             raise OSError(5, "Input/output error (NFS hiccup)")
-        f = open_(url)
+        f = open_(url, spans)
         if where == "read":
             offsets = stream.load_shard_index(stream.idx_name(url)).offsets
             return _Flaky(f, int(offsets[len(offsets) // 2]), lambda: once(url))  # part-way through the shard
@@ -371,8 +371,8 @@ def test_a_read_error_that_passes_is_retried_and_changes_no_batch(shards, monkey
         again = _take(PKBatchDataset(shards, 4, 3, image_size=16, seed=2), 12, workers=0)
     assert set(failed) >= set(urls) and all(n >= 2 for n in failed.values())  # each failed once, then read
     assert all(_same(x, y) for x, y in zip(whole, again, strict=True))  # the same samples, batches, crops
-    assert sleeps and set(sleeps) == {stream.RETRY_BASE_S}  # one retry each, after the first wait
-    retries = [r.getMessage() for r in caplog.records if f"retry 1 of {stream.READ_RETRIES}" in r.getMessage()]
+    assert sleeps and set(sleeps) == {retry.RETRY_BASE_S}  # one retry each, after the first wait
+    retries = [r.getMessage() for r in caplog.records if f"retry 1 of {retry.READ_RETRIES}" in r.getMessage()]
     assert len(retries) == len(sleeps) and all("shard-0000" in m and "OSError" in m for m in retries)
     assert "skipping" not in caplog.text
 
@@ -385,11 +385,11 @@ def test_a_resumed_stream_retries_the_samples_it_fetches_again(shards, monkeypat
         state.advance(batch.info)
     failed, open_ = Counter(), stream._open
 
-    def flaky_open(url):
+    def flaky_open(url, spans=None):
         failed[url] += 1
         if failed[url] == 1:
             raise OSError(110, "Connection timed out")
-        return open_(url)
+        return open_(url, spans)
 
     monkeypatch.setattr(stream, "_open", flaky_open)
     resumed = _take(PKBatchDataset(shards, 4, 3, image_size=16, seed=2, start=state), 5, workers=0)
@@ -402,22 +402,22 @@ def test_a_shard_that_stays_unreadable_is_skipped_and_named_after_the_retries(sh
     victim, open_ = urls[1], stream._open
     tries = []
 
-    def down(url):
+    def down(url, spans=None):
         if url == victim:
             tries.append(url)
             raise OSError("503 Slow Down")
-        return open_(url)
+        return open_(url, spans)
 
     monkeypatch.setattr(stream, "_open", down)
     ds = PKBatchDataset(shards, 4, 3, image_size=16)
     reader = stream._EpochReader(ds, 0, 0, 1, 0, SkipCounter())
     with caplog.at_level(logging.WARNING, "distpddm.data"):
         batches = list(reader.run(skip=0))  # the epoch goes on without it
-    assert batches and len(tries) == 1 + stream.READ_RETRIES
-    assert sleeps == [0.5 * 2**i for i in range(stream.READ_RETRIES)]  # exponential backoff
+    assert batches and len(tries) == 1 + retry.READ_RETRIES
+    assert sleeps == [0.5 * 2**i for i in range(retry.READ_RETRIES)]  # exponential backoff
     assert reader.counter.skipped == counts[1]  # all its samples, counted once
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
-    spent = f"after {stream.READ_RETRIES} retries"
+    spent = f"after {retry.READ_RETRIES} retries"
     assert skipped == [f"skipping {victim}: shard unreadable (OSError: 503 Slow Down) {spent}"]
     assert not {k for b in batches for k in b.keys.tolist()} & set(range(sum(counts[:1]), sum(counts[:2])))
     # Past max_skip_rate the run stops; an outage (most skips after spent retries) is not bad data: Ray may retry.
@@ -428,10 +428,10 @@ def test_a_shard_that_stays_unreadable_is_skipped_and_named_after_the_retries(sh
 
 def test_the_retries_and_backoff_are_module_settings(shards, monkeypatch, sleeps):
     _as_rank(monkeypatch, 0, 1)
-    monkeypatch.setattr(stream, "READ_RETRIES", 2)
-    monkeypatch.setattr(stream, "RETRY_BASE_S", 0.01)
+    monkeypatch.setattr(retry, "READ_RETRIES", 2)
+    monkeypatch.setattr(retry, "RETRY_BASE_S", 0.01)
     victim, open_ = resolve_shards(shards).urls[0], stream._open
-    monkeypatch.setattr(stream, "_open", lambda url: _Flaky(open_(url), 0, lambda: url == victim))
+    monkeypatch.setattr(stream, "_open", lambda url, spans=None: _Flaky(open_(url, spans), 0, lambda: url == victim))
     reader = stream._EpochReader(PKBatchDataset(shards, 4, 3, image_size=16), 0, 0, 1, 0, SkipCounter())
     list(reader.run(skip=0))
     assert sleeps == [0.01, 0.02] and "after 2 retries" in reader.counter.last[0]
@@ -446,11 +446,15 @@ def test_an_io_error_part_way_through_a_shard_skips_only_what_is_left(shards, mo
     offsets = stream.load_shard_index(stream.idx_name(victim)).offsets
     bad = 1
     monkeypatch.setattr(
-        stream, "_open", lambda url: _Flaky(open_(url), int(offsets[bad]) if url == victim else 1 << 60, lambda: True)
+        stream,
+        "_open",
+        lambda url, spans=None: _Flaky(
+            open_(url, spans), int(offsets[bad]) if url == victim else 1 << 60, lambda: True
+        ),
     )
     reader = stream._EpochReader(PKBatchDataset(shards, 4, 3, image_size=16), 0, 0, 1, 0, SkipCounter())
     keys = {k for b in reader.run(skip=0) for k in b.keys.tolist()}
-    assert reader.counter.skipped == split.counts[0] - bad and len(sleeps) == stream.READ_RETRIES
+    assert reader.counter.skipped == split.counts[0] - bad and len(sleeps) == retry.READ_RETRIES
     assert keys and not keys & set(range(bad, split.counts[0]))
 
 
@@ -490,31 +494,31 @@ def _not_found_from(error: BaseException, url: str) -> FileNotFoundError:
 def test_which_http_errors_are_retried(monkeypatch):
     aiohttp = pytest.importorskip("aiohttp")
     url = "http://store/train/shard-000000.tar"
-    assert stream.is_transient(_http_error(503), url) and stream.is_transient(_http_error(429), url)
-    assert not stream.is_transient(_http_error(404), url) and not stream.is_transient(_http_error(403), url)
-    assert stream.is_transient(aiohttp.ServerDisconnectedError(), url)
-    assert stream.is_transient(aiohttp.ClientPayloadError("Response payload is not completed"), url)
-    assert stream.is_transient(aiohttp.ServerTimeoutError("Timeout on reading data from socket"), url)
-    assert not stream.is_transient(aiohttp.InvalidURL("http//store"), url)
+    assert retry.is_transient(_http_error(503), url) and retry.is_transient(_http_error(429), url)
+    assert not retry.is_transient(_http_error(404), url) and not retry.is_transient(_http_error(403), url)
+    assert retry.is_transient(aiohttp.ServerDisconnectedError(), url)
+    assert retry.is_transient(aiohttp.ClientPayloadError("Response payload is not completed"), url)
+    assert retry.is_transient(aiohttp.ServerTimeoutError("Timeout on reading data from socket"), url)
+    assert not retry.is_transient(aiohttp.InvalidURL("http//store"), url)
     # fsspec's FileNotFoundError for a 503: retried on a remote URL; one from a 404, or a local one, is not.
-    assert stream.is_transient(_not_found_from(_http_error(503), url), url)
-    assert stream.is_transient(_not_found_from(aiohttp.ServerDisconnectedError(), url), url)
-    assert not stream.is_transient(_not_found_from(_http_error(404), url), url)
-    assert not stream.is_transient(FileNotFoundError(url), url)
-    assert not stream.is_transient(_not_found_from(_http_error(503), url), "/data/train/shard-000000.tar")
-    assert stream.is_transient(OSError(5, "Input/output error"), "/data/x.tar")
-    assert not stream.is_transient(ValueError("stale index"), url)
-    message = stream.describe_error(_not_found_from(_http_error(503), url))
+    assert retry.is_transient(_not_found_from(_http_error(503), url), url)
+    assert retry.is_transient(_not_found_from(aiohttp.ServerDisconnectedError(), url), url)
+    assert not retry.is_transient(_not_found_from(_http_error(404), url), url)
+    assert not retry.is_transient(FileNotFoundError(url), url)
+    assert not retry.is_transient(_not_found_from(_http_error(503), url), "/data/train/shard-000000.tar")
+    assert retry.is_transient(OSError(5, "Input/output error"), "/data/x.tar")
+    assert not retry.is_transient(ValueError("stale index"), url)
+    message = retry.describe_error(_not_found_from(_http_error(503), url))
     assert message.startswith(f"FileNotFoundError: {url}, from ClientResponseError: 503")
     monkeypatch.setitem(sys.modules, "aiohttp", None)  # not installed (or never imported): OSErrors as before
-    assert stream.is_transient(OSError(5, "Input/output error"), url) and not stream.is_transient(ValueError(), url)
-    assert not stream.is_transient(FileNotFoundError(url), url)
+    assert retry.is_transient(OSError(5, "Input/output error"), url) and not retry.is_transient(ValueError(), url)
+    assert not retry.is_transient(FileNotFoundError(url), url)
 
 
 @pytest.mark.parametrize("where", ["open", "index", "read"])
 def test_a_503_from_aiohttp_is_retried_and_changes_no_batch(shards, monkeypatch, sleeps, caplog, where):
     whole = _undisturbed(shards, monkeypatch)
-    monkeypatch.setattr(stream, "RETRY_BASE_S", 0.001)
+    monkeypatch.setattr(retry, "RETRY_BASE_S", 0.001)
     failed = Counter()  # shard -> failures so far: two 503s each, then it reads
     open_, load = stream._open, stream.load_shard_index
 
@@ -542,10 +546,10 @@ def test_a_503_from_aiohttp_is_retried_and_changes_no_batch(shards, monkeypatch,
         def __exit__(self, *exc):
             self.f.close()
 
-    def flaky_open(url):
+    def flaky_open(url, spans=None):
         if where == "open":
             twice(url)
-        return _Read(open_(url), url) if where == "read" else open_(url)
+        return _Read(open_(url, spans), url) if where == "read" else open_(url, spans)
 
     def flaky_index(url):
         if where == "index":
@@ -624,17 +628,22 @@ def store(shards):
 @pytest.mark.parametrize("fault", ["head_and_get", "get"])
 def test_503s_over_http_through_fsspec_are_retried(shards, store, monkeypatch, sleeps, caplog, fault):
     # fsspec reports a 503 to the HEAD and GET that open a file as FileNotFoundError (raised from aiohttp's
-    # ClientResponseError), and a 503 to a read as the ClientResponseError itself: both are retried.
+    # ClientResponseError), and a 503 to a read as the ClientResponseError itself: both are retried. A shard
+    # index is opened (HEAD, then GET); a shard is read by ranged GETs alone (ranges.ReadAhead: no HEAD).
     whole = _undisturbed(shards, monkeypatch)
-    if fault == "head_and_get":  # every shard and shard index: its first HEAD and the GET fsspec tries next
-        store.answer = lambda method, name, nth: 503 if name.endswith((".tar", ".npz")) and nth <= 2 else None
-    else:  # its first GET, after a HEAD that went through
-        store.answer = lambda method, name, nth: 503 if name.endswith((".tar", ".npz")) and nth == 2 else None
+    index_fails = (lambda nth: nth <= 2) if fault == "head_and_get" else (lambda nth: nth == 2)
+
+    def answer(method, name, nth):
+        if name.endswith(".npz"):  # its first HEAD and the GET fsspec tries next, or the GET after a HEAD
+            return 503 if index_fails(nth) else None
+        return 503 if name.endswith(".tar") and nth == 1 else None  # a shard's first ranged GET
+
+    store.answer = answer
     with caplog.at_level(logging.WARNING, "distpddm.data"):
         again = _take(PKBatchDataset(store.url, 4, 3, image_size=16, seed=2), 12, workers=0)
     assert all(_same(x, y) for x, y in zip(whole, again, strict=True))
     failed = {n for n in store.requests if n.endswith((".tar", ".npz"))}
-    assert failed and sleeps == [stream.RETRY_BASE_S] * len(failed) and "skipping" not in caplog.text
+    assert failed and sleeps == [retry.RETRY_BASE_S] * len(failed) and "skipping" not in caplog.text
     what = "FileNotFoundError" if fault == "head_and_get" else "ClientResponseError: 503"
     assert what in caplog.text and "ClientResponseError: 503" in caplog.text
 
@@ -654,12 +663,12 @@ def test_a_shard_that_stays_503_or_404_over_http_is_skipped_with_one_line(shards
     reader = stream._EpochReader(PKBatchDataset(store.url, 4, 3, image_size=16), 0, 0, 1, 0, SkipCounter())
     with caplog.at_level(logging.WARNING, "distpddm.data"):
         assert list(reader.run(skip=0))  # the epoch goes on without them
-    assert sleeps == [0.5 * 2**i for i in range(stream.READ_RETRIES)]  # the shard answering 503 only
+    assert sleeps == [0.5 * 2**i for i in range(retry.READ_RETRIES)]  # the shard answering 503 only
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
     assert len(skipped) == 2 and reader.counter.skipped == split.counts[0] + split.counts[1]
     assert any(f"{gone} (FileNotFoundError: " in m and "404" in m and "retries" not in m for m in skipped)
-    spent = f"after {stream.READ_RETRIES} retries"
-    assert any("shard unreadable (FileNotFoundError: " in m and "503" in m and spent in m for m in skipped)
+    spent = f"after {retry.READ_RETRIES} retries"
+    assert any("shard unreadable (ClientResponseError: 503" in m and spent in m for m in skipped)
     with pytest.raises((BadDataError, StorageUnavailable), match=r"shard-00000[01]\.(tar|idx\.npz)") as e:
         _take(PKBatchDataset(store.url, 4, 3, image_size=16), 100, workers=0)  # past max_skip_rate: one line
     assert "\n" not in str(e.value)

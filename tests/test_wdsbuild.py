@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from distpddm.cli import main as cli
-from distpddm.data import stream, wdsbuild
+from distpddm.data import ranges, retry, stream, wdsbuild
 from distpddm.data.shards import BuildOptions, build, encode_image, verify
 from distpddm.data.wdsbuild import parse_source, read_range, read_wds_index
 from distpddm.data.wdsindex import IndexOptions, index_shards
@@ -169,9 +169,9 @@ def test_one_split_folder_and_refusals(source, indexed, tmp_path, capsys):
 
 
 def test_transient_read_errors_are_retried_persistent_ones_not(source, monkeypatch):
-    monkeypatch.setattr(stream, "_sleep", lambda s: None)
+    monkeypatch.setattr(retry, "_sleep", lambda s: None)
     url = str(source / SHARDS[0])
-    real, calls = wdsbuild._read_local, []
+    real, calls = ranges._read_local, []
 
     def flaky(path, offset, size):
         calls.append(offset)
@@ -179,7 +179,7 @@ def test_transient_read_errors_are_retried_persistent_ones_not(source, monkeypat
             raise ConnectionResetError("reset by peer")
         return real(path, offset, size)
 
-    monkeypatch.setattr(wdsbuild, "_read_local", flaky)
+    monkeypatch.setattr(ranges, "_read_local", flaky)
     assert read_range(url, 512, 100) == (source / SHARDS[0]).read_bytes()[512:612] and len(calls) == 3
     calls.clear()
     with pytest.raises(FileNotFoundError):
@@ -188,7 +188,7 @@ def test_transient_read_errors_are_retried_persistent_ones_not(source, monkeypat
         read_range(url, (source / SHARDS[0]).stat().st_size - 10, 100)
 
 
-def test_build_over_http_equals_local(source, tmp_path, nginx):
+def test_build_over_http_equals_local(source, tmp_path, nginx, monkeypatch):
     base, _ = nginx
     index_shards(f"{base}/{PATTERN}", tmp_path / "idx", IndexOptions(progress=False, val_per_class=1))
     plan = read_wds_index(tmp_path / "idx")
@@ -196,16 +196,26 @@ def test_build_over_http_equals_local(source, tmp_path, nginx):
     build(plan, tmp_path / "out", BuildOptions(**OPTS, workers=2))
     assert_built_from(tmp_path / "out", tmp_path / "idx", source, max_side=None)
 
+    # Training without a copy reads the same batches over HTTP as from the local shards.
+    from distpddm.data.foreign import ForeignPKDataset
+    from tests.test_stream import _as_rank, _same, _take
+
+    _as_rank(monkeypatch, 0, 1)
+    index_shards(str(source / PATTERN), tmp_path / "local", IndexOptions(progress=False, val_per_class=1))
+    local, remote = (
+        _take(ForeignPKDataset(str(tmp_path / where / "train"), 2, 2, image_size=16, seed=1, in_flight=4), 4, workers=0)
+        for where in ("local", "idx")
+    )
+    assert len(local) == 4 and all(_same(x, y) for x, y in zip(local, remote, strict=True))
+
     # A server that ignores ranges would send a whole shard for every image: refused at the first image, before
     # its body is read, by the builder (also with --skip-bad) and by training's reader alike, naming why.
     index_shards(f"{base}/noranges/{PATTERN}", tmp_path / "idx2", IndexOptions(progress=False))
     for skip_bad in (False, True):
-        with pytest.raises(wdsbuild.RangesIgnored, match="ignores HTTP range requests"):
+        with pytest.raises(ranges.RangesIgnored, match="ignores HTTP range requests"):
             build(read_wds_index(tmp_path / "idx2"), tmp_path / "out2", BuildOptions(**OPTS, workers=1,
                                                                                        skip_bad=skip_bad))  # fmt: skip
-    from distpddm.data.foreign import ForeignPKDataset
-
-    with pytest.raises(wdsbuild.RangesIgnored, match="ignores HTTP range requests"):
+    with pytest.raises(ranges.RangesIgnored, match="ignores HTTP range requests"):
         next(iter(ForeignPKDataset(str(tmp_path / "idx2" / "train"), 2, 2, image_size=16)))
 
 

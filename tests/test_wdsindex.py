@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from distpddm.cli import main as cli
-from distpddm.data import wdsindex
+from distpddm.data import retry, wdsindex
 from distpddm.data.sources import SourcePlan, SplitPlan, carve
 from distpddm.data.wdsindex import (
     DamagedShardError,
@@ -358,7 +358,7 @@ def test_expand_braces():
 
 def test_transient_errors_are_retried_persistent_ones_not(source, monkeypatch):
     sleeps: list[float] = []
-    monkeypatch.setattr(wdsindex, "_sleep", sleeps.append)
+    monkeypatch.setattr(retry, "_sleep", sleeps.append)
     real = RangeReader._fetch
     failures = iter([ConnectionResetError("reset by peer"), TimeoutError("read timed out")])
 
@@ -371,7 +371,7 @@ def test_transient_errors_are_retried_persistent_ones_not(source, monkeypatch):
     monkeypatch.setattr(RangeReader, "_fetch", flaky)
     url = str(source / "in12k-train-0000.tar")
     got = wdsindex.index_shard(url)
-    assert sleeps == [wdsindex.RETRY_BASE_S, 2 * wdsindex.RETRY_BASE_S]
+    assert sleeps == [retry.RETRY_BASE_S, 2 * retry.RETRY_BASE_S]
     monkeypatch.setattr(RangeReader, "_fetch", real)
     assert got.keys == wdsindex.index_shard(url).keys
     with pytest.raises(FileNotFoundError):
@@ -462,7 +462,7 @@ def sent_bytes(log: Path) -> tuple[int, int]:
 
 
 def test_index_over_http_equals_local_and_skips_image_bytes(source, tmp_path, nginx, monkeypatch):
-    monkeypatch.setattr(wdsindex, "_sleep", lambda s: None)
+    monkeypatch.setattr(retry, "_sleep", lambda s: None)
     base, log = nginx
     options = IndexOptions(**LENIENT, workers=2)
     local = index_shards(str(source / PATTERN), tmp_path / "local", options)

@@ -16,7 +16,7 @@ import torch
 
 from ..dist import env_rank_and_world
 from .epochs import split_ranges
-from .stream import ShardSet, SkipCounter, _image_bytes, _label, _open, resolve_shards
+from .stream import ShardSet, SkipCounter, _image_bytes, _label, _open, resolve_shards, sample_spans
 from .tarindex import idx_name, load_shard_index, read_range
 from .transforms import eval_transform
 
@@ -77,7 +77,7 @@ class EvalDataset(torch.utils.data.IterableDataset):
             url = self.shards.urls[shard]
             try:
                 index = load_shard_index(idx_name(url))
-                f = _open(url)
+                f = _open(url, sample_spans(index, [(lo, hi)]))
             except (OSError, ValueError, KeyError) as e:
                 counter.skip(url, f"unreadable shard or index ({type(e).__name__}: {e})", hi - lo)
                 continue
@@ -110,7 +110,7 @@ def read_images(shards: ShardSet | str | Path, positions, size: int = 64) -> lis
         try:
             url = shards.urls[shard]
             index = load_shard_index(idx_name(url))
-            with _open(url) as f:
+            with _open(url, sample_spans(index, [(n, n + 1)])) as f:
                 _, sample = next(read_range(f, index, n, n + 1))
             if isinstance(sample, Exception):
                 raise sample

@@ -2,7 +2,7 @@
 
 Published releases (timm's ``imagenet-12k-wds``) spread every class thinly over every shard, so reading
 shards in order rarely gathers K images of P classes. :class:`ForeignPKDataset` reads class-aware instead: one
-image member at a time, by its byte range in the foreign tar (:func:`.wdsbuild.read_range`, through
+image member at a time, by its byte range in the foreign tar (:func:`.ranges.read_range`, through
 :class:`.wdsbuild.RangeFetcher`: ``open``/``seek``/``read`` locally, one ranged GET over fsspec).
 
 Per epoch, from the seed alone and the same on every rank: each class's samples are permuted and cut into
@@ -38,6 +38,8 @@ import torch
 from ..dist import env_rank_and_world
 from ..errors import CannotBatchError
 from .epochs import seed_sequence
+from .ranges import RangesIgnored
+from .retry import describe_error, is_read_error, is_transient
 from .stream import (
     Batch,
     BatchInfo,
@@ -45,17 +47,14 @@ from .stream import (
     ShardSet,
     SkipCounter,
     StreamState,
-    describe_error,
-    is_read_error,
-    is_transient,
     resolve_shards,
     stack_samples,
 )
 from .transforms import train_transform
-from .wdsbuild import RangeFetcher, RangesIgnored, member_fields, read_selection, shard_rows, shard_url
+from .wdsbuild import RangeFetcher, member_fields, read_selection, shard_rows, shard_url
 
 #: Image reads in flight per reader (threads of one loader worker).
-IN_FLIGHT = 16
+IN_FLIGHT = 32
 
 
 class ForeignSplit:
@@ -191,20 +190,37 @@ class EpochPlan:
         fetcher = RangeFetcher(split.urls, ds.in_flight)
         with fetcher.prefetch(self._source(int(i)) for i in todo.flat) as read:  # lazily: no list of N
             for index, row in enumerate(todo, start=skip):
-                samples, images = row.tolist(), []
-                for i in samples:
-                    try:
-                        data, _ = read(self._source(i))
-                    except Exception as e:
-                        if isinstance(e, RangesIgnored) or not (is_read_error(e) or isinstance(e, ValueError)):
-                            raise  # a server without ranges fails every read alike: the run stops, in one line
-                        counter.skip(self._where(i), f"unreadable ({describe_error(e)})",
-                                     unanswered=is_transient(e, self._where(i)))  # fmt: skip
-                        data = None
-                    images.append(data)
-                batch = self._make(index, samples, images, counter)
+                samples, rng = row.tolist(), self._rng(index)
+                # each image decoded as soon as it is read: the next ``in_flight`` reads run meanwhile
+                images = [self._image(i, read, rng, counter) for i in samples]
+                batch = self._make(index, samples, images)
                 if batch is not None:
                     yield batch
+
+    def _rng(self, index: int) -> random.Random:
+        ds = self.ds
+        return random.Random(
+            int(seed_sequence(ds.seed, self.epoch, self.reader, self.readers, 2, index).generate_state(1)[0])
+        )
+
+    def _image(self, i: int, read, rng: random.Random, counter: SkipCounter) -> torch.Tensor | None:
+        """Sample ``i``'s transformed image, or None (skipped and counted) when it does not read or decode."""
+        try:
+            raw, _ = read(self._source(i))
+        except Exception as e:
+            if isinstance(e, RangesIgnored) or not (is_read_error(e) or isinstance(e, ValueError)):
+                raise  # a server without ranges fails every read alike: the run stops, in one line
+            counter.skip(
+                self._where(i), f"unreadable ({describe_error(e)})", unanswered=is_transient(e, self._where(i))
+            )
+            return None
+        try:
+            img = self.ds.transform(raw, rng)
+        except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad sample
+            counter.skip(self._where(i), f"image does not decode ({type(e).__name__}: {e})")
+            return None
+        counter.ok()
+        return img
 
     def _source(self, i: int) -> str:
         """What :class:`.wdsbuild.RangeFetcher` reads: ``<shard>/<key>.<ext>@<offset>+<size>`` (the key and ext
@@ -216,22 +232,9 @@ class EpochPlan:
         split = self.ds.split
         return f"{split.urls[split.names[split.shard[i]]]}@{split.offset[i]} (sample {split.position[i]})"
 
-    def _make(self, index: int, samples: list[int], data: list[bytes | None], counter: SkipCounter) -> Batch | None:
+    def _make(self, index: int, samples: list[int], images: list[torch.Tensor | None]) -> Batch | None:
         ds, split = self.ds, self.ds.split
-        rng = random.Random(
-            int(seed_sequence(ds.seed, self.epoch, self.reader, self.readers, 2, index).generate_state(1)[0])
-        )
         labels = np.searchsorted(split.class_start, samples, side="right") - 1
-        images: list[torch.Tensor | None] = []
-        for i, raw in zip(samples, data, strict=True):
-            img = None
-            if raw is not None:
-                try:
-                    img = ds.transform(raw, rng)
-                    counter.ok()
-                except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad sample
-                    counter.skip(self._where(i), f"image does not decode ({type(e).__name__}: {e})")
-            images.append(img)
         keys = [int(split.position[i]) if img is not None else -1 for i, img in zip(samples, images, strict=True)]
         for n, img in enumerate(images):
             if img is None:  # keep the P x K shape: reuse another image of the same class

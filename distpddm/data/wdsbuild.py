@@ -6,7 +6,7 @@ from the index alone, and a reader that fetches each image by its byte range in 
 extracted: the plan's source of a sample is ``<shard>/<key>.<ext>@<offset>+<size>`` (the shard's file name, the
 sample's key and image field, and where the image member's bytes lie), and :class:`RangeFetcher` reads exactly
 those bytes -- ``open``/``seek``/``read`` for a local shard, one ranged GET through fsspec (``cat_file``) for an
-http(s) or s3 URL -- retrying transient errors with the training stream's rules (:func:`.stream.retry_after`).
+http(s) or s3 URL -- retrying transient errors with the training stream's rules (:func:`.retry.retry_after`).
 Images are then stored or re-encoded by the builder (:func:`.shards.encode_image`) like any other source's.
 
 Reads are issued in the builder's class-chunked order, ``in_flight`` at once per shard being written (threads:
@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DeterministicError
+from .ranges import read_range
 from .sources import SourceError, SourcePlan, SplitPlan
-from .stream import retry_after  # imported here, once: the builder's forked workers share it (and torch)
-from .wdsindex import INDEX, LAYOUT, read_full
+from .wdsindex import INDEX, LAYOUT
 
 KIND = "wds-index"
 #: Image reads in flight per shard being written (per builder worker process).
@@ -44,62 +43,6 @@ def parse_source(source: str) -> tuple[str, int, int, str]:
     offset, _, size = place.partition("+")
     shard, _, member = head.partition("/")
     return shard, int(offset), int(size), member.rpartition(".")[2]
-
-
-def _read_local(path: str, offset: int, size: int) -> bytes:
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        return read_full(f, size)
-
-
-class RangesIgnored(DeterministicError):
-    """The server sends whole files for range requests: reading one image would download its shard."""
-
-
-def _ranges_ignored(url: str) -> RangesIgnored:
-    return RangesIgnored(
-        f"{url}: the server ignores HTTP range requests (each image would download its whole shard): serve the "
-        "shards from one that honours Range, or build a local class-chunked copy"
-    )
-
-
-def _read_remote(url: str, offset: int, size: int) -> bytes:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)  # fsspec caches the filesystem: one session per process
-    if "http" in fs.protocol:  # fsspec's HTTPFile refuses a response that is no range before reading its body
-        try:  # size: a lower bound of the file's, so that opening costs no HEAD request
-            with fs.open(path, "rb", block_size=size, cache_type="none", size=offset + size) as f:
-                f.seek(offset)
-                return read_full(f, size)
-        except ValueError as e:
-            if "range requests" in str(e):
-                raise _ranges_ignored(url) from None
-            raise
-    return fs.cat_file(path, start=offset, end=offset + size)
-
-
-def read_range(url: str, offset: int, size: int) -> bytes:
-    """``size`` bytes at ``offset`` of a local file or an fsspec URL, transient errors retried (the stream's
-    rules and backoff). :class:`RangesIgnored` from a server that sends more than asked; ``ValueError`` when
-    the shard is shorter than the index says (it changed since it was indexed)."""
-    attempt = 0
-    while True:
-        try:
-            data = _read_remote(url, offset, size) if "://" in url else _read_local(url, offset, size)
-            break
-        except Exception as e:
-            if not retry_after(url, e, attempt):
-                raise
-            attempt += 1
-    if len(data) > size:
-        raise _ranges_ignored(url)
-    if len(data) < size:
-        raise ValueError(
-            f"{url}: {len(data)} bytes at {offset}, the index says {size}: the shard is shorter than when it was "
-            "indexed; index it again (`distpddm shards index`)"
-        )
-    return data
 
 
 class RangeFetcher:

@@ -21,7 +21,7 @@ Output, under ``OUT``:
   ``label``: which rows of which shard index, with the split's label). A reader locates every sample from
   these alone; ``layout`` tells the class-chunked stream of :mod:`.stream` that it cannot read the split.
 
-Damaged or truncated tars, and shards that stay unreadable after ``READ_RETRIES`` retries of a transient error
+Damaged or truncated tars, and shards that stay unreadable after :mod:`.retry`'s retries of a transient error
 (HTTP 5xx, a timeout, a reset connection), are named and skipped, and so are samples with no image, no or a bad
 ``cls``, or a ``json`` that does not decode; both are counted, and past ``max_bad_shards`` / ``max_bad`` the
 run stops (per-shard indexes written so far are kept for the rerun).
@@ -38,7 +38,6 @@ import math
 import os
 import re
 import tarfile
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -49,26 +48,24 @@ import numpy as np
 
 from ..durable import atomic_write_bytes, atomic_write_text
 from .images import IMAGE_EXTENSIONS
+from .ranges import read_full
+from .retry import retry_after
+from .shards import FOREIGN_LAYOUT, INDEX
 from .tarindex import BLOCK, idx_name
 
 log = logging.getLogger("distpddm.data")
 
-LAYOUT = "foreign"
-INDEX = "index.json"
+LAYOUT = FOREIGN_LAYOUT
 INDEX_VERSION = 1
 SHARD_INDEX_DIR = "shard-index"
 #: Bytes fetched with every header that is not already in hand: the sample's small members and the next header.
 WINDOW = 4096
-#: Transient read errors are retried this often, after waits of RETRY_BASE_S, doubled each time (as the stream).
-READ_RETRIES = 3
-RETRY_BASE_S = 0.5
 #: The largest ``cls`` or ``json`` member read; a bigger one is a damaged sample, not metadata.
 MAX_SMALL_MEMBER = 1 << 20
 #: Fields of a sample's ``json`` that may name its class, first found wins; else an ImageNet synset (wnid) that
 #: starts the basename of its ``filename`` field, as timm's releases record it.
 CLASS_NAME_FIELDS = ("class_name", "synset", "wnid", "class")
 _WNID_FILE = re.compile(r"(?:^|/)(n\d{8})_[^/]*$")
-_sleep = time.sleep  # tests replace it
 
 
 class DamagedShardError(ValueError):
@@ -123,27 +120,6 @@ def shard_urls(spec: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def is_transient(error: BaseException) -> bool:
-    """An error that may pass on a retry: a connection reset, a timeout, an HTTP 5xx or 429 -- looked for along
-    the exception's causes, as fsspec wraps a failed HEAD's 503 in a ``FileNotFoundError``. A 404, a missing
-    file or a refused permission is not."""
-    seen: BaseException | None = error
-    depth = 0
-    while seen is not None and depth < 8:
-        status = getattr(seen, "status", None)
-        if isinstance(status, int):
-            return status >= 500 or status == 429
-        if isinstance(seen, (TimeoutError, ConnectionError)):
-            return True
-        name = type(seen).__name__
-        if name in ("ClientPayloadError", "ServerDisconnectedError", "ClientConnectorError", "ClientOSError"):
-            return True
-        seen, depth = seen.__cause__ or seen.__context__, depth + 1
-    return isinstance(error, OSError) and not isinstance(
-        error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-    )
-
-
 class RangeReader:
     """Reads a shard at byte offsets through a small window: a read inside the bytes last fetched costs no
     request; any other fetches ``max(n, window)`` bytes from the offset. Local paths are read with ``open``;
@@ -191,25 +167,15 @@ class RangeReader:
             self._file = None
 
     def _retrying(self, fn: Callable[[], bytes | None]):
-        for attempt in range(READ_RETRIES + 1):
+        attempt = 0
+        while True:
             try:
                 return fn()
             except Exception as e:
-                if attempt >= READ_RETRIES or not is_transient(e):
+                if not retry_after(self.url, e, attempt):
                     raise
-                delay = RETRY_BASE_S * 2**attempt
-                log.warning(
-                    "%s: %s: %s; retry %d of %d in %.1f s",
-                    self.url,
-                    type(e).__name__,
-                    e,
-                    attempt + 1,
-                    READ_RETRIES,
-                    delay,
-                )
-                _sleep(delay)
+                attempt += 1
                 self.close()
-        raise AssertionError("unreachable")
 
     def read_at(self, pos: int, n: int) -> bytes:
         """``n`` bytes at ``pos`` (fewer at the end of the file)."""
@@ -253,18 +219,6 @@ class RangeReader:
     def _count(self, data: bytes) -> None:
         self.requests += 1
         self.bytes_read += len(data)
-
-
-def read_full(f, n: int) -> bytes:
-    """``n`` bytes, or fewer only at the end of the file (a stream or a raw file may return less per read)."""
-    parts = []
-    while n > 0:
-        part = f.read(n)
-        if not part:
-            break
-        parts.append(part)
-        n -= len(part)
-    return b"".join(parts)
 
 
 # ------------------------------------------------------------------------------------------- tar headers

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..data.stream import READ_RETRIES, RETRY_BASE_S, StreamState
+from ..data.retry import READ_RETRIES, RETRY_BASE_S
+from ..data.stream import StreamState
 from ..dist import agree, any_rank, barrier, broadcast_object, rank_and_world
 from ..durable import atomic_write_text, commit_dir, fsync_file
 from ..errors import ConfigError, DeterministicError

@@ -1,0 +1,175 @@
+"""Byte ranges of shards, local or behind any fsspec URL: one range at a time (:func:`read_range`, the
+pre-shuffled reader's single images) or a shard's run of samples read ahead (:class:`ReadAhead`, the
+class-chunked readers').
+
+A remote store is far away: a request costs a round trip (tens of ms to an object store) before its first
+byte, so a reader that asks for the next block only when it needs it waits a round trip per block. ReadAhead
+cuts the bytes the caller will read into parts and keeps ``depth`` ranged GETs of them in flight; it fetches
+only those bytes (no block past the end of a run), and holds at most ``depth`` parts.
+"""
+
+from __future__ import annotations
+
+import bisect
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from ..errors import DeterministicError
+from .retry import retry_after
+
+#: Read-ahead of a run of samples: bytes per ranged GET, and GETs in flight (so ~8 MiB held per open run).
+PART_BYTES = 1 << 20
+DEPTH = 8
+
+
+class RangesIgnored(DeterministicError):
+    """The server sends whole files for range requests: reading one image would download its shard."""
+
+
+def _ranges_ignored(url: str) -> RangesIgnored:
+    return RangesIgnored(
+        f"{url}: the server ignores HTTP range requests (each image would download its whole shard): serve the "
+        "shards from one that honours Range, or build a local class-chunked copy"
+    )
+
+
+def read_full(f, n: int) -> bytes:
+    """``n`` bytes, or fewer only at the end of the file (a stream or a raw file may return less per read)."""
+    parts = []
+    while n > 0:
+        chunk = f.read(n)
+        if not chunk:
+            break
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def _read_local(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        return read_full(f, size)
+
+
+def _read_remote(url: str, offset: int, size: int) -> bytes:
+    """One ranged GET (no HEAD); more bytes than asked only from a store that ignores ranges."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)  # fsspec caches the filesystem: one session per process
+    if "http" in fs.protocol:  # fsspec's HTTPFile refuses a response that is no range before reading its body
+        try:  # size: a lower bound of the file's, so that opening costs no HEAD request
+            with fs.open(path, "rb", block_size=size, cache_type="none", size=offset + size) as f:
+                f.seek(offset)
+                return read_full(f, size)
+        except ValueError as e:
+            if "range requests" in str(e):
+                raise _ranges_ignored(url) from None
+            raise
+    return fs.cat_file(path, start=offset, end=offset + size)
+
+
+def fetch(url: str, offset: int, size: int) -> bytes:
+    """Up to ``size`` bytes at ``offset`` (fewer at the end of the file), no retry: the caller's policy
+    applies. :class:`RangesIgnored` when a server sends more than asked."""
+    data = _read_remote(url, offset, size) if "://" in url else _read_local(url, offset, size)
+    if len(data) > size:
+        raise _ranges_ignored(url)
+    return data
+
+
+def read_range(url: str, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` of a local file or an fsspec URL, transient errors retried (:mod:`.retry`).
+    :class:`RangesIgnored` from a server that sends more than asked; ``ValueError`` when the shard is shorter
+    than the index says (it changed since it was indexed)."""
+    attempt = 0
+    while True:
+        try:
+            data = fetch(url, offset, size)
+            break
+        except RangesIgnored:
+            raise
+        except Exception as e:
+            if not retry_after(url, e, attempt):
+                raise
+            attempt += 1
+    if len(data) < size:
+        raise ValueError(
+            f"{url}: {len(data)} bytes at {offset}, the index says {size}: the shard is shorter than when it was "
+            "indexed; index it again (`distpddm shards index`)"
+        )
+    return data
+
+
+class ReadAhead:
+    """A read-only file over the byte ``spans`` ([start, end) pairs, ascending, disjoint) of a remote shard, for
+    a reader that seeks to a span and reads on: ``depth`` parts of at most ``part`` bytes are fetched ahead of
+    the position, in threads. A read outside the spans is one direct fetch. Errors (a failed GET) are raised by
+    the ``read`` that needs the part, and the part is fetched again on the next read: retrying is the caller's."""
+
+    def __init__(self, url: str, spans: list[tuple[int, int]], part: int = PART_BYTES, depth: int = DEPTH):
+        if part < 1 or depth < 1:
+            raise ValueError(f"part and depth must be >= 1, got {part}, {depth}")
+        self.url, self.depth = url, depth
+        self.parts: list[tuple[int, int]] = [
+            (a, min(a + part, end)) for start, end in spans for a in range(start, end, part)
+        ]
+        self._starts = [a for a, _ in self.parts]
+        self._pool = ThreadPoolExecutor(depth, thread_name_prefix="read-ahead")
+        self._futures: dict[int, Future] = {}
+        self.pos = self.parts[0][0] if self.parts else 0
+
+    def _part_at(self, pos: int) -> int | None:
+        k = bisect.bisect_right(self._starts, pos) - 1
+        return k if k >= 0 and pos < self.parts[k][1] else None
+
+    def _get(self, k: int) -> bytes:
+        for j in [j for j in self._futures if j < k or j >= k + self.depth]:  # behind us, or a seek away
+            self._futures.pop(j).cancel()
+        for j in range(k, min(k + self.depth, len(self.parts))):
+            if j not in self._futures:
+                a, b = self.parts[j]
+                self._futures[j] = self._pool.submit(fetch, self.url, a, b - a)
+        try:
+            return self._futures[k].result()
+        except BaseException:
+            self._futures.pop(k, None)  # asked again, fetched again
+            raise
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise ValueError("ReadAhead seeks to absolute positions only")
+        self.pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int) -> bytes:
+        out = []
+        while n > 0:
+            k = self._part_at(self.pos)
+            if k is None:
+                data = fetch(self.url, self.pos, n)
+                out.append(data)
+                self.pos += len(data)
+                break
+            a, b = self.parts[k]
+            data = self._get(k)
+            piece = data[self.pos - a : self.pos - a + n]
+            out.append(piece)
+            self.pos += len(piece)
+            n -= len(piece)
+            if len(data) < b - a and self.pos >= a + len(data):  # the file ends inside this part
+                break
+        return b"".join(out)
+
+    def close(self) -> None:
+        for f in self._futures.values():
+            f.cancel()
+        self._futures.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

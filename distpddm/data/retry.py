@@ -1,0 +1,97 @@
+"""Which read errors of a shard, its index or a checkpoint may pass on a retry, and the one backoff every
+reader uses (the class-chunked stream, the eval reader, the in-place indexer and the ranged image reads):
+waits of ``RETRY_BASE_S`` doubled at each of ``READ_RETRIES`` retries. Module constants, so that tests can make
+them small."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Iterator
+
+log = logging.getLogger("distpddm.data")
+
+
+#: How often a read error that may pass is retried before its samples are counted as skipped, and the first
+#: wait (doubled at every retry: 0.5, 1, 2, 4, 8 s; 15.5 s in all, past a store's usual 503 burst -- the fault
+#: bench's server answers 503 for 10 s). Module constants, so that tests can make them small.
+READ_RETRIES = 5
+RETRY_BASE_S = 0.5
+#: OSErrors that say the file is not there or not ours to read: a retry would find the same.
+PERSISTENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_sleep = time.sleep  # tests replace it
+
+
+def _aiohttp():
+    """aiohttp, if something (fsspec's HTTP filesystem) imported it: else none of its errors can be raised."""
+    return sys.modules.get("aiohttp")
+
+
+def _http_error(error: BaseException) -> bool:
+    """An error of aiohttp's client or an asyncio timeout: fsspec's HTTP filesystem raises them as they are,
+    and most are no ``OSError``."""
+    aiohttp = _aiohttp()
+    return isinstance(error, asyncio.TimeoutError) or (aiohttp is not None and isinstance(error, aiohttp.ClientError))
+
+
+def _transient_http(error: BaseException) -> bool:
+    """A server's or connection's failure, not the request's: 5xx or 429, a reset or dropped connection, a
+    truncated body, a timeout. A 404 or 403, a bad URL, a bad certificate are not."""
+    aiohttp = _aiohttp()
+    if aiohttp is not None and isinstance(error, aiohttp.ClientError):
+        if isinstance(error, aiohttp.ClientResponseError):
+            return error.status >= 500 or error.status == 429
+        if isinstance(error, (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch)):
+            return False
+        return isinstance(error, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError))
+    return isinstance(error, (asyncio.TimeoutError, TimeoutError, ConnectionError))
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """What ``error`` was raised from or while handling, nearest first (a bounded walk: chains can loop)."""
+    seen = error.__cause__ or error.__context__
+    for _ in range(8):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def is_transient(error: BaseException, url: str) -> bool:
+    """May a retry of this read error of ``url`` succeed? An ``OSError`` but the persistent ones; an HTTP error
+    of :func:`_transient_http`; and, for a remote URL, a ``FileNotFoundError`` raised from one: fsspec's HTTP
+    filesystem reports a 503 to a file's HEAD and GET so (a real 404 is raised from the 404, and not retried)."""
+    aiohttp = _aiohttp()
+    if aiohttp is not None and isinstance(error, aiohttp.ClientError):
+        return _transient_http(error)
+    if isinstance(error, FileNotFoundError):
+        remote = "://" in url and not url.startswith("file://")
+        return remote and any(_transient_http(e) for e in _causes(error))
+    if isinstance(error, OSError):
+        return not isinstance(error, PERSISTENT_ERRORS)
+    return isinstance(error, asyncio.TimeoutError)  # no OSError before Python 3.11
+
+
+def is_read_error(error: BaseException) -> bool:
+    """An error of reading a shard or its index (then counted as skipped when it stays), not a bug's."""
+    return isinstance(error, OSError) or _http_error(error)
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: message``, and the HTTP error behind it (fsspec's ``FileNotFoundError`` names only the URL)."""
+    text = f"{type(error).__name__}: {error}"
+    cause = next((e for e in _causes(error) if _http_error(e)), None)
+    return text if cause is None else f"{text}, from {type(cause).__name__}: {cause}"
+
+
+def retry_after(where: str, error: BaseException, attempt: int) -> bool:
+    """Wait before retry ``attempt + 1`` of a read error of ``where`` (a URL; logged once, naming it and the
+    error); False, without waiting, when the error does not pass (:func:`is_transient`) or the retries are spent."""
+    if not is_transient(error, where) or attempt >= READ_RETRIES:
+        return False
+    delay = RETRY_BASE_S * 2**attempt
+    log.warning("%s: %s; retry %d of %d in %.1f s", where, describe_error(error), attempt + 1, READ_RETRIES, delay)
+    _sleep(delay)
+    return True

@@ -1,0 +1,110 @@
+"""Byte ranges of shards (distpddm/data/ranges.py): ReadAhead gives exactly a plain file's bytes, fetches only
+the spans asked for, keeps several parts in flight, and leaves retrying to its caller."""
+
+import threading
+import time
+
+import pytest
+
+from distpddm.data import ranges
+from distpddm.data.ranges import RangesIgnored, ReadAhead, fetch
+
+
+@pytest.fixture
+def blob(tmp_path):
+    data = bytes(range(256)) * 40  # 10,240 bytes
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    return str(path), data
+
+
+def _spy(monkeypatch, delay=0.0):
+    """Records every fetch (offset, size) and the most fetches running at once."""
+    calls, lock, state = [], threading.Lock(), {"now": 0, "most": 0}
+    real = ranges.fetch
+
+    def spy(url, offset, size):
+        with lock:
+            calls.append((offset, size))
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            time.sleep(delay)
+            return real(url, offset, size)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(ranges, "fetch", spy)
+    return calls, state
+
+
+def test_reads_equal_a_plain_file_across_parts_and_spans(blob, monkeypatch):
+    path, data = blob
+    calls, _ = _spy(monkeypatch)
+    spans = [(100, 2100), (3000, 3001), (5000, 10240)]
+    with ReadAhead(path, spans, part=700, depth=3) as f:
+        f.seek(100)
+        assert f.read(1500) == data[100:1600] and f.tell() == 1600
+        assert f.read(500) == data[1600:2100]
+        f.seek(3000)
+        assert f.read(1) == data[3000:3001]
+        f.seek(5000)
+        got = b"".join(f.read(min(333, 10240 - f.tell())) for _ in range(16))  # a reader stops at the span's end
+    assert got == data[5000:]
+    inside = [(o, s) for o, s in calls if any(a <= o and o + s <= b for a, b in spans)]
+    assert inside == sorted(set(inside))  # each part fetched once, none outside the spans
+    assert sum(s for _, s in calls) == sum(b - a for a, b in spans)
+    assert max(s for _, s in calls) <= 700
+
+
+def test_parts_are_fetched_ahead_in_flight(blob, monkeypatch):
+    path, data = blob
+    _, state = _spy(monkeypatch, delay=0.05)
+    with ReadAhead(path, [(0, len(data))], part=1024, depth=4) as f:
+        assert f.read(len(data)) == data
+    assert state["most"] == 4
+
+
+def test_a_read_outside_the_spans_and_past_the_end(blob, monkeypatch):
+    path, data = blob
+    calls, _ = _spy(monkeypatch)
+    with ReadAhead(path, [(0, 100)], part=64) as f:
+        f.seek(9000)
+        assert f.read(50) == data[9000:9050] and calls[-1] == (9000, 50)  # one direct fetch
+        f.seek(10200)
+        assert f.read(100) == data[10200:]  # fewer bytes at the end of the file
+    with ReadAhead(path, [(10000, 10300)], part=64) as f:  # the index says more than the file holds
+        f.seek(10000)
+        assert f.read(300) == data[10000:]
+
+
+def test_a_failed_part_raises_in_the_read_and_is_fetched_again(blob, monkeypatch):
+    path, data = blob
+    real, failures = ranges.fetch, [ConnectionResetError("reset by peer")]
+
+    def flaky(url, offset, size):
+        if offset == 200 and failures:
+            raise failures.pop()
+        return real(url, offset, size)
+
+    monkeypatch.setattr(ranges, "fetch", flaky)
+    with ReadAhead(path, [(0, 1000)], part=100, depth=4) as f:
+        assert f.read(200) == data[:200]
+        with pytest.raises(ConnectionResetError):
+            f.read(100)
+        f.seek(200)  # the caller's retry, from where it failed
+        assert f.read(800) == data[200:1000]
+
+
+def test_a_server_that_sends_more_than_asked_is_refused(monkeypatch):
+    monkeypatch.setattr(ranges, "_read_remote", lambda url, offset, size: b"x" * (size + 10))
+    with pytest.raises(RangesIgnored, match="ignores HTTP range requests"):
+        fetch("http://store/shard.tar", 0, 10)
+
+
+def test_arguments_are_checked(blob):
+    with pytest.raises(ValueError, match="part and depth"):
+        ReadAhead(blob[0], [(0, 10)], part=0)
+    with ReadAhead(blob[0], [(0, 10)]) as f, pytest.raises(ValueError, match="absolute"):
+        f.seek(1, 1)
