@@ -122,3 +122,13 @@ def test_tiny_end_to_end_run_writes_a_record(tmp_path):
     assert len(record["commit"]) == 40 and isinstance(record["dirty"], bool)
     assert record["training"]["step"] == 5 and record["wall_s"] > 0
     assert record["metrics"]["recall@1"] == record["recall@1"]
+
+
+def test_clipart_eval_splits_are_capped_per_class_by_a_draw_of_the_class_alone():
+    images = [Path(f"/x/{n:03d}.png") for n in range(300)]
+    kept = build.capped(images, build.CLIPART_EVAL_CAP, "shapes__stars")
+    assert len(kept) == build.CLIPART_EVAL_CAP and kept == sorted(kept) and set(kept) <= set(images)
+    assert kept == build.capped(images, build.CLIPART_EVAL_CAP, "shapes__stars")  # reproducible
+    assert kept != build.capped(images, build.CLIPART_EVAL_CAP, "animals__cats")  # seeded by the class
+    assert build.capped(images[:12], build.CLIPART_EVAL_CAP, "small") == images[:12]  # small classes kept whole
+    assert build.capped(images, None, "train") == images
