@@ -285,6 +285,47 @@ def parse_holdout(spec: str | None) -> float | list[str] | None:
     return fraction
 
 
+def choose_holdout(
+    classes: list[str], holdout: float | list[str], rng: np.random.Generator, carving: dict
+) -> list[int]:
+    """The held-out classes' positions in ``classes`` (sorted): a fraction drawn from ``rng``, or the names
+    given. One function for the builder and the in-place indexer, so both carve alike from the same seed."""
+    if isinstance(holdout, float):
+        n_held = int(round(holdout * len(classes)))
+        if not 1 <= n_held < len(classes):
+            raise SourceError(
+                f"--holdout-classes {holdout} of {len(classes)} classes holds out {n_held}: "
+                "need at least one, and at least one left to train on"
+            )
+        carving["holdout_fraction"] = holdout
+        return sorted(rng.choice(len(classes), n_held, replace=False).tolist())
+    position = {c: n for n, c in enumerate(classes)}
+    unknown = [c for c in holdout if c not in position]
+    if unknown:
+        raise SourceError(
+            f"--holdout-classes names {len(unknown)} class(es) the train split does not have: {', '.join(unknown[:5])}"
+        )
+    held = sorted({position[c] for c in holdout})
+    if len(held) == len(classes):
+        raise SourceError("--holdout-classes names every class: none would be left to train on")
+    return held
+
+
+def choose_val(labels: np.ndarray, n_classes: int, val_per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Which samples go to ``val``: ``min(val_per_class, n // 2)`` drawn from each class of n samples."""
+    if val_per_class < 1:
+        raise SourceError(f"--val-per-class must be >= 1, got {val_per_class}")
+    to_val = np.zeros(len(labels), dtype=bool)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(n_classes + 1))
+    for c in range(n_classes):
+        members = order[bounds[c] : bounds[c + 1]]
+        take = min(val_per_class, len(members) // 2)
+        if take:
+            to_val[rng.choice(members, take, replace=False)] = True
+    return to_val
+
+
 def carve(
     plan: SourcePlan, val_per_class: int | None = None, holdout: float | list[str] | None = None, seed: int = 0
 ) -> SourcePlan:
@@ -304,26 +345,7 @@ def carve(
         for name in ("holdout",):
             if name in splits:
                 raise SourceError(f"the source already has a {name!r} split; do not carve another")
-        if isinstance(holdout, float):
-            n_held = int(round(holdout * len(train.classes)))
-            if not 1 <= n_held < len(train.classes):
-                raise SourceError(
-                    f"--holdout-classes {holdout} of {len(train.classes)} classes holds out {n_held}: "
-                    "need at least one, and at least one left to train on"
-                )
-            held = sorted(rng.choice(len(train.classes), n_held, replace=False).tolist())
-            carving["holdout_fraction"] = holdout
-        else:
-            position = {c: n for n, c in enumerate(train.classes)}
-            unknown = [c for c in holdout if c not in position]
-            if unknown:
-                raise SourceError(
-                    f"--holdout-classes names {len(unknown)} class(es) the train split does not have: "
-                    f"{', '.join(unknown[:5])}"
-                )
-            held = sorted({position[c] for c in holdout})
-            if len(held) == len(train.classes):
-                raise SourceError("--holdout-classes names every class: none would be left to train on")
+        held = choose_holdout(train.classes, holdout, rng, carving)
         held_classes = [train.classes[n] for n in held]
         position = {c: n for n, c in enumerate(held_classes)}
         held_parts = []
@@ -342,18 +364,9 @@ def carve(
         carving["holdout_classes"] = len(held_classes)
         train = splits["train"]
     if val_per_class is not None:
-        if val_per_class < 1:
-            raise SourceError(f"--val-per-class must be >= 1, got {val_per_class}")
         if "val" in splits:
             raise SourceError("the source already has a val split; --val-per-class carves one only where none is")
-        to_val = np.zeros(len(train), dtype=bool)
-        order = np.argsort(train.labels, kind="stable")
-        bounds = np.searchsorted(train.labels[order], np.arange(len(train.classes) + 1))
-        for c in range(len(train.classes)):
-            members = order[bounds[c] : bounds[c + 1]]
-            take = min(val_per_class, len(members) // 2)
-            if take:
-                to_val[rng.choice(members, take, replace=False)] = True
+        to_val = choose_val(train.labels, len(train.classes), val_per_class, rng)
         splits["val"] = train.take(np.flatnonzero(to_val))
         splits["train"] = train.take(np.flatnonzero(~to_val))
         carving["val_per_class"] = val_per_class

@@ -563,7 +563,7 @@ def carve_rows(
     """The builder's carving (:func:`.sources.carve`: the same draws from the same seed give the same
     classes and images) on label arrays: held-out classes into ``holdout``, then ``val_per_class`` images of
     each remaining class into ``val`` (at most half of a class). Returns the splits and the carving record."""
-    from .sources import SourceError
+    from .sources import SourceError, choose_holdout, choose_val
 
     splits = {name: split}
     carving: dict = {}
@@ -574,25 +574,7 @@ def carve_rows(
     train = split
     n_classes = len(train.classes)
     if holdout is not None:
-        if isinstance(holdout, float):
-            n_held = int(round(holdout * n_classes))
-            if not 1 <= n_held < n_classes:
-                raise SourceError(
-                    f"--holdout-classes {holdout} of {n_classes} classes holds out {n_held}: need at least one, "
-                    "and at least one left to train on"
-                )
-            held = sorted(rng.choice(n_classes, n_held, replace=False).tolist())
-            carving["holdout_fraction"] = holdout
-        else:
-            position = {c: n for n, c in enumerate(train.classes)}
-            unknown = [c for c in holdout if c not in position]
-            if unknown:
-                raise SourceError(
-                    f"--holdout-classes names {len(unknown)} class(es) not in the split: {', '.join(unknown[:5])}"
-                )
-            held = sorted({position[c] for c in holdout})
-            if len(held) == n_classes:
-                raise SourceError("--holdout-classes names every class: none would be left to train on")
+        held = choose_holdout(train.classes, holdout, rng, carving)
         to_held = np.full(n_classes, -1)
         to_held[held] = np.arange(len(held))
         is_held = to_held >= 0
@@ -606,18 +588,9 @@ def carve_rows(
         splits[name] = train
         carving["holdout_classes"] = len(held)
     if val_per_class is not None:
-        if val_per_class < 1:
-            raise SourceError(f"--val-per-class must be >= 1, got {val_per_class}")
         if name == "val":
             raise SourceError("the split is already named val; --val-per-class carves a val split out of another")
-        to_val = np.zeros(len(train.rows), dtype=bool)
-        order = np.argsort(train.labels, kind="stable")
-        bounds = np.searchsorted(train.labels[order], np.arange(len(train.classes) + 1))
-        for c in range(len(train.classes)):
-            members = order[bounds[c] : bounds[c + 1]]
-            take = min(val_per_class, len(members) // 2)
-            if take:
-                to_val[rng.choice(members, take, replace=False)] = True
+        to_val = choose_val(train.labels, len(train.classes), val_per_class, rng)
         splits["val"] = SplitRows(train.rows[to_val], train.classes, train.labels[to_val])
         splits[name] = SplitRows(train.rows[~to_val], train.classes, train.labels[~to_val])
         carving["val_per_class"] = val_per_class
