@@ -128,14 +128,14 @@ def _eval_worker(config: dict) -> None:
 
 
 def _embed_part(config: dict, rank: int, world: int, device: torch.device) -> None:
-    from .data.evalset import EvalDataset
+    from .data.evalset import eval_dataset
     from .extract import embed_split, part_path
     from .model import load_exported
 
     net = load_exported(config["model"]).to(device)
     if config.get("bf16"):
         net.backbone_dtype = torch.bfloat16
-    dataset = EvalDataset(
+    dataset = eval_dataset(
         config["shards"], config["image_size"], config["max_skip_rate"], limit=config["limit"], rank=rank, world=world
     )
     part = embed_split(
@@ -174,12 +174,7 @@ def extract(
     if "://" not in str(shards):  # Ray workers start in other directories, and source.json outlives the cwd
         shards = str(Path(shards).expanduser().resolve())
     split = resolve_shards(shards)
-    if split.foreign:
-        raise EvalError(
-            f"{shards}: a pre-shuffled split indexed in place; evaluation reads class-chunked splits: build one "
-            "with `distpddm shards build --source wds-index`"
-        )
-    if split.counts is None:
+    if split.counts is None and not split.foreign:
         raise EvalError(f"{shards}: not a split folder with index.json (build it with `distpddm shards build`)")
     size = image_size or exported_image_size(model)
     if size is None:

@@ -41,14 +41,14 @@ class Validator:
 def validate(cfg, net: nn.Module, device: torch.device, ks=VAL_KS) -> dict[str, float]:
     """``val_recall@K``, ``val_r_precision``, ``val_map@r`` and ``val_images``; a collective: every rank calls
     it, and a split one rank cannot read stops every rank together (:func:`~.dist.agree`)."""
-    from .data.evalset import EvalDataset
+    from .data.evalset import eval_dataset
     from .extract import embed_split
     from .retrieval import finish_sums, retrieval_sums
 
     rank, world = rank_and_world()
     part, error = None, None
     try:
-        dataset = EvalDataset(
+        dataset = eval_dataset(
             cfg.data.val_shards,
             cfg.data.image_size,
             cfg.data.max_skip_rate,

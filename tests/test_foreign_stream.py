@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 import threading
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from distpddm.data import wdsbuild
 from distpddm.data.foreign import EpochPlan, ForeignPKDataset
@@ -39,10 +41,10 @@ def reads(monkeypatch):
     """Every range read, as (url, offset)."""
     seen, lock, real = [], threading.Lock(), wdsbuild.read_range
 
-    def spy(url, offset, size):
+    def spy(url, offset, size, stop=None):
         with lock:
             seen.append((url, offset))
-        return real(url, offset, size)
+        return real(url, offset, size, stop)
 
     monkeypatch.setattr(wdsbuild, "read_range", spy)
     return seen
@@ -118,7 +120,9 @@ def test_a_bad_image_is_replaced_within_its_class_and_counted(split, monkeypatch
     i = np.flatnonzero(ds.split.position == bad_key)[0]
     bad = (ds.split.urls[ds.split.names[ds.split.shard[i]]], ds.split.offset[i])
     real = wdsbuild.read_range
-    monkeypatch.setattr(wdsbuild, "read_range", lambda u, o, s: b"not an image" if (u, o) == bad else real(u, o, s))
+    monkeypatch.setattr(
+        wdsbuild, "read_range", lambda u, o, s, stop=None: b"not an image" if (u, o) == bad else real(u, o, s)
+    )
     counter = SkipCounter()
     again = list(EpochPlan(ds, 0, 0, 1, 0).run(0, counter))
     assert counter.skipped == 1 and "does not decode" in caplog.text
@@ -154,10 +158,45 @@ def test_train_runs_on_a_foreign_split(split, tmp_path):
     assert saved["layout"]["reads"] == "foreign" and saved["positions"] == {"0": [0, 3]}
 
 
-def test_evaluation_refuses_a_foreign_split_saying_how_to_build_one(split, tmp_path):
-    """Evaluation embeds every sample once, in class-chunked order: a foreign split is named as such, with the
-    command that builds what it reads."""
-    from distpddm.evaluate import EvalError, extract
+def test_eval_reads_every_sample_once_across_ranks_and_workers(split, reads):
+    from distpddm.data.evalset import eval_dataset, read_images
+    from distpddm.data.foreign import ForeignEvalDataset
+    from distpddm.data.wdsbuild import read_selection
 
-    with pytest.raises(EvalError, match=r"pre-shuffled split indexed in place.*shards build --source wds-index"):
-        extract(tmp_path / "model.pt", str(split), tmp_path / "out")
+    _, shard_of, row_of, label_of = read_selection(split)
+    got = []
+    for rank in range(2):
+        ds = eval_dataset(str(split), 16, rank=rank, world=2)
+        assert isinstance(ds, ForeignEvalDataset) and ds.samples == SHARDS * PER_SHARD
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        got += [(int(position), int(label), key, img.shape) for img, label, position, key in loader]
+    positions = sorted(p for p, *_ in got)
+    assert positions == list(range(SHARDS * PER_SHARD))  # each once, across 2 ranks x 2 loader workers
+    assert all(label == label_of[p] and shape == (3, 16, 16) for p, label, _, shape in got)
+    keys = {p: key for p, _, key, _ in got}
+    with tarfile.open(Path(ForeignEvalDataset(str(split)).split.urls[f"wds-{shard_of[7]:04d}.tar"])) as tar:
+        names = [m.name for m in tar.getmembers()]
+    assert any(name.startswith(keys[7] + ".") for name in names)  # the key is the sample's tar key
+    assert not reads  # the loader workers read (in their processes); here, one reader in this one:
+    assert len(list(ForeignEvalDataset(str(split), 16))) == SHARDS * PER_SHARD
+    assert len(reads) == len(set(reads)) == SHARDS * PER_SHARD  # one range read per image, none twice
+    assert ForeignEvalDataset(str(split), 16, limit=10).samples == 10
+    thumbs = read_images(str(split), [0, 7])
+    assert all(t is not None and max(t.size) <= 64 for t in thumbs)
+
+
+def test_eval_runs_on_a_foreign_split(split, tmp_path, capsys):
+    """`distpddm eval` on a split indexed in place: the same command as for a built one, its report included."""
+    from distpddm.cli import main
+    from distpddm.loss import PDDMLoss
+    from distpddm.model import ModelConfig, create_model, export_model
+
+    torch.manual_seed(0)
+    export_model(create_model(ModelConfig(embed_dim=16, small_cnn_width=8)), tmp_path / "model.pt",
+                 criterion=PDDMLoss(16), image_size=16)  # fmt: skip
+    out = tmp_path / "eval"
+    assert main(["eval", str(tmp_path / "model.pt"), "--shards", str(split), "--out", str(out), "--local",
+                 "--loader-workers", "0", "--quiet"]) == 0  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == SHARDS * PER_SHARD and 0 <= metrics["recall@1"] <= 1
+    assert sorted(np.load(out / "positions.npy").tolist()) == list(range(SHARDS * PER_SHARD))

@@ -108,3 +108,18 @@ def test_arguments_are_checked(blob):
         ReadAhead(blob[0], [(0, 10)], part=0)
     with ReadAhead(blob[0], [(0, 10)]) as f, pytest.raises(ValueError, match="absolute"):
         f.seek(1, 1)
+
+
+def test_a_stopped_consumer_ends_the_retries_of_reads_in_flight(monkeypatch):
+    stop, calls = threading.Event(), []
+
+    def down(url, offset, size):
+        calls.append(offset)
+        stop.set()  # the consumer goes while this read fails
+        raise ConnectionResetError("reset by peer")
+
+    monkeypatch.setattr(ranges, "fetch", down)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        ranges.read_range("http://store/shard.tar", 0, 10, stop)
+    assert calls == [0] and time.monotonic() - t0 < 0.4  # no wait, no second try

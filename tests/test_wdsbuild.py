@@ -207,6 +207,7 @@ def test_build_over_http_equals_local(source, tmp_path, nginx, monkeypatch):
         for where in ("local", "idx")
     )
     assert len(local) == 4 and all(_same(x, y) for x, y in zip(local, remote, strict=True))
+    assert base in ranges._RANGES_HONOURED  # checked once per folder; later reads are plain ranged GETs
 
     # A server that ignores ranges would send a whole shard for every image: refused at the first image, before
     # its body is read, by the builder (also with --skip-bad) and by training's reader alike, naming why.
@@ -217,6 +218,40 @@ def test_build_over_http_equals_local(source, tmp_path, nginx, monkeypatch):
                                                                                        skip_bad=skip_bad))  # fmt: skip
     with pytest.raises(ranges.RangesIgnored, match="ignores HTTP range requests"):
         next(iter(ForeignPKDataset(str(tmp_path / "idx2" / "train"), 2, 2, image_size=16)))
+    assert f"{base}/noranges" not in ranges._RANGES_HONOURED
+
+
+def test_a_shard_changed_since_it_was_indexed_is_named(source, tmp_path, nginx):
+    """Offsets into a changed shard would read the wrong bytes: its size, or its store's ETag, is checked when
+    the split is opened (nginx's ETag holds the file's mtime and size)."""
+    import os
+
+    from distpddm.data.foreign import ForeignPKDataset
+    from distpddm.data.sources import SourceError
+
+    base, _ = nginx
+    index_shards(f"{base}/{PATTERN}", tmp_path / "idx", IndexOptions(progress=False))
+    split = tmp_path / "idx" / "train"
+    shard = json.loads((split / "index.json").read_text())["shards"][1]
+    assert shard["etag"] and shard["bytes"] == (source / shard["name"]).stat().st_size
+    ForeignPKDataset(str(split), 2, 2, image_size=16)  # as indexed: it opens
+    path, st = source / shard["name"], (source / shard["name"]).stat()
+    os.utime(path, (st.st_atime, st.st_mtime + 100))  # rewritten in place, same size
+    try:
+        with pytest.raises(SourceError, match=rf"{shard['name']} has ETag .*, .* when it was indexed: index it"):
+            ForeignPKDataset(str(split), 2, 2, image_size=16)
+        with pytest.raises(SourceError, match="has ETag"):
+            read_wds_index(tmp_path / "idx")  # and the builder's reader
+    finally:
+        os.utime(path, (st.st_atime, st.st_mtime))
+    index_shards(str(source / PATTERN), tmp_path / "local", IndexOptions(progress=False))
+    local = tmp_path / "local" / "train"
+    (source / "in12k-train-0000.tar").rename(tmp_path / "moved.tar")
+    try:
+        with pytest.raises(SourceError, match=r"in12k-train-0000.tar of .*FileNotFoundError"):
+            ForeignPKDataset(str(local), 2, 2, image_size=16)
+    finally:
+        (tmp_path / "moved.tar").rename(source / "in12k-train-0000.tar")
 
 
 def test_reads_are_in_flight_together_and_in_the_builders_order(indexed, tmp_path, monkeypatch):
@@ -226,7 +261,7 @@ def test_reads_are_in_flight_together_and_in_the_builders_order(indexed, tmp_pat
     real, lock = wdsbuild.read_range, threading.Lock()
     running, most, order = [0], [0], []
 
-    def slow(url, offset, size):
+    def slow(url, offset, size, stop=None):
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
@@ -234,7 +269,7 @@ def test_reads_are_in_flight_together_and_in_the_builders_order(indexed, tmp_pat
         time.sleep(0.01)
         with lock:
             running[0] -= 1
-        return real(url, offset, size)
+        return real(url, offset, size, stop)
 
     monkeypatch.setattr(wdsbuild, "read_range", slow)
     plan = read_wds_index(indexed / "train", in_flight=4)

@@ -8,6 +8,7 @@ per-rank results concatenate back in split order, and with its key.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from ..dist import env_rank_and_world
 from .epochs import split_ranges
+from .images import to_rgb
 from .stream import ShardSet, SkipCounter, _image_bytes, _label, _open, resolve_shards, sample_spans
 from .tarindex import idx_name, load_shard_index, read_range
 from .transforms import eval_transform
@@ -96,29 +98,56 @@ class EvalDataset(torch.utils.data.IterableDataset):
                     yield img, label, int(self.first[shard] + n), str(sample.get("__key__", n))
 
 
+def eval_dataset(
+    shards: ShardSet | str | Path, image_size: int = 224, max_skip_rate: float = 0.01, **kwargs
+) -> torch.utils.data.IterableDataset:
+    """The reader of every sample once for this split: :class:`EvalDataset` for a built (class-chunked) split,
+    :class:`.foreign.ForeignEvalDataset` for one indexed in place (``limit``, ``rank``, ``world`` for both)."""
+    shard_set = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
+    if shard_set.foreign:
+        from .foreign import ForeignEvalDataset
+
+        return ForeignEvalDataset(shard_set, image_size, max_skip_rate, **kwargs)
+    return EvalDataset(shard_set, image_size, max_skip_rate, **kwargs)
+
+
 def read_images(shards: ShardSet | str | Path, positions, size: int = 64) -> list:
     """The images at these split positions as RGB PIL thumbnails at most ``size`` px (None where unreadable):
     for reports, a few dozen samples."""
     from PIL import Image
 
     shards = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
-    first = np.concatenate([[0], np.cumsum(shards.counts)])
-    out = []
-    for p in positions:
-        shard = int(np.searchsorted(first, p, side="right") - 1)
-        n = int(p - first[shard])
-        try:
-            url = shards.urls[shard]
-            index = load_shard_index(idx_name(url))
-            with _open(url, sample_spans(index, [(n, n + 1)])) as f:
-                _, sample = next(read_range(f, index, n, n + 1))
-            if isinstance(sample, Exception):
-                raise sample
-            import io
+    if shards.foreign:
+        from .foreign import ForeignEvalDataset
 
-            img = Image.open(io.BytesIO(_image_bytes(sample))).convert("RGB")
+        raw = ForeignEvalDataset(shards).raw(positions)
+    else:
+        raw = [_built_image_bytes(shards, p) for p in positions]
+    out = []
+    for data in raw:
+        try:
+            if data is None:
+                raise ValueError("unreadable")
+            img = Image.open(io.BytesIO(data))
+            img = to_rgb(img)
             img.thumbnail((size, size))
             out.append(img)
         except Exception:  # noqa: BLE001 -- a thumbnail is an illustration; the report marks it missing
             out.append(None)
     return out
+
+
+def _built_image_bytes(shards: ShardSet, p: int) -> bytes | None:
+    first = np.concatenate([[0], np.cumsum(shards.counts)])
+    shard = int(np.searchsorted(first, p, side="right") - 1)
+    n = int(p - first[shard])
+    try:
+        url = shards.urls[shard]
+        index = load_shard_index(idx_name(url))
+        with _open(url, sample_spans(index, [(n, n + 1)])) as f:
+            _, sample = next(read_range(f, index, n, n + 1))
+        if isinstance(sample, Exception):
+            raise sample
+        return _image_bytes(sample)
+    except Exception:  # noqa: BLE001 -- a thumbnail is an illustration; the report marks it missing
+        return None

@@ -43,24 +43,26 @@ from .retry import describe_error, is_read_error, is_transient
 from .stream import (
     Batch,
     BatchInfo,
-    PKBatchDataset,
+    PKStream,
     ShardSet,
     SkipCounter,
     StreamState,
     resolve_shards,
     stack_samples,
 )
-from .transforms import train_transform
-from .wdsbuild import RangeFetcher, member_fields, read_selection, shard_rows, shard_url
+from .transforms import eval_transform, train_transform
+from .wdsbuild import RangeFetcher, member_fields, read_selection, shard_rows, shard_urls
 
 #: Image reads in flight per reader (threads of one loader worker).
 IN_FLIGHT = 32
+#: Keys looked up at once by the eval reader.
+KEY_BLOCK = 1024
 
 
 class ForeignSplit:
     """A foreign split's samples as arrays sorted by class (see the module's docstring for their size)."""
 
-    def __init__(self, split_dir: str | Path):
+    def __init__(self, split_dir: str | Path, rows: bool = False):
         split_dir = Path(split_dir)
         if "://" in str(split_dir) or not split_dir.is_dir():
             raise ValueError(f"{split_dir}: a pre-shuffled split is read from a local split folder")
@@ -72,15 +74,19 @@ class ForeignSplit:
         size = np.zeros(n, np.int32)
         self.names: list[str] = []
         self.urls: dict[str, str] = {}
-        for _, shard, picked in shard_rows(index, shard_of):
+        checked = shard_urls(split_dir, index["shards"])
+        for s, shard, picked in shard_rows(index, shard_of):
             self.names.append(shard["name"])
-            self.urls[shard["name"]] = shard_url(split_dir, shard)
+            self.urls[shard["name"]] = checked[s]
             if len(picked):
                 offset[picked], size[picked] = member_fields(
                     split_dir, shard, row_of[picked], ("image_offsets", "image_sizes")
                 )
+        self.split_dir, self.shards = split_dir, index["shards"]
         self.classes: list[str] = list(index["classes"])
         order = np.argsort(label_of, kind="stable").astype(np.int32)
+        #: each sample's row of its per-shard index (for its key), when asked: 4 bytes a sample more
+        self.row = row_of[order] if rows else None
         self.shard, self.offset, self.size, self.position = shard_of[order], offset[order], size[order], order
         self.class_counts = np.bincount(label_of, minlength=len(self.classes)).astype(np.int64)
         self.class_start = np.concatenate([[0], np.cumsum(self.class_counts)]).astype(np.int64)
@@ -89,7 +95,7 @@ class ForeignSplit:
         return len(self.position)
 
 
-class ForeignPKDataset(torch.utils.data.IterableDataset):
+class ForeignPKDataset(PKStream):
     """Endless P x K training batches (:class:`.stream.Batch`) from a foreign split, as
     :class:`.stream.PKBatchDataset` gives them from a class-chunked one (same arguments but the buffer, same
     :class:`.stream.StreamState` for ``start``). ``rank`` / ``world`` default to ``RANK`` / ``WORLD_SIZE``."""
@@ -110,12 +116,7 @@ class ForeignPKDataset(torch.utils.data.IterableDataset):
         shard_set = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
         if not shard_set.foreign:
             raise ValueError(f"{shards}: not a split that `distpddm shards index` wrote; use PKBatchDataset")
-        if images_per_class < 2:
-            raise ValueError(f"images_per_class must be >= 2, got {images_per_class}")
-        if classes_per_batch < 2:
-            raise ValueError(f"classes_per_batch must be >= 2, got {classes_per_batch}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.check_batch_args(classes_per_batch, images_per_class, seed)
         self.split = ForeignSplit(shard_set.split_dir)
         self.split_digest = shard_set.digest
         self.P, self.K = classes_per_batch, images_per_class
@@ -139,22 +140,8 @@ class ForeignPKDataset(torch.utils.data.IterableDataset):
             "split": self.split_digest,
         }
 
-    def start_state(self, world: int, workers: int, warn: bool = True) -> StreamState:
-        """As :meth:`.stream.PKBatchDataset.start_state` (the same rules for a position saved for other
-        settings: every rank restarts at the next epoch)."""
-        return PKBatchDataset.start_state(self, world, workers, warn)  # uses only layout() and start
-
-    def __iter__(self) -> Iterator[Batch]:
-        rank, world = env_rank_and_world()
-        info = torch.utils.data.get_worker_info()
-        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        start = self.start_state(world, workers, warn=info is None)  # a loader worker leaves it to the trainer
-        worker = (physical + start.next_worker) % workers  # the DataLoader asks physical worker 0 first
-        epoch, skip = start.positions.get(worker, (0, 0))
-        counter = SkipCounter(self.max_skip_rate)
-        while True:
-            yield from EpochPlan(self, epoch, rank * workers + worker, world * workers, worker).run(skip, counter)
-            epoch, skip = epoch + 1, 0
+    def _epoch(self, epoch: int, reader: int, readers: int, worker: int, counter, skip: int) -> Iterator[Batch]:
+        return EpochPlan(self, epoch, reader, readers, worker).run(skip, counter)
 
 
 class EpochPlan:
@@ -276,3 +263,106 @@ def _fill(classes: list[int], P: int) -> list[int]:
         else:
             open_batches.append(([g], {c}))
     return done
+
+
+class ForeignEvalDataset(torch.utils.data.IterableDataset):
+    """Every sample of a foreign split once, as :class:`.evalset.EvalDataset` yields a built split's:
+    ``(image uint8 (3, S, S), label, position in the split, key)``. The samples are read in shard and offset
+    order (neighbouring byte ranges together), each reader (rank x loader worker) a contiguous run of that
+    order, by single range reads, ``in_flight`` at once, each image decoded as it arrives. ``limit`` reads only
+    the samples at split positions below it."""
+
+    def __init__(
+        self,
+        shards: ShardSet | str | Path,
+        image_size: int = 224,
+        max_skip_rate: float = 0.01,
+        transform: Callable[[bytes], torch.Tensor] | None = None,
+        *,
+        limit: int | None = None,
+        rank: int | None = None,
+        world: int | None = None,
+        in_flight: int = IN_FLIGHT,
+    ):
+        super().__init__()
+        shard_set = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
+        if not shard_set.foreign:
+            raise ValueError(f"{shards}: not a split that `distpddm shards index` wrote; use EvalDataset")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        self.split = ForeignSplit(shard_set.split_dir, rows=True)
+        split = self.split
+        chosen = np.flatnonzero(split.position < limit) if limit is not None else np.arange(len(split))
+        self.order = chosen[np.lexsort((split.offset[chosen], split.shard[chosen]))].astype(np.int64)
+        self.max_skip_rate, self.rank, self.world, self.in_flight = max_skip_rate, rank, world, in_flight
+        self.transform = transform or eval_transform(image_size)
+
+    @property
+    def samples(self) -> int:
+        return len(self.order)
+
+    def _source(self, i: int) -> str:
+        split = self.split
+        return f"{split.names[split.shard[i]]}/s.img@{split.offset[i]}+{split.size[i]}"
+
+    def keys(self, ids: np.ndarray) -> list[str]:
+        """The samples' keys, from their per-shard indexes (only the rows asked for are kept)."""
+        split, out = self.split, [""] * len(ids)
+        shard_of = split.shard[ids]
+        for s in np.unique(shard_of).tolist():
+            where = np.flatnonzero(shard_of == s)
+            (keys,) = member_fields(split.split_dir, split.shards[s], split.row[ids[where]], ("keys",))
+            for n, k in zip(where.tolist(), keys.tolist(), strict=True):
+                out[n] = str(k)
+        return out
+
+    def __iter__(self):
+        rank, world = env_rank_and_world() if self.rank is None else (self.rank, self.world or 1)
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        readers, reader = world * workers, rank * workers + worker
+        mine = self.order[len(self.order) * reader // readers : len(self.order) * (reader + 1) // readers]
+        counter = SkipCounter(self.max_skip_rate)
+        labels = np.searchsorted(self.split.class_start, mine, side="right") - 1
+        with RangeFetcher(self.split.urls, self.in_flight).prefetch(self._source(int(i)) for i in mine) as read:
+            for start in range(0, len(mine), KEY_BLOCK):  # keys a block at a time: no list of every key held
+                block = mine[start : start + KEY_BLOCK]
+                for i, label, key in zip(block.tolist(), labels[start:].tolist(), self.keys(block), strict=False):
+                    img = self._image(i, key, read, counter)
+                    if img is not None:
+                        yield img, label, int(self.split.position[i]), key
+
+    def _image(self, i: int, key: str, read, counter: SkipCounter) -> torch.Tensor | None:
+        split = self.split
+        where = f"{split.urls[split.names[split.shard[i]]]}@{split.offset[i]} ({key})"
+        try:
+            raw, _ = read(self._source(i))
+        except Exception as e:
+            if isinstance(e, RangesIgnored) or not (is_read_error(e) or isinstance(e, ValueError)):
+                raise
+            counter.skip(where, f"unreadable ({describe_error(e)})", unanswered=is_transient(e, where))
+            return None
+        try:
+            img = self.transform(raw)
+        except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad sample
+            counter.skip(where, f"image does not decode ({type(e).__name__}: {e})")
+            return None
+        counter.ok()
+        return img
+
+    def raw(self, positions) -> list[bytes | None]:
+        """The encoded images at these split positions (None where unreadable): for reports, a few dozen."""
+        from .ranges import read_range
+
+        split = self.split
+        where = np.argsort(split.position)
+        out: list[bytes | None] = []
+        for p in np.asarray(positions, dtype=np.int64).tolist():
+            i = int(where[p])
+            try:
+                out.append(
+                    read_range(split.urls[split.names[split.shard[i]]], int(split.offset[i]), int(split.size[i]))
+                )
+            except Exception:  # noqa: BLE001 -- an illustration: the report marks it missing
+                out.append(None)
+        return out

@@ -11,6 +11,8 @@ only those bytes (no block past the end of a run), and holds at most ``depth`` p
 from __future__ import annotations
 
 import bisect
+import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import DeterministicError
@@ -50,20 +52,45 @@ def _read_local(path: str, offset: int, size: int) -> bytes:
         return read_full(f, size)
 
 
+#: HTTP folders (a shard URL less its file name) seen answering a range request with a range: later reads from
+#: them skip the check (an ``HTTPFile`` per read costs ~0.2 ms more CPU than ``cat_file``; docs/benchmarks.md).
+_RANGES_HONOURED: set[str] = set()
+
+
+_FILESYSTEMS: dict[str, tuple] = {}
+_FILESYSTEMS_PID = [0]
+
+
+def url_to_fs(url: str) -> tuple:
+    """``fsspec.core.url_to_fs``, remembered per URL in this process (parsing it again costs ~0.1 ms a read);
+    forgotten in a forked child, as fsspec forgets its filesystems (their sessions belong to the parent)."""
+    if _FILESYSTEMS_PID[0] != os.getpid() or len(_FILESYSTEMS) > 100_000:
+        _FILESYSTEMS.clear()
+        _FILESYSTEMS_PID[0] = os.getpid()
+    found = _FILESYSTEMS.get(url)
+    if found is None:
+        import fsspec
+
+        found = _FILESYSTEMS[url] = fsspec.core.url_to_fs(url)
+    return found
+
+
 def _read_remote(url: str, offset: int, size: int) -> bytes:
     """One ranged GET (no HEAD); more bytes than asked only from a store that ignores ranges."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)  # fsspec caches the filesystem: one session per process
-    if "http" in fs.protocol:  # fsspec's HTTPFile refuses a response that is no range before reading its body
-        try:  # size: a lower bound of the file's, so that opening costs no HEAD request
-            with fs.open(path, "rb", block_size=size, cache_type="none", size=offset + size) as f:
-                f.seek(offset)
-                return read_full(f, size)
-        except ValueError as e:
-            if "range requests" in str(e):
-                raise _ranges_ignored(url) from None
-            raise
+    fs, path = url_to_fs(url)
+    if "http" in fs.protocol:
+        folder = url.rsplit("/", 1)[0]
+        if folder not in _RANGES_HONOURED:  # fsspec's HTTPFile refuses a response that is no range before its body
+            try:  # size: a lower bound of the file's, so that opening costs no HEAD request
+                with fs.open(path, "rb", block_size=size, cache_type="none", size=offset + size) as f:
+                    f.seek(offset)
+                    data = read_full(f, size)
+            except ValueError as e:
+                if "range requests" in str(e):
+                    raise _ranges_ignored(url) from None
+                raise
+            _RANGES_HONOURED.add(folder)
+            return data
     return fs.cat_file(path, start=offset, end=offset + size)
 
 
@@ -76,8 +103,9 @@ def fetch(url: str, offset: int, size: int) -> bytes:
     return data
 
 
-def read_range(url: str, offset: int, size: int) -> bytes:
-    """``size`` bytes at ``offset`` of a local file or an fsspec URL, transient errors retried (:mod:`.retry`).
+def read_range(url: str, offset: int, size: int, stop: threading.Event | None = None) -> bytes:
+    """``size`` bytes at ``offset`` of a local file or an fsspec URL, transient errors retried (:mod:`.retry`;
+    ``stop``, once set, ends the retries).
     :class:`RangesIgnored` from a server that sends more than asked; ``ValueError`` when the shard is shorter
     than the index says (it changed since it was indexed)."""
     attempt = 0
@@ -88,7 +116,7 @@ def read_range(url: str, offset: int, size: int) -> bytes:
         except RangesIgnored:
             raise
         except Exception as e:
-            if not retry_after(url, e, attempt):
+            if not retry_after(url, e, attempt, stop):
                 raise
             attempt += 1
     if len(data) < size:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -86,12 +87,15 @@ def describe_error(error: BaseException) -> str:
     return text if cause is None else f"{text}, from {type(cause).__name__}: {cause}"
 
 
-def retry_after(where: str, error: BaseException, attempt: int) -> bool:
+def retry_after(where: str, error: BaseException, attempt: int, stop: threading.Event | None = None) -> bool:
     """Wait before retry ``attempt + 1`` of a read error of ``where`` (a URL; logged once, naming it and the
-    error); False, without waiting, when the error does not pass (:func:`is_transient`) or the retries are spent."""
-    if not is_transient(error, where) or attempt >= READ_RETRIES:
+    error); False, without waiting, when the error does not pass (:func:`is_transient`) or the retries are spent.
+    ``stop`` (a read ahead of a consumer that has gone): set, it ends the wait, and False says not to retry."""
+    if not is_transient(error, where) or attempt >= READ_RETRIES or (stop is not None and stop.is_set()):
         return False
     delay = RETRY_BASE_S * 2**attempt
     log.warning("%s: %s; retry %d of %d in %.1f s", where, describe_error(error), attempt + 1, READ_RETRIES, delay)
-    _sleep(delay)
-    return True
+    if stop is None:
+        _sleep(delay)
+        return True
+    return not stop.wait(delay)

@@ -290,7 +290,63 @@ class _Unit:
     index: ShardIndex
 
 
-class PKBatchDataset(torch.utils.data.IterableDataset):
+class PKStream(torch.utils.data.IterableDataset):
+    """What both training streams share (this module's class-chunked one and :mod:`.foreign`'s): checked batch
+    arguments, and a position per loader worker (a :class:`StreamState`) that ``start`` resumes from when it was
+    saved for the same :meth:`layout`. A subclass gives the layout and one reader's epoch (:meth:`_epoch`)."""
+
+    start: StreamState | None
+    max_skip_rate: float
+
+    @staticmethod
+    def check_batch_args(classes_per_batch: int, images_per_class: int, seed: int) -> None:
+        if images_per_class < 2:
+            raise ValueError(f"images_per_class must be >= 2, got {images_per_class}")
+        if classes_per_batch < 2:
+            raise ValueError(f"classes_per_batch must be >= 2, got {classes_per_batch}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+
+    def layout(self, world: int, workers: int) -> dict:
+        """What a saved position is valid for."""
+        raise NotImplementedError
+
+    def _epoch(self, epoch: int, reader: int, readers: int, worker: int, counter, skip: int) -> Iterator[Batch]:
+        """Batches ``skip``, ``skip + 1``, ... of one reader's epoch."""
+        raise NotImplementedError
+
+    def start_state(self, world: int, workers: int, warn: bool = True) -> StreamState:
+        """The position this dataset starts from on a rank of ``world`` with ``workers`` loader workers (a copy:
+        the trainer advances it with the batches it consumes and saves it in checkpoints)."""
+        layout = self.layout(world, workers)
+        if self.start is None:
+            return StreamState(layout)
+        if self.start.layout == layout:
+            return StreamState.from_json(self.start.to_json())
+        first = max(self.start.epoch, self.start.epoch_all) + 1  # the same epoch on every rank
+        if warn:
+            changed = sorted(k for k in layout if self.start.layout.get(k) != layout[k])
+            log.warning(
+                "the saved data position was made for other %s; the stream restarts at the start of epoch %d",
+                ", ".join(changed) or "settings (this rank had none saved)",
+                first,
+            )
+        return StreamState(layout, {w: (first, 0) for w in range(workers)}, epoch_all=first)
+
+    def __iter__(self) -> Iterator[Batch]:
+        rank, world = env_rank_and_world()
+        info = torch.utils.data.get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = self.start_state(world, workers, warn=info is None)  # a loader worker leaves it to the trainer
+        worker = (physical + start.next_worker) % workers  # the DataLoader asks physical worker 0 first
+        epoch, skip = start.positions.get(worker, (0, 0))
+        counter = SkipCounter(self.max_skip_rate)
+        while True:
+            yield from self._epoch(epoch, rank * workers + worker, world * workers, worker, counter, skip)
+            epoch, skip = epoch + 1, 0
+
+
+class PKBatchDataset(PKStream):
     """Endless P x K training batches (:class:`Batch`, images ``uint8``) from a split built by
     ``distpddm shards build`` (its ``index.json`` and per-shard ``.idx.npz``).
 
@@ -324,12 +380,7 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
                 f"training reads a split through its index.json and per-shard indexes; {shards!r} has none. "
                 "Build the shards with `distpddm shards build`."
             )
-        if images_per_class < 2:
-            raise ValueError(f"images_per_class must be >= 2, got {images_per_class}")
-        if classes_per_batch < 2:
-            raise ValueError(f"classes_per_batch must be >= 2, got {classes_per_batch}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.check_batch_args(classes_per_batch, images_per_class, seed)
         self.urls, self.counts, self.split_digest = shard_set.urls, shard_set.counts, shard_set.digest
         self.P, self.K = classes_per_batch, images_per_class
         self.buffer_images = buffer_images or 8 * classes_per_batch * images_per_class
@@ -350,35 +401,8 @@ class PKBatchDataset(torch.utils.data.IterableDataset):
             "split": self.split_digest,
         }
 
-    def start_state(self, world: int, workers: int, warn: bool = True) -> StreamState:
-        """The position this dataset starts from on a rank of ``world`` with ``workers`` loader workers (a copy:
-        the trainer advances it with the batches it consumes and saves it in checkpoints)."""
-        layout = self.layout(world, workers)
-        if self.start is None:
-            return StreamState(layout)
-        if self.start.layout == layout:
-            return StreamState.from_json(self.start.to_json())
-        first = max(self.start.epoch, self.start.epoch_all) + 1  # the same epoch on every rank
-        if warn:
-            changed = sorted(k for k in layout if self.start.layout.get(k) != layout[k])
-            log.warning(
-                "the saved data position was made for other %s; the stream restarts at the start of epoch %d",
-                ", ".join(changed) or "settings (this rank had none saved)",
-                first,
-            )
-        return StreamState(layout, {w: (first, 0) for w in range(workers)}, epoch_all=first)
-
-    def __iter__(self) -> Iterator[Batch]:
-        rank, world = env_rank_and_world()
-        info = torch.utils.data.get_worker_info()
-        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        start = self.start_state(world, workers, warn=info is None)  # a loader worker leaves it to the trainer
-        worker = (physical + start.next_worker) % workers  # the DataLoader asks physical worker 0 first
-        epoch, skip = start.positions.get(worker, (0, 0))
-        counter = SkipCounter(self.max_skip_rate)
-        while True:
-            yield from _EpochReader(self, epoch, rank * workers + worker, world * workers, worker, counter).run(skip)
-            epoch, skip = epoch + 1, 0
+    def _epoch(self, epoch: int, reader: int, readers: int, worker: int, counter, skip: int) -> Iterator[Batch]:
+        return _EpochReader(self, epoch, reader, readers, worker, counter).run(skip)
 
 
 class _EpochReader:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .ranges import read_range
+from .ranges import read_range, url_to_fs
+from .retry import retry_after
 from .sources import SourceError, SourcePlan, SplitPlan
-from .wdsindex import INDEX, LAYOUT
+from .wdsindex import INDEX, LAYOUT, etag_of
 
 KIND = "wds-index"
 #: Image reads in flight per shard being written (per builder worker process).
@@ -57,24 +59,26 @@ class RangeFetcher:
             raise ValueError(f"reads in flight must be >= 1, got {in_flight}")
         self.urls, self.in_flight = urls, in_flight
 
-    def __call__(self, source: str) -> tuple[bytes, str]:
+    def __call__(self, source: str, stop: threading.Event | None = None) -> tuple[bytes, str]:
         shard, offset, size, ext = parse_source(source)
-        return read_range(self.urls[shard], offset, size), ext
+        return read_range(self.urls[shard], offset, size, stop), ext
 
     @contextmanager
     def prefetch(self, sources: list[str]) -> Iterator:
         """A reader of ``sources``, to be asked for them in this order: ``in_flight`` reads (threads) run
-        ahead of the caller, so that at most ``in_flight`` images are held."""
+        ahead of the caller, so that at most ``in_flight`` images are held. When the caller is done (or fails),
+        reads not started are dropped and running ones stop retrying."""
         pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="wds-read")
         pending: deque[tuple[str, Future]] = deque()
         upcoming = iter(sources)
+        stop = threading.Event()
 
         def top_up() -> None:
             while len(pending) < self.in_flight:
                 source = next(upcoming, None)
                 if source is None:
                     return
-                pending.append((source, pool.submit(self, source)))
+                pending.append((source, pool.submit(self, source, stop)))
 
         def read(source: str) -> tuple[bytes, str]:
             top_up()
@@ -89,6 +93,7 @@ class RangeFetcher:
         try:
             yield read
         finally:  # a build stopped part-way (a bad image, ^C): reads not started are dropped, running ones end
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -124,20 +129,56 @@ def read_selection(split_dir: Path) -> tuple[dict, np.ndarray, np.ndarray, np.nd
         return index, sel["shard"].astype(np.int32), sel["row"].astype(np.int32), sel["label"].astype(np.int32)
 
 
-def shard_url(split_dir: Path, shard: dict) -> str:
-    """A foreign split's shard's URL; a local shard must still have the size it was indexed at."""
-    url = shard["url"]
+#: Remote shards asked for their size and version at once, when a split is opened.
+CHECKS_IN_FLIGHT = 16
+
+
+def _changed(shard: dict, size: int | None, etag: str | None) -> str | None:
+    """Why a shard is not what was indexed (its size, or its store's version tag, differ), else None."""
+    if shard.get("bytes") is not None and size is not None and size != shard["bytes"]:
+        return f"has {size} bytes, {shard['bytes']} when it was indexed"
+    if shard.get("etag") and etag and etag != shard["etag"]:
+        return f"has ETag {etag}, {shard['etag']} when it was indexed"
+    return None
+
+
+def _stat(url: str) -> tuple[int | None, str | None]:
+    """A shard's size and version tag (a local file has no tag), transient errors retried."""
     if "://" not in url:
+        return os.stat(url).st_size, None
+    fs, path = url_to_fs(url)
+    attempt = 0
+    while True:
         try:
-            now = os.stat(url).st_size
-        except OSError as e:
+            info = fs.info(path)
+            return info.get("size"), etag_of(info)
+        except Exception as e:
+            if not retry_after(url, e, attempt):
+                raise
+            attempt += 1
+
+
+def shard_urls(split_dir: Path, shards: list[dict]) -> list[str]:
+    """A foreign split's shards' URLs, each checked to be the shard that was indexed: the same size, and for a
+    remote one the same ETag where its store gives one (asked ``CHECKS_IN_FLIGHT`` at a time). A changed or
+    missing shard is a one-line :class:`.sources.SourceError`: its offsets would read the wrong bytes."""
+
+    def check(shard: dict) -> str:
+        url = shard["url"]
+        try:
+            size, etag = _stat(url)
+        except Exception as e:  # noqa: BLE001 -- any failure to find the shard is named, in one line
             raise SourceError(f"shard {url} of {split_dir}: {type(e).__name__}: {e}") from None
-        if shard.get("bytes") is not None and now != shard["bytes"]:
-            raise SourceError(
-                f"shard {url} has {now} bytes, {shard['bytes']} when it was indexed: index it again "
-                "(`distpddm shards index`)"
-            )
-    return url
+        why = _changed(shard, size, etag)
+        if why is not None:
+            raise SourceError(f"shard {url} {why}: index it again (`distpddm shards index`)")
+        return url
+
+    remote = sum("://" in s["url"] for s in shards)
+    if remote < 2:
+        return [check(s) for s in shards]
+    with ThreadPoolExecutor(min(CHECKS_IN_FLIGHT, len(shards)), thread_name_prefix="shard-check") as pool:
+        return list(pool.map(check, shards))
 
 
 def shard_rows(index: dict, shard_of: np.ndarray) -> Iterator[tuple[int, dict, np.ndarray]]:
@@ -159,14 +200,13 @@ def member_fields(split_dir: Path, shard: dict, rows: np.ndarray, fields: tuple[
 
 def read_split(split_dir: Path) -> tuple[SplitPlan, dict[str, str], dict]:
     """One foreign split -> its plan (sources, labels, image sizes, class list), the shard table (file name ->
-    URL) and its ``index.json``. Local shards must still have the size they were indexed at."""
+    URL) and its ``index.json``. Shards must still be as they were indexed (:func:`shard_urls`)."""
     index, shard_of, row_of, label_of = read_selection(split_dir)
-    urls: dict[str, str] = {}
+    urls = {s["name"]: u for s, u in zip(index["shards"], shard_urls(split_dir, index["shards"]), strict=True)}
     sources: list[str] = []
     labels, sizes = [], []
     for _, shard, picked in shard_rows(index, shard_of):
         name = shard["name"]
-        urls[name] = shard_url(split_dir, shard)
         if not len(picked):
             continue
         fields = ("keys", "image_exts", "image_offsets", "image_sizes")

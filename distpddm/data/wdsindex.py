@@ -120,6 +120,12 @@ def shard_urls(spec: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------ reading
 
 
+def etag_of(info: dict) -> str | None:
+    """The version tag in an fsspec ``info`` (HTTP's ``ETag`` header, S3's ``ETag``), quotes kept."""
+    tag = info.get("ETag") or info.get("etag")
+    return str(tag) if tag else None
+
+
 class RangeReader:
     """Reads a shard at byte offsets through a small window: a read inside the bytes last fetched costs no
     request; any other fetches ``max(n, window)`` bytes from the offset. Local paths are read with ``open``;
@@ -132,6 +138,7 @@ class RangeReader:
         self.streaming = False
         self._file = None
         self._size: int | None = None
+        self.etag: str | None = None  # a remote shard's, as its store reports it: a changed shard is noticed
         self._buf, self._buf_at = b"", 0
         self._stream_at = 0
 
@@ -154,7 +161,12 @@ class RangeReader:
             self._file = fs.open(path, "rb", block_size=0)
             self._stream_at = 0
         else:
-            self._file = fs.open(path, "rb", block_size=self.window, cache_type="none")
+            info = fs.info(path)  # one HEAD (or stat): the size, and the version tag that an open would drop
+            self.etag = etag_of(info)
+            size = info.get("size")
+            self._file = fs.open(
+                path, "rb", block_size=self.window, cache_type="none", **({"size": size} if size else {})
+            )
             self._size = getattr(self._file, "size", None)
             if self._size is None:  # no Content-Length: only a stream can be read
                 self.streaming = True
@@ -338,6 +350,7 @@ class ShardIndex:
 
     url: str
     size: int | None
+    etag: str | None = None
     keys: list[str] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
@@ -405,7 +418,7 @@ def index_shard(url: str, window: int = WINDOW) -> ShardIndex:
     :class:`DamagedShardError` for a tar that is not whole, and the read error for one that cannot be read."""
     reader = RangeReader(url, window)
     try:
-        out = ShardIndex(url, reader.size)
+        out = ShardIndex(url, reader.size, reader.etag)
         key: str | None = None
         members: list[Member] = []
         small: dict[str, bytes | None] = {}
@@ -460,6 +473,7 @@ def save_shard_index(index: ShardIndex, path: Path) -> None:
         "version": INDEX_VERSION,
         "url": index.url,
         "bytes": index.size,
+        "etag": index.etag,
         "bad_samples": index.bad_samples,
         "class_names": {str(k): v for k, v in sorted(index.class_names.items())},
         "requests": index.requests,
@@ -820,6 +834,7 @@ def write_splits(
                     "samples": int(count),  # of this split
                     "indexed": int(len(labels[s])),  # good samples in the shard, of any split
                     "bytes": metas[s]["bytes"],
+                    "etag": metas[s].get("etag"),
                 }
                 for s, count in zip(shard_numbers.tolist(), per_shard.tolist(), strict=True)
             ],
