@@ -221,6 +221,35 @@ def test_build_over_http_equals_local(source, tmp_path, nginx, monkeypatch):
     assert f"{base}/noranges" not in ranges._RANGES_HONOURED
 
 
+def test_a_forked_reader_leaves_the_parents_connections_alone(source, nginx):
+    """A DataLoader worker drops the fsspec filesystems it copied from the trainer; closing their pooled
+    connections there would take the trainer's sockets out of the epoll instance both share, and the trainer's
+    next request (its validation pass) would wait forever. ranges pins the copies in the child."""
+    import multiprocessing
+    import threading
+
+    base, _ = nginx
+    url = f"{base}/{SHARDS[0]}"
+    assert len(ranges.read_range(url, 0, 512)) == 512  # a kept-alive connection, pooled in this process
+
+    def child():
+        fs, path = ranges.url_to_fs(url)  # a new filesystem here: the copies are dropped from the caches
+        fs.cat_file(path, start=0, end=512)
+        import gc
+
+        gc.collect()
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(ranges.read_range(url, 512, 512)), daemon=True)
+    reader.start()
+    reader.join(20)
+    assert got == [(source / SHARDS[0]).read_bytes()[512:1024]], "the parent's request hung after the fork"
+
+
 def test_a_shard_changed_since_it_was_indexed_is_named(source, tmp_path, nginx):
     """Offsets into a changed shard would read the wrong bytes: its size, or its store's ETag, is checked when
     the split is opened (nginx's ETag holds the file's mtime and size)."""

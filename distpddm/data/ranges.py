@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -59,6 +60,30 @@ _RANGES_HONOURED: set[str] = set()
 
 _FILESYSTEMS: dict[str, tuple] = {}
 _FILESYSTEMS_PID = [0]
+_INHERITED: list = []
+
+
+def _filesystem_classes(cls) -> list:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out += _filesystem_classes(sub)
+    return out
+
+
+def _keep_inherited() -> None:
+    """In a forked child (a DataLoader worker): hold on to the fsspec filesystems copied from the parent. Once
+    unreachable, a copy's finalizer would close its pooled connections, and with them remove the parent's
+    sockets from the epoll instance that parent and child share: the parent's next request on one of them
+    (a validation pass after the loader workers started) would then wait forever. Forked workers end with
+    ``os._exit``, so the copies are never closed."""
+    _INHERITED.extend(found for _, found in _FILESYSTEMS.items())
+    fsspec = sys.modules.get("fsspec")
+    if fsspec is not None:
+        for cls in _filesystem_classes(fsspec.AbstractFileSystem):
+            _INHERITED.extend(getattr(cls, "_cache", {}).values())
+
+
+os.register_at_fork(after_in_child=_keep_inherited)
 
 
 def url_to_fs(url: str) -> tuple:
