@@ -59,7 +59,7 @@ def _trace(path: Path):
     ``path.<pid>`` (loader workers are forked after this: they inherit the wrappers)."""
     from fsspec.implementations.http import HTTPFile, HTTPFileSystem
 
-    from distpddm.data import wdsbuild
+    from distpddm.data import ranges
 
     def log(t0: float, n: int) -> None:
         with open(f"{path}.{os.getpid()}", "a") as f:
@@ -76,7 +76,7 @@ def _trace(path: Path):
         log(t0, len(out))
         return out
 
-    read_remote = wdsbuild._read_remote
+    read_remote = ranges._read_remote
 
     def traced_read(url, offset, size):
         if getattr(nested, "on", False):
@@ -99,7 +99,7 @@ def _trace(path: Path):
 
     HTTPFile._fetch_range = traced_fetch
     HTTPFileSystem._info = traced_info
-    wdsbuild._read_remote = traced_read
+    ranges._read_remote = traced_read
 
 
 def _requests(path: Path, t0: float, t1: float, workers: int) -> dict:
@@ -131,7 +131,7 @@ def measure(spec: dict) -> dict:
     """One cell, in this process: images/s arriving as normalised batches in the consumer."""
     import torch
 
-    from distpddm.data.evalset import EvalDataset
+    from distpddm.data.evalset import eval_dataset
     from distpddm.data.foreign import ForeignPKDataset
     from distpddm.data.stream import PKBatchDataset
     from distpddm.data.transforms import normalize_batch
@@ -141,7 +141,7 @@ def measure(spec: dict) -> dict:
     _trace(trace)
     workers = spec["workers"]
     if spec["reader"] == "eval":
-        ds = EvalDataset(spec["split"], image_size=SIZE)
+        ds = eval_dataset(spec["split"], image_size=SIZE)  # EvalDataset, or ForeignEvalDataset (32 in flight)
         loader = torch.utils.data.DataLoader(ds, batch_size=P * K, num_workers=workers)
     else:
         if spec["layout"] == "foreign":
@@ -430,7 +430,7 @@ def run(args) -> None:
                 ("foreign", "http"): indexes["http"],
             }
             cells = [("chunked", "train", None), ("chunked", "eval", None)]
-            cells += [("foreign", "train", n) for n in args.in_flight]
+            cells += [("foreign", "train", n) for n in args.in_flight] + [("foreign", "eval", None)]
             results, rtts = [], {}
             for repeat in range(args.repeats):
                 for delay in (0, args.delay_ms):
@@ -496,7 +496,8 @@ def report(results: list[dict], args, rtts: dict) -> None:
     print("\n| " + " | ".join(head) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for (layout, reader, in_flight, workers, where), rows in groups.items():
-        base = groups.get((layout, reader, args.in_flight[0] if layout == "foreign" else None, workers, "local"))
+        first = args.in_flight[0] if layout == "foreign" and reader == "train" else None  # others: vs the first's
+        base = groups.get((layout, reader, first, workers, "local"))
         rate = med(rows, "img_s")
         ratio = f"{rate / med(base, 'img_s'):.0%}" if base else ""
         runs = ", ".join(f"{r['img_s']:.0f}" for r in rows)
@@ -522,7 +523,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--in-flight", type=int, nargs="+", default=[16, 64], help="ForeignPKDataset's, per worker")
+    p.add_argument("--in-flight", type=int, nargs="+", default=[32], help="ForeignPKDataset's, per worker")
     p.add_argument("--delay-ms", type=float, default=25, help="netem delay, each way")
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--keep", metavar="DIR", help="keep the data (and reuse it) in DIR")

@@ -19,11 +19,13 @@ from PIL import Image
 from distpddm.cli import main as cli
 from distpddm.data import ranges, retry, stream, wdsbuild
 from distpddm.data.shards import BuildOptions, build, encode_image, verify
+from distpddm.data.stream import PKBatchDataset
 from distpddm.data.wdsbuild import parse_source, read_range, read_wds_index
 from distpddm.data.wdsindex import IndexOptions, index_shards
 from tests import test_wdsindex as wi
 
 nginx = wi.nginx  # the fixture: it serves this module's ``source``
+s3 = wi.s3  # moto's S3 server
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = [f"in12k-train-000{n}.tar" for n in range(3)]
@@ -219,6 +221,44 @@ def test_build_over_http_equals_local(source, tmp_path, nginx, monkeypatch):
     with pytest.raises(ranges.RangesIgnored, match="ignores HTTP range requests"):
         next(iter(ForeignPKDataset(str(tmp_path / "idx2" / "train"), 2, 2, image_size=16)))
     assert f"{base}/noranges" not in ranges._RANGES_HONOURED
+
+
+def test_training_and_evaluation_read_from_s3(source, tmp_path, s3, monkeypatch):
+    """Both layouts over the S3 API (moto's server, through s3fs) give what the local files give: a split
+    indexed in place (training and evaluation without a copy) and a built, class-chunked one."""
+    from distpddm.data.evalset import EvalDataset
+    from distpddm.data.foreign import ForeignEvalDataset, ForeignPKDataset
+    from tests.test_stream import _as_rank, _same, _take
+
+    _as_rank(monkeypatch, 0, 1)
+    for name in SHARDS:
+        s3.put(str(source / name), f"shards/{name}")
+    options = IndexOptions(progress=False, val_per_class=1)
+    index_shards(f"s3://shards/{PATTERN}", tmp_path / "s3", options)
+    index_shards(str(source / PATTERN), tmp_path / "local", options)
+    local, remote = (
+        _take(ForeignPKDataset(str(tmp_path / where / "train"), 2, 2, image_size=16, seed=1), 3, workers=0)
+        for where in ("local", "s3")
+    )
+    assert len(local) == 3 and all(_same(x, y) for x, y in zip(local, remote, strict=True))
+    local, remote = (
+        sorted((int(p), int(y), k) for _, y, p, k in ForeignEvalDataset(str(tmp_path / where / "val"), 16))
+        for where in ("local", "s3")
+    )
+    assert local and local == remote
+
+    build(read_wds_index(tmp_path / "local"), tmp_path / "built", BuildOptions(**OPTS))
+    s3.put(str(tmp_path / "built" / "train"), "shards/built/train", recursive=True)
+    url = "s3://shards/built/train/index.json"
+    local, remote = (
+        _take(PKBatchDataset(where, 2, 2, image_size=16, seed=1), 3, workers=0)
+        for where in (str(tmp_path / "built" / "train"), url)
+    )
+    assert all(_same(x, y) for x, y in zip(local, remote, strict=True))
+    local, remote = (
+        [(int(p), k) for _, _, p, k in EvalDataset(where, 16)] for where in (str(tmp_path / "built" / "train"), url)
+    )
+    assert local and local == remote
 
 
 def test_a_forked_reader_leaves_the_parents_connections_alone(source, nginx):

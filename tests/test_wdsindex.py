@@ -508,11 +508,12 @@ def test_index_over_http_equals_local_and_skips_image_bytes(source, tmp_path, ng
 # --------------------------------------------------------------------------------------------- over S3
 
 
-def test_index_over_s3_equals_local(source, tmp_path, monkeypatch):
-    """Against moto's S3 server (a process of its own), through s3fs: the same code path as HTTP, ranged
-    GETs with fsspec's cache off. Optional: s3fs and moto[server] are not among the project's dependencies."""
-    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install s3fs moto[server] to run this)")
-    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install s3fs moto[server])")
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server, a process of its own on a free port (s3fs's own test suite runs against it), with a
+    bucket ``shards``; credentials and endpoint in the environment, as a user's would be. Yields s3fs."""
+    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[dev]')")
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]')")
     import s3fs
 
     port = _free_port()
@@ -520,12 +521,14 @@ def test_index_over_s3_equals_local(source, tmp_path, monkeypatch):
         [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        for _ in range(200):
+        for _ in range(400):
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
             except OSError:
                 time.sleep(0.05)
+        else:
+            pytest.fail("moto's S3 server did not start")
         for key, value in {
             "AWS_ACCESS_KEY_ID": "test",
             "AWS_SECRET_ACCESS_KEY": "test",
@@ -536,19 +539,26 @@ def test_index_over_s3_equals_local(source, tmp_path, monkeypatch):
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
         fs.mkdir("shards")
-        for path in sorted(source.glob("*.tar")):
-            fs.put(str(path), f"shards/{path.name}")
-        options = IndexOptions(**LENIENT, workers=2)
-        local = index_shards(str(source / PATTERN), tmp_path / "local", options)
-        remote = index_shards(f"s3://shards/{PATTERN}", tmp_path / "s3", options)
-        for n in range(3):
-            a = load_npz(tmp_path / "local" / "shard-index" / f"in12k-train-000{n}.idx.npz")
-            b = load_npz(tmp_path / "s3" / "shard-index" / f"in12k-train-000{n}.idx.npz")
-            assert all(np.array_equal(a[k], b[k]) for k in a.keys() - {"meta"})
-        assert remote.splits["train"]["class_counts"] == local.splits["train"]["class_counts"]
-        assert [b["url"] for b in remote.bad_shards] == ["s3://shards/in12k-train-0003.tar"]
-        assert remote.bytes_read < 0.15 * remote.shard_bytes  # counted by the reader: moto logs no bytes
+        yield fs
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.terminate()
         server.wait(10)
+
+
+def test_index_over_s3_equals_local(source, tmp_path, s3):
+    """Through s3fs: the same code path as HTTP, ranged GETs with fsspec's cache off."""
+    for path in sorted(source.glob("*.tar")):
+        s3.put(str(path), f"shards/{path.name}")
+    options = IndexOptions(**LENIENT, workers=2)
+    local = index_shards(str(source / PATTERN), tmp_path / "local", options)
+    remote = index_shards(f"s3://shards/{PATTERN}", tmp_path / "s3", options)
+    for n in range(3):
+        a = load_npz(tmp_path / "local" / "shard-index" / f"in12k-train-000{n}.idx.npz")
+        b = load_npz(tmp_path / "s3" / "shard-index" / f"in12k-train-000{n}.idx.npz")
+        assert all(np.array_equal(a[k], b[k]) for k in a.keys() - {"meta"})
+    assert remote.splits["train"]["class_counts"] == local.splits["train"]["class_counts"]
+    assert [b["url"] for b in remote.bad_shards] == ["s3://shards/in12k-train-0003.tar"]
+    assert remote.bytes_read < 0.15 * remote.shard_bytes  # counted by the reader: moto logs no bytes
+    shards = json.loads((tmp_path / "s3" / "train" / "index.json").read_text())["shards"]
+    assert all(s["etag"] for s in shards)  # S3's version tags, checked when the split is opened
