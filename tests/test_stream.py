@@ -648,6 +648,21 @@ def test_503s_over_http_through_fsspec_are_retried(shards, store, monkeypatch, s
     assert what in caplog.text and "ClientResponseError: 503" in caplog.text
 
 
+def test_the_eval_reader_retries_a_503_over_http_and_reads_every_sample(shards, store, sleeps):
+    """A shard's first ranged GET answers 503: the eval reader reopens it from that sample (the retry rules
+    of the training stream) and reads every sample once; a shard that stays down is skipped and counted."""
+    local = sorted((int(p), k) for _, _, p, k in EvalDataset(shards, 16))
+    store.answer = lambda method, name, nth: 503 if name.endswith(".tar") and nth == 1 else None
+    remote = sorted((int(p), k) for _, _, p, k in EvalDataset(store.url, 16))
+    tars = [n for n in store.requests if n.endswith(".tar")]
+    assert remote == local and tars and sleeps == [retry.RETRY_BASE_S] * len(tars)
+    down = resolve_shards(store.url).urls[0].rsplit("/", 2)
+    store.answer = lambda method, name, nth: 503 if name == "/".join(down[-2:]) else None
+    reader = EvalDataset(store.url, 16, max_skip_rate=1.0)
+    got = sorted(int(p) for _, _, p, _ in reader)
+    assert got == [p for p, _ in local if p >= resolve_shards(store.url).counts[0]]
+
+
 def test_a_shard_that_stays_503_or_404_over_http_is_skipped_with_one_line(shards, store, monkeypatch, sleeps, caplog):
     _as_rank(monkeypatch, 0, 1)
     split = resolve_shards(store.url)

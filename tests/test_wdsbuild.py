@@ -260,6 +260,14 @@ def test_training_and_evaluation_read_from_s3(source, tmp_path, s3, monkeypatch)
     )
     assert local and local == remote
 
+    from distpddm.data.sources import SourceError
+
+    changed = bytearray((source / SHARDS[0]).read_bytes())
+    changed[-1] ^= 1  # the same size, other bytes: S3's ETag (the content's MD5) changes
+    s3.pipe(f"shards/{SHARDS[0]}", bytes(changed))
+    with pytest.raises(SourceError, match=rf"{SHARDS[0]} has ETag .* when it was indexed: index it again"):
+        ForeignPKDataset(str(tmp_path / "s3" / "train"), 2, 2, image_size=16)
+
 
 def test_a_forked_reader_leaves_the_parents_connections_alone(source, nginx):
     """A DataLoader worker drops the fsspec filesystems it copied from the trainer; closing their pooled
@@ -290,9 +298,11 @@ def test_a_forked_reader_leaves_the_parents_connections_alone(source, nginx):
     assert got == [(source / SHARDS[0]).read_bytes()[512:1024]], "the parent's request hung after the fork"
 
 
-def test_a_shard_changed_since_it_was_indexed_is_named(source, tmp_path, nginx):
-    """Offsets into a changed shard would read the wrong bytes: its size, or its store's ETag, is checked when
-    the split is opened (nginx's ETag holds the file's mtime and size)."""
+def test_a_shard_changed_since_it_was_indexed_is_named(source, tmp_path, nginx, caplog):
+    """Offsets into a changed shard would read the wrong bytes: its size is checked when the split is opened,
+    and its ETag too (an HTTP ETag that differs is a warning: mirrors tag one file differently; S3's is the
+    content's hash, below in test_training_and_evaluation_read_from_s3)."""
+    import logging
     import os
 
     from distpddm.data.foreign import ForeignPKDataset
@@ -305,13 +315,19 @@ def test_a_shard_changed_since_it_was_indexed_is_named(source, tmp_path, nginx):
     assert shard["etag"] and shard["bytes"] == (source / shard["name"]).stat().st_size
     ForeignPKDataset(str(split), 2, 2, image_size=16)  # as indexed: it opens
     path, st = source / shard["name"], (source / shard["name"]).stat()
-    os.utime(path, (st.st_atime, st.st_mtime + 100))  # rewritten in place, same size
+    os.utime(path, (st.st_atime, st.st_mtime + 100))  # rewritten in place, same size: nginx's ETag changes
     try:
-        with pytest.raises(SourceError, match=rf"{shard['name']} has ETag .*, .* when it was indexed: index it"):
+        with caplog.at_level(logging.WARNING, "distpddm.data"):
             ForeignPKDataset(str(split), 2, 2, image_size=16)
-        with pytest.raises(SourceError, match="has ETag"):
+        assert f"{shard['name']} has ETag" in caplog.text and "index it again" in caplog.text
+        with path.open("ab") as f:
+            f.write(bytes(512))  # and now longer
+        with pytest.raises(SourceError, match=rf"{shard['name']} has {st.st_size + 512} bytes, {st.st_size} when"):
+            ForeignPKDataset(str(split), 2, 2, image_size=16)
+        with pytest.raises(SourceError, match="when it was indexed"):
             read_wds_index(tmp_path / "idx")  # and the builder's reader
     finally:
+        os.truncate(path, st.st_size)
         os.utime(path, (st.st_atime, st.st_mtime))
     index_shards(str(source / PATTERN), tmp_path / "local", IndexOptions(progress=False))
     local = tmp_path / "local" / "train"

@@ -18,6 +18,7 @@ import torch
 from ..dist import env_rank_and_world
 from .epochs import split_ranges
 from .images import to_rgb
+from .retry import describe_error, is_read_error, retry_after
 from .stream import ShardSet, SkipCounter, _image_bytes, _label, _open, resolve_shards, sample_spans
 from .tarindex import idx_name, load_shard_index, read_range
 from .transforms import eval_transform
@@ -79,23 +80,47 @@ class EvalDataset(torch.utils.data.IterableDataset):
             url = self.shards.urls[shard]
             try:
                 index = load_shard_index(idx_name(url))
-                f = _open(url, sample_spans(index, [(lo, hi)]))
             except (OSError, ValueError, KeyError) as e:
                 counter.skip(url, f"unreadable shard or index ({type(e).__name__}: {e})", hi - lo)
                 continue
-            with f:
-                for n, sample in read_range(f, index, lo, hi):
-                    where = f"{url}:{n}"
-                    if isinstance(sample, Exception):
-                        counter.skip(where, f"sample does not parse ({type(sample).__name__}: {sample})")
-                        continue
-                    try:
-                        label, img = _label(sample), self.transform(_image_bytes(sample))
-                    except Exception as e:  # noqa: BLE001 -- any decoding failure is a bad sample
-                        counter.skip(f"{url}:{sample.get('__key__', n)}", f"{type(e).__name__}: {e}")
-                        continue
-                    counter.ok()
-                    yield img, label, int(self.first[shard] + n), str(sample.get("__key__", n))
+            yield from self._range(url, index, shard, lo, hi, counter)
+
+    def _range(self, url: str, index, shard: int, lo: int, hi: int, counter: SkipCounter):
+        """Samples ``lo .. hi - 1`` of one shard. A read error that may pass (:mod:`.retry`: a reset, a 5xx,
+        a timeout) reopens the shard from the sample it failed at; when the retries are spent, the samples
+        left are skipped and counted, naming the shard."""
+        n, attempt = lo, 0
+        while n < hi:
+            try:
+                with _open(url, sample_spans(index, [(n, hi)])) as f:
+                    for m, sample in read_range(f, index, n, hi):
+                        if isinstance(sample, OSError):  # its bytes did not read: again, from this sample
+                            raise sample
+                        n = m + 1
+                        item = self._item(url, shard, m, sample, counter)
+                        if item is not None:
+                            yield item
+                        attempt = 0
+            except Exception as e:
+                if not is_read_error(e):
+                    raise
+                if retry_after(url, e, attempt):
+                    attempt += 1
+                    continue
+                counter.skip(url, f"shard unreadable ({describe_error(e)})", hi - n, unanswered=attempt > 0)
+                return
+
+    def _item(self, url: str, shard: int, n: int, sample, counter: SkipCounter):
+        if isinstance(sample, Exception):
+            counter.skip(f"{url}:{n}", f"sample does not parse ({type(sample).__name__}: {sample})")
+            return None
+        try:
+            label, img = _label(sample), self.transform(_image_bytes(sample))
+        except Exception as e:  # noqa: BLE001 -- any decoding failure is a bad sample
+            counter.skip(f"{url}:{sample.get('__key__', n)}", f"{type(e).__name__}: {e}")
+            return None
+        counter.ok()
+        return img, label, int(self.first[shard] + n), str(sample.get("__key__", n))
 
 
 def eval_dataset(

@@ -327,7 +327,8 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
         with RangeFetcher(self.split.urls, self.in_flight).prefetch(self._source(int(i)) for i in mine) as read:
             for start in range(0, len(mine), KEY_BLOCK):  # keys a block at a time: no list of every key held
                 block = mine[start : start + KEY_BLOCK]
-                for i, label, key in zip(block.tolist(), labels[start:].tolist(), self.keys(block), strict=False):
+                labs = labels[start : start + KEY_BLOCK].tolist()
+                for i, label, key in zip(block.tolist(), labs, self.keys(block), strict=True):
                     img = self._image(i, key, read, counter)
                     if img is not None:
                         yield img, label, int(self.split.position[i]), key

@@ -70,20 +70,30 @@ def _filesystem_classes(cls) -> list:
     return out
 
 
+_SNAPSHOT: list = []
+
+
+def _snapshot() -> None:
+    """Before a fork, in the parent: the fsspec filesystems the child will copy (taken here, as fsspec's own
+    fork hook empties its instance caches in the child before any later-registered hook of ours runs)."""
+    _SNAPSHOT[:] = list(_FILESYSTEMS.values())
+    fsspec = sys.modules.get("fsspec")
+    if fsspec is not None:
+        for cls in _filesystem_classes(fsspec.AbstractFileSystem):
+            _SNAPSHOT.extend(getattr(cls, "_cache", {}).values())
+
+
 def _keep_inherited() -> None:
     """In a forked child (a DataLoader worker): hold on to the fsspec filesystems copied from the parent. Once
     unreachable, a copy's finalizer would close its pooled connections, and with them remove the parent's
     sockets from the epoll instance that parent and child share: the parent's next request on one of them
     (a validation pass after the loader workers started) would then wait forever. Forked workers end with
     ``os._exit``, so the copies are never closed."""
-    _INHERITED.extend(found for _, found in _FILESYSTEMS.items())
-    fsspec = sys.modules.get("fsspec")
-    if fsspec is not None:
-        for cls in _filesystem_classes(fsspec.AbstractFileSystem):
-            _INHERITED.extend(getattr(cls, "_cache", {}).values())
+    _INHERITED.extend(_SNAPSHOT)
+    _SNAPSHOT.clear()
 
 
-os.register_at_fork(after_in_child=_keep_inherited)
+os.register_at_fork(before=_snapshot, after_in_parent=_SNAPSHOT.clear, after_in_child=_keep_inherited)
 
 
 def url_to_fs(url: str) -> tuple:
@@ -114,7 +124,8 @@ def _read_remote(url: str, offset: int, size: int) -> bytes:
                 if "range requests" in str(e):
                     raise _ranges_ignored(url) from None
                 raise
-            _RANGES_HONOURED.add(folder)
+            if offset > 0:  # at offset 0 fsspec takes a whole-file 200 as an answer: no proof of ranges
+                _RANGES_HONOURED.add(folder)
             return data
     return fs.cat_file(path, start=offset, end=offset + size)
 

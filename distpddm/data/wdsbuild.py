@@ -18,6 +18,7 @@ for the other sources; image bytes never are, beyond those in flight.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections import deque
@@ -28,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import StorageUnavailable
 from .ranges import read_range, url_to_fs
-from .retry import retry_after
+from .retry import describe_error, is_transient, retry_after
 from .sources import SourceError, SourcePlan, SplitPlan
 from .wdsindex import INDEX, LAYOUT, etag_of
 
 KIND = "wds-index"
+log = logging.getLogger("distpddm.data")
 #: Image reads in flight per shard being written (per builder worker process).
 IN_FLIGHT = 8
 
@@ -133,13 +136,15 @@ def read_selection(split_dir: Path) -> tuple[dict, np.ndarray, np.ndarray, np.nd
 CHECKS_IN_FLIGHT = 16
 
 
-def _changed(shard: dict, size: int | None, etag: str | None) -> str | None:
-    """Why a shard is not what was indexed (its size, or its store's version tag, differ), else None."""
+def _changed(shard: dict, size: int | None, etag: str | None) -> tuple[str | None, bool]:
+    """Why a shard is not what was indexed, else None; and whether that is certain. A size that differs is;
+    so is an S3 ETag (the object's content hash); an HTTP ETag is not: servers behind a load balancer or a
+    mirror may tag the same file differently (nginx uses the mtime)."""
     if shard.get("bytes") is not None and size is not None and size != shard["bytes"]:
-        return f"has {size} bytes, {shard['bytes']} when it was indexed"
+        return f"has {size} bytes, {shard['bytes']} when it was indexed", True
     if shard.get("etag") and etag and etag != shard["etag"]:
-        return f"has ETag {etag}, {shard['etag']} when it was indexed"
-    return None
+        return f"has ETag {etag}, {shard['etag']} when it was indexed", shard["url"].startswith("s3://")
+    return None, False
 
 
 def _stat(url: str) -> tuple[int | None, str | None]:
@@ -168,10 +173,14 @@ def shard_urls(split_dir: Path, shards: list[dict]) -> list[str]:
         try:
             size, etag = _stat(url)
         except Exception as e:  # noqa: BLE001 -- any failure to find the shard is named, in one line
+            if is_transient(e, url):  # the store did not answer through the retries: an outage, retried by Ray
+                raise StorageUnavailable(f"shard {url} of {split_dir}: {describe_error(e)}") from None
             raise SourceError(f"shard {url} of {split_dir}: {type(e).__name__}: {e}") from None
-        why = _changed(shard, size, etag)
-        if why is not None:
+        why, certain = _changed(shard, size, etag)
+        if why is not None and certain:
             raise SourceError(f"shard {url} {why}: index it again (`distpddm shards index`)")
+        if why is not None:
+            log.warning("shard %s %s: if its bytes changed, index it again (`distpddm shards index`)", url, why)
         return url
 
     remote = sum("://" in s["url"] for s in shards)

@@ -162,7 +162,10 @@ class RangeReader:
             self._stream_at = 0
         else:
             info = fs.info(path)  # one HEAD (or stat): the size, and the version tag that an open would drop
-            self.etag = etag_of(info)
+            etag = etag_of(info)
+            if self.etag is not None and etag is not None and etag != self.etag:  # replaced while indexed
+                raise DamagedShardError(f"{self.url}: changed while it was being indexed (ETag {self.etag} -> {etag})")
+            self.etag = self.etag or etag
             size = info.get("size")
             self._file = fs.open(
                 path, "rb", block_size=self.window, cache_type="none", **({"size": size} if size else {})
