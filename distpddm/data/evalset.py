@@ -18,8 +18,16 @@ import torch
 from ..dist import env_rank_and_world
 from .epochs import split_ranges
 from .images import to_rgb
-from .retry import describe_error, is_read_error, retry_after
-from .stream import ShardSet, SkipCounter, _image_bytes, _label, _open, resolve_shards, sample_spans
+from .stream import (
+    ShardSet,
+    SkipCounter,
+    _image_bytes,
+    _label,
+    _open,
+    read_samples,
+    resolve_shards,
+    sample_spans,
+)
 from .tarindex import idx_name, load_shard_index, read_range
 from .transforms import eval_transform
 
@@ -83,32 +91,11 @@ class EvalDataset(torch.utils.data.IterableDataset):
             except (OSError, ValueError, KeyError) as e:
                 counter.skip(url, f"unreadable shard or index ({type(e).__name__}: {e})", hi - lo)
                 continue
-            yield from self._range(url, index, shard, lo, hi, counter)
-
-    def _range(self, url: str, index, shard: int, lo: int, hi: int, counter: SkipCounter):
-        """Samples ``lo .. hi - 1`` of one shard. A read error that may pass (:mod:`.retry`: a reset, a 5xx,
-        a timeout) reopens the shard from the sample it failed at; when the retries are spent, the samples
-        left are skipped and counted, naming the shard."""
-        n, attempt = lo, 0
-        while n < hi:
-            try:
-                with _open(url, sample_spans(index, [(n, hi)])) as f:
-                    for m, sample in read_range(f, index, n, hi):
-                        if isinstance(sample, OSError):  # its bytes did not read: again, from this sample
-                            raise sample
-                        n = m + 1
-                        item = self._item(url, shard, m, sample, counter)
-                        if item is not None:
-                            yield item
-                        attempt = 0
-            except Exception as e:
-                if not is_read_error(e):
-                    raise
-                if retry_after(url, e, attempt):
-                    attempt += 1
-                    continue
-                counter.skip(url, f"shard unreadable ({describe_error(e)})", hi - n, unanswered=attempt > 0)
-                return
+            # a read error that may pass reopens the shard from its sample; spent retries skip and count the rest
+            for n, sample in read_samples(url, index, list(range(lo, hi)), counter):
+                item = None if sample is None else self._item(url, shard, n, sample, counter)
+                if item is not None:
+                    yield item
 
     def _item(self, url: str, shard: int, n: int, sample, counter: SkipCounter):
         if isinstance(sample, Exception):

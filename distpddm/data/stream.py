@@ -405,6 +405,55 @@ class PKBatchDataset(PKStream):
         return _EpochReader(self, epoch, reader, readers, worker, counter).run(skip)
 
 
+def read_samples(
+    url: str, index: ShardIndex, numbers: list[int], counter: SkipCounter
+) -> Iterator[tuple[int, dict | Exception | None]]:
+    """``(n, raw sample | exception | None)`` for samples ``numbers`` (ascending) of the shard at ``url``, as
+    the training stream and the eval reader read them. A read error opening the shard or reading it
+    (:func:`is_read_error`: an ``OSError``, or aiohttp's, which :func:`.read_range` does not catch) is retried
+    (:func:`retry_after`) from the sample it failed at, so a retry that succeeds gives exactly the samples an
+    undisturbed read gives; when the retries are spent (or the error does not pass: a missing file), the
+    samples not yet read are counted as skipped, once, naming the shard and the error, and come back as None."""
+    done, attempt = 0, 0
+    while done < len(numbers):
+        error = None
+        try:
+            f = _open(url, sample_spans(index, _runs(numbers[done:])))
+        except Exception as e:
+            if not is_read_error(e):
+                raise
+            error = e
+        else:
+            with f:
+                for lo, hi in _runs(numbers[done:]):
+                    reader = read_range(f, index, lo, hi)
+                    try:
+                        for n, sample in reader:
+                            if isinstance(sample, OSError):  # from this sample on, through a new handle
+                                error = sample
+                                break
+                            done, attempt = done + 1, 0
+                            yield n, sample
+                    except Exception as e:  # raised by the read itself, not yielded as the sample's
+                        if not is_read_error(e):
+                            raise
+                        error = e
+                    finally:
+                        reader.close()
+                    if error is not None:
+                        break
+            if error is None:
+                return
+        if retry_after(url, error, attempt):
+            attempt += 1
+            continue
+        why = f"shard unreadable ({describe_error(error)}){_after(attempt)}"
+        counter.skip(url, why, len(numbers) - done, unanswered=attempt > 0)
+        for n in numbers[done:]:
+            yield n, None
+        return
+
+
 class _EpochReader:
     """One reader's epoch: plan batches from labels, read (or, while replaying, skip) the samples' bytes."""
 
@@ -491,50 +540,7 @@ class _EpochReader:
         return self._read(unit, list(range(start, unit.hi)))
 
     def _read(self, unit: _Unit, numbers: list[int]) -> Iterator[tuple[int, dict | Exception | None]]:
-        """``(n, raw sample | exception | None)`` for the unit's samples ``numbers`` (ascending). A read error
-        opening the shard or reading it (:func:`is_read_error`: an ``OSError``, or aiohttp's, which
-        :func:`.read_range` does not catch) is retried (:func:`retry_after`) from the sample it failed at, so a
-        retry that succeeds gives exactly the samples an undisturbed read gives; when the retries are spent (or
-        the error does not pass: a missing file), the samples not yet read are counted as skipped, once, naming
-        the shard and the error, and come back as None."""
-        done, attempt = 0, 0
-        while done < len(numbers):
-            error = None
-            try:
-                f = _open(unit.url, sample_spans(unit.index, _runs(numbers[done:])))
-            except Exception as e:
-                if not is_read_error(e):
-                    raise
-                error = e
-            else:
-                with f:
-                    for lo, hi in _runs(numbers[done:]):
-                        reader = read_range(f, unit.index, lo, hi)
-                        try:
-                            for n, sample in reader:
-                                if isinstance(sample, OSError):  # from this sample on, through a new handle
-                                    error = sample
-                                    break
-                                done, attempt = done + 1, 0
-                                yield n, sample
-                        except Exception as e:  # raised by the read itself, not yielded as the sample's
-                            if not is_read_error(e):
-                                raise
-                            error = e
-                        finally:
-                            reader.close()
-                        if error is not None:
-                            break
-                if error is None:
-                    return
-            if retry_after(unit.url, error, attempt):
-                attempt += 1
-                continue
-            why = f"shard unreadable ({describe_error(error)}){_after(attempt)}"
-            self.counter.skip(unit.url, why, len(numbers) - done, unanswered=attempt > 0)
-            for n in numbers[done:]:
-                yield n, None
-            return
+        return read_samples(unit.url, unit.index, numbers, self.counter)
 
     def _check(self, item: tuple[int, dict | Exception | None], label: int, unit: _Unit) -> dict | None:
         n, sample = item
