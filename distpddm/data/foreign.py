@@ -94,6 +94,34 @@ class ForeignSplit:
     def __len__(self) -> int:
         return len(self.position)
 
+    def url(self, i: int) -> str:
+        """Sample ``i``'s shard's URL."""
+        return self.urls[self.names[self.shard[i]]]
+
+    def source(self, i: int) -> str:
+        """What :class:`.wdsbuild.RangeFetcher` reads for sample ``i``: ``<shard>/<key>.<ext>@<offset>+<size>``
+        (the key and ext are not needed to read a range)."""
+        return f"{self.names[self.shard[i]]}/s.img@{self.offset[i]}+{self.size[i]}"
+
+
+def read_image(read, source: str, where: str, transform, counter: SkipCounter) -> torch.Tensor | None:
+    """One sample's transformed image through a prefetching reader, or None (skipped and counted, named by
+    ``where``) when it does not read or decode; both readers of a foreign split take their images so."""
+    try:
+        raw, _ = read(source)
+    except Exception as e:
+        if isinstance(e, RangesIgnored) or not (is_read_error(e) or isinstance(e, ValueError)):
+            raise  # a server without ranges fails every read alike: the run stops, in one line
+        counter.skip(where, f"unreadable ({describe_error(e)})", unanswered=is_transient(e, where))
+        return None
+    try:
+        img = transform(raw)
+    except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad sample
+        counter.skip(where, f"image does not decode ({type(e).__name__}: {e})")
+        return None
+    counter.ok()
+    return img
+
 
 class ForeignPKDataset(PKStream):
     """Endless P x K training batches (:class:`.stream.Batch`) from a foreign split, as
@@ -175,7 +203,7 @@ class EpochPlan:
         counter.seen += min(skip, len(self.batches)) * ds.P * ds.K  # read before a resume: the rate's denominator
         todo = self.batches[skip:]
         fetcher = RangeFetcher(split.urls, ds.in_flight)
-        with fetcher.prefetch(self._source(int(i)) for i in todo.flat) as read:  # lazily: no list of N
+        with fetcher.prefetch(split.source(int(i)) for i in todo.flat) as read:  # lazily: no list of N
             for index, row in enumerate(todo, start=skip):
                 samples, rng = row.tolist(), self._rng(index)
                 # each image decoded as soon as it is read: the next ``in_flight`` reads run meanwhile
@@ -191,33 +219,9 @@ class EpochPlan:
         )
 
     def _image(self, i: int, read, rng: random.Random, counter: SkipCounter) -> torch.Tensor | None:
-        """Sample ``i``'s transformed image, or None (skipped and counted) when it does not read or decode."""
-        try:
-            raw, _ = read(self._source(i))
-        except Exception as e:
-            if isinstance(e, RangesIgnored) or not (is_read_error(e) or isinstance(e, ValueError)):
-                raise  # a server without ranges fails every read alike: the run stops, in one line
-            counter.skip(
-                self._where(i), f"unreadable ({describe_error(e)})", unanswered=is_transient(e, self._where(i))
-            )
-            return None
-        try:
-            img = self.ds.transform(raw, rng)
-        except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad sample
-            counter.skip(self._where(i), f"image does not decode ({type(e).__name__}: {e})")
-            return None
-        counter.ok()
-        return img
-
-    def _source(self, i: int) -> str:
-        """What :class:`.wdsbuild.RangeFetcher` reads: ``<shard>/<key>.<ext>@<offset>+<size>`` (the key and ext
-        are not needed to read a range)."""
         split = self.ds.split
-        return f"{split.names[split.shard[i]]}/s.img@{split.offset[i]}+{split.size[i]}"
-
-    def _where(self, i: int) -> str:
-        split = self.ds.split
-        return f"{split.urls[split.names[split.shard[i]]]}@{split.offset[i]} (sample {split.position[i]})"
+        where = f"{split.url(i)}@{split.offset[i]} (sample {split.position[i]})"
+        return read_image(read, split.source(i), where, lambda raw: self.ds.transform(raw, rng), counter)
 
     def _make(self, index: int, samples: list[int], images: list[torch.Tensor | None]) -> Batch | None:
         ds, split = self.ds, self.ds.split
@@ -301,10 +305,6 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
     def samples(self) -> int:
         return len(self.order)
 
-    def _source(self, i: int) -> str:
-        split = self.split
-        return f"{split.names[split.shard[i]]}/s.img@{split.offset[i]}+{split.size[i]}"
-
     def keys(self, ids: np.ndarray) -> list[str]:
         """The samples' keys, from their per-shard indexes (only the rows asked for are kept)."""
         split, out = self.split, [""] * len(ids)
@@ -324,7 +324,7 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
         mine = self.order[len(self.order) * reader // readers : len(self.order) * (reader + 1) // readers]
         counter = SkipCounter(self.max_skip_rate)
         labels = np.searchsorted(self.split.class_start, mine, side="right") - 1
-        with RangeFetcher(self.split.urls, self.in_flight).prefetch(self._source(int(i)) for i in mine) as read:
+        with RangeFetcher(self.split.urls, self.in_flight).prefetch(self.split.source(int(i)) for i in mine) as read:
             for start in range(0, len(mine), KEY_BLOCK):  # keys a block at a time: no list of every key held
                 block = mine[start : start + KEY_BLOCK]
                 labs = labels[start : start + KEY_BLOCK].tolist()
@@ -335,21 +335,7 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
 
     def _image(self, i: int, key: str, read, counter: SkipCounter) -> torch.Tensor | None:
         split = self.split
-        where = f"{split.urls[split.names[split.shard[i]]]}@{split.offset[i]} ({key})"
-        try:
-            raw, _ = read(self._source(i))
-        except Exception as e:
-            if isinstance(e, RangesIgnored) or not (is_read_error(e) or isinstance(e, ValueError)):
-                raise
-            counter.skip(where, f"unreadable ({describe_error(e)})", unanswered=is_transient(e, where))
-            return None
-        try:
-            img = self.transform(raw)
-        except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad sample
-            counter.skip(where, f"image does not decode ({type(e).__name__}: {e})")
-            return None
-        counter.ok()
-        return img
+        return read_image(read, split.source(i), f"{split.url(i)}@{split.offset[i]} ({key})", self.transform, counter)
 
     def raw(self, positions) -> list[bytes | None]:
         """The encoded images at these split positions (None where unreadable): for reports, a few dozen."""
@@ -361,9 +347,7 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
         for p in np.asarray(positions, dtype=np.int64).tolist():
             i = int(where[p])
             try:
-                out.append(
-                    read_range(split.urls[split.names[split.shard[i]]], int(split.offset[i]), int(split.size[i]))
-                )
+                out.append(read_range(split.url(i), int(split.offset[i]), int(split.size[i])))
             except Exception:  # noqa: BLE001 -- an illustration: the report marks it missing
                 out.append(None)
         return out
