@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
 import shutil
+import socket
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +167,70 @@ def write_shards(split_dir: Path, samples: list[tuple[int, bytes]], per_shard: i
     counts = [sum(1 for label, _ in samples if label == c) for c in range(n_classes)]
     index = {"classes": [str(c) for c in range(n_classes)], "class_counts": counts, "samples": len(samples)}
     (split_dir / "index.json").write_text(json.dumps(index | {"shards": shards, "chunk_size": 4}))
+
+
+class FaultyStore(BaseHTTPRequestHandler):
+    """A folder over HTTP as fsspec reads it (HEAD; GET whole or with Range); ``answer(method, name, nth)``
+    (``nth``: the how-manieth request for that file) may give another status instead (503, 404), or ``"cut"``:
+    the headers and half the body, then the TCP connection closed (a server or proxy dropping it mid-body)."""
+
+    root: Path
+    answer = None
+    requests: Counter
+
+    def log_message(self, *args):
+        pass
+
+    def _file(self, body: bool) -> None:
+        name = self.path.lstrip("/")
+        self.requests[name] += 1
+        status = type(self).answer(self.command, name, self.requests[name]) if type(self).answer else None
+        path = self.root / name
+        cut = status == "cut"
+        status = None if cut else status
+        if status is None and not path.is_file():
+            status = 404
+        if status is not None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = path.read_bytes()
+        lo, hi, status = 0, len(data), 200
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        if match:
+            lo, hi, status = int(match.group(1)), min(len(data), int(match.group(2)) + 1), 206
+        self.send_response(status)
+        self.send_header("Content-Length", str(hi - lo))
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
+        self.end_headers()
+        if body and cut:
+            self.wfile.write(data[lo : lo + (hi - lo) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        elif body:
+            self.wfile.write(data[lo:hi])
+
+    def do_GET(self):  # noqa: N802
+        self._file(True)
+
+    def do_HEAD(self):  # noqa: N802
+        self._file(False)
+
+
+@contextlib.contextmanager
+def http_store(root: Path):
+    """``root`` served over HTTP on a free port: yields the handler class (``base``: the URL of ``root``; set
+    ``answer`` to make requests fail; ``requests`` counts them by file)."""
+    handler = type("Store", (FaultyStore,), {"root": root, "answer": None, "requests": Counter()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    handler.base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield handler
+    finally:
+        server.shutdown()
+        server.server_close()

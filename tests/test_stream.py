@@ -3,12 +3,8 @@ exactly-once evaluation, on shards the builder made from real glyph images."""
 
 import json
 import logging
-import re
 import sys
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -567,62 +563,13 @@ def test_a_503_from_aiohttp_is_retried_and_changes_no_batch(shards, monkeypatch,
     assert "skipping" not in caplog.text
 
 
-class _Store(BaseHTTPRequestHandler):
-    """A folder over HTTP as fsspec reads it (HEAD; GET whole or with Range); ``answer(method, name, nth)``
-    (``nth``: the how-manieth request for that file) may give another status instead (503, 404)."""
-
-    root: Path
-    answer = None
-    requests: Counter
-
-    def log_message(self, *args):
-        pass
-
-    def _file(self, body: bool) -> None:
-        name = self.path.lstrip("/")
-        self.requests[name] += 1
-        status = type(self).answer(self.command, name, self.requests[name]) if type(self).answer else None
-        path = self.root / name
-        if status is None and not path.is_file():
-            status = 404
-        if status is not None:
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        data = path.read_bytes()
-        lo, hi, status = 0, len(data), 200
-        match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
-        if match:
-            lo, hi, status = int(match.group(1)), min(len(data), int(match.group(2)) + 1), 206
-        self.send_response(status)
-        self.send_header("Content-Length", str(hi - lo))
-        self.send_header("Accept-Ranges", "bytes")
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
-        self.end_headers()
-        if body:
-            self.wfile.write(data[lo:hi])
-
-    def do_GET(self):  # noqa: N802
-        self._file(True)
-
-    def do_HEAD(self):  # noqa: N802
-        self._file(False)
-
-
 @pytest.fixture
 def store(shards):
     """The split served over HTTP; set ``store.answer`` to make it fail."""
     pytest.importorskip("aiohttp")
-    handler = type("Store", (_Store,), {"root": shards.parent, "answer": None, "requests": Counter()})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    handler.url = f"http://127.0.0.1:{server.server_address[1]}/{shards.name}/index.json"
-    yield handler
-    server.shutdown()
-    server.server_close()
+    with fixtures.http_store(shards.parent) as handler:
+        handler.url = f"{handler.base}/{shards.name}/index.json"
+        yield handler
 
 
 @pytest.mark.parametrize("fault", ["head_and_get", "get"])
@@ -646,6 +593,24 @@ def test_503s_over_http_through_fsspec_are_retried(shards, store, monkeypatch, s
     assert failed and sleeps == [retry.RETRY_BASE_S] * len(failed) and "skipping" not in caplog.text
     what = "FileNotFoundError" if fault == "head_and_get" else "ClientResponseError: 503"
     assert what in caplog.text and "ClientResponseError: 503" in caplog.text
+
+
+def test_a_connection_dropped_mid_body_over_http_is_retried(shards, store, monkeypatch, sleeps, caplog):
+    """Every shard's first ranged GET and every shard index's first GET send half their body, then the server
+    closes the TCP connection: aiohttp's truncated payload is retried (not bad data) by the training stream
+    and the eval reader, and both read what they read from undisturbed shards."""
+    whole = _undisturbed(shards, monkeypatch)
+    store.answer = lambda method, name, nth: (
+        "cut" if method == "GET" and name.endswith((".tar", ".npz")) and nth <= 2 else None
+    )
+    with caplog.at_level(logging.WARNING, "distpddm.data"):
+        again = _take(PKBatchDataset(store.url, 4, 3, image_size=16, seed=2), 12, workers=0)
+    assert all(_same(x, y) for x, y in zip(whole, again, strict=True))
+    assert sleeps and "skipping" not in caplog.text
+    assert "ClientPayloadError" in caplog.text or "ServerDisconnectedError" in caplog.text
+    local = sorted((int(p), k) for _, _, p, k in EvalDataset(shards, 16))
+    store.requests.clear()
+    assert sorted((int(p), k) for _, _, p, k in EvalDataset(store.url, 16)) == local
 
 
 def test_the_eval_reader_retries_a_503_over_http_and_reads_every_sample(shards, store, sleeps):

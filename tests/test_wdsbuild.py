@@ -223,6 +223,41 @@ def test_build_over_http_equals_local(source, tmp_path, nginx, monkeypatch):
     assert f"{base}/noranges" not in ranges._RANGES_HONOURED
 
 
+def test_a_connection_dropped_mid_image_is_retried_by_the_foreign_readers(source, indexed, tmp_path, monkeypatch):
+    """A split indexed in place over HTTP, read while the server sends half of the first image of every shard
+    and then closes the TCP connection: training and eval without a copy read what the local shards give."""
+    from distpddm.data.foreign import ForeignEvalDataset, ForeignPKDataset
+    from tests import fixtures
+    from tests.test_stream import _as_rank, _same, _take
+
+    _as_rank(monkeypatch, 0, 1)
+    monkeypatch.setattr(retry, "_sleep", lambda s: None)
+    with fixtures.http_store(source) as store:
+        index_shards(f"{store.base}/{PATTERN}", tmp_path / "http", IndexOptions(progress=False, val_per_class=1))
+        gets = Counter()
+
+        def answer(method, name, nth):  # the first image GET of each shard after this point is cut mid-body
+            gets[name] += method == "GET"
+            return "cut" if method == "GET" and gets[name] == 1 else None
+
+        for split in ("train", "val"):
+            gets.clear()
+            store.answer = answer
+            if split == "train":
+                local, remote = (
+                    _take(ForeignPKDataset(str(where / "train"), 2, 2, image_size=16, seed=1, in_flight=4), 4, 0)
+                    for where in (indexed, tmp_path / "http")
+                )
+                assert len(local) == 4 and all(_same(x, y) for x, y in zip(local, remote, strict=True))
+            else:
+                local, remote = (
+                    sorted((int(p), int(y), k) for _, y, p, k in ForeignEvalDataset(str(where / "val"), 16))
+                    for where in (indexed, tmp_path / "http")
+                )
+                assert local and local == remote
+            assert gets and all(n >= 2 for n in gets.values())  # each cut read was asked for again
+
+
 def test_training_and_evaluation_read_from_s3(source, tmp_path, s3, monkeypatch):
     """Both layouts over the S3 API (moto's server, through s3fs) give what the local files give: a split
     indexed in place (training and evaluation without a copy) and a built, class-chunked one."""

@@ -25,6 +25,7 @@ from .stream import (
     _label,
     _open,
     read_samples,
+    read_shard_index,
     resolve_shards,
     sample_spans,
 )
@@ -86,10 +87,8 @@ class EvalDataset(torch.utils.data.IterableDataset):
         counter = SkipCounter(self.max_skip_rate)
         for shard, lo, hi in split_ranges(self.counts, rank * workers + worker, world * workers):
             url = self.shards.urls[shard]
-            try:
-                index = load_shard_index(idx_name(url))
-            except (OSError, ValueError, KeyError) as e:
-                counter.skip(url, f"unreadable shard or index ({type(e).__name__}: {e})", hi - lo)
+            index = read_shard_index(url, self.shards.counts[shard], counter, hi - lo)
+            if index is None:
                 continue
             # a read error that may pass reopens the shard from its sample; spent retries skip and count the rest
             for n, sample in read_samples(url, index, list(range(lo, hi)), counter):

@@ -405,6 +405,28 @@ class PKBatchDataset(PKStream):
         return _EpochReader(self, epoch, reader, readers, worker, counter).run(skip)
 
 
+def read_shard_index(url: str, count: int, counter: SkipCounter, samples: int) -> ShardIndex | None:
+    """The per-shard index of the shard at ``url`` (``count`` samples, per index.json), as the training stream
+    and the eval reader open it: a read error that may pass is retried (:func:`retry_after`); a damaged index,
+    or one that stays unreadable, is None, with the shard's ``samples`` to be read counted as skipped."""
+    attempt = 0
+    while True:
+        try:
+            index = load_shard_index(idx_name(url))
+            if len(index) != count:
+                raise ValueError(f"it lists {len(index)} samples, index.json {count}: rebuild the split")
+            return index
+        except Exception as e:
+            if not isinstance(e, (ValueError, KeyError)) and not is_read_error(e):
+                raise
+            if retry_after(idx_name(url), e, attempt):
+                attempt += 1
+                continue
+            why = f"no usable shard index {idx_name(url)} ({describe_error(e)}){_after(attempt)}"
+            counter.skip(url, why, samples, unanswered=attempt > 0)
+            return None
+
+
 def read_samples(
     url: str, index: ShardIndex, numbers: list[int], counter: SkipCounter
 ) -> Iterator[tuple[int, dict | Exception | None]]:
@@ -515,22 +537,9 @@ class _EpochReader:
     # ------------------------------------------------------------------------------------------- reading
 
     def _unit(self, url: str, count: int, lo: int, hi: int, first: int) -> _Unit | None:
-        attempt = 0
-        while True:
-            try:
-                index = load_shard_index(idx_name(url))
-                if len(index) != count:
-                    raise ValueError(f"it lists {len(index)} samples, index.json {count}: rebuild the split")
-                break
-            except Exception as e:
-                if not isinstance(e, (ValueError, KeyError)) and not is_read_error(e):
-                    raise
-                if retry_after(idx_name(url), e, attempt):
-                    attempt += 1
-                    continue
-                why = f"no usable shard index {idx_name(url)} ({describe_error(e)}){_after(attempt)}"
-                self.counter.skip(url, why, hi - lo, unanswered=attempt > 0)
-                return None
+        index = read_shard_index(url, count, self.counter, hi - lo)
+        if index is None:
+            return None
         unit = _Unit(url, lo, hi, first, index)
         self.units.append(unit)
         return unit
