@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .data.sources import KINDS, SourceError
+from .redact import redact_handlers, redacted_output
 
 
 def _size(text: str) -> int:
@@ -432,12 +433,14 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
+    redact_handlers(logging.getLogger())
     args = parse_args(build_parser(), argv)
-    try:
-        return args.func(args)
-    except (SourceError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with redacted_output():  # no URL's password or query values in what a command prints
+        try:
+            return args.func(args)
+        except (SourceError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -562,3 +563,30 @@ def test_index_over_s3_equals_local(source, tmp_path, s3):
     assert remote.bytes_read < 0.15 * remote.shard_bytes  # counted by the reader: moto logs no bytes
     shards = json.loads((tmp_path / "s3" / "train" / "index.json").read_text())["shards"]
     assert all(s["etag"] for s in shards)  # S3's version tags, checked when the split is opened
+
+
+def test_no_secret_is_printed_or_logged(source, tmp_path, s3, monkeypatch, capsys, caplog):
+    """`distpddm shards index` over S3 with the secret key in the environment, and over HTTP with a password
+    in the URL, through retries (503s) and a damaged shard, both named in what it prints and logs: the
+    secret appears nowhere, the URL with its password hidden does."""
+    import s3fs
+
+    from distpddm.data import ranges
+    from tests import fixtures
+
+    secret = "Zq8-Ae3-not-a-real-secret"
+    monkeypatch.setattr(retry, "_sleep", lambda s: None)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    s3fs.S3FileSystem.clear_instance_cache()  # a filesystem of the fixture's holds the old key
+    ranges._FILESYSTEMS.clear()
+    for path in sorted(source.glob("in12k-train-000[0-3].tar")):
+        s3.put(str(path), f"shards/{path.name}")
+    with fixtures.http_store(source) as store, caplog.at_level(logging.DEBUG):
+        store.answer = lambda method, name, nth: 503 if name.endswith("0001.tar") and nth <= 2 else None
+        base = store.base.replace("http://", f"http://ann:{secret}@")
+        for src, out in ((f"s3://shards/{PATTERN}", "s3"), (f"{base}/{PATTERN}", "http")):
+            assert cli(["shards", "index", src, str(tmp_path / out), "--max-bad-shards", "1", "--max-bad", "2"]) == 0
+    printed = "".join(capsys.readouterr()) + caplog.text
+    assert secret not in printed
+    assert f"shard {store.base.replace('http://', 'http://ann:***@')}/in12k-train-0003.tar" in printed
+    assert "shard s3://shards/in12k-train-0003.tar" in printed and "retry 1 of" in printed

@@ -9,6 +9,8 @@ import math
 import sys
 from pathlib import Path
 
+from ..redact import RedactFilter
+
 
 class MetricsLog:
     """Rank 0: a JSONL file, TensorBoard curves and a progress bar with ETA."""
@@ -94,6 +96,7 @@ def own_log_handler() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._distpddm = True
+        handler.addFilter(RedactFilter())  # no URL's password or query values in a worker's log
         top.addHandler(handler)
     top.setLevel(logging.INFO)
     top.propagate = False

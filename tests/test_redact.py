@@ -1,0 +1,46 @@
+"""No URL's password or query values in what distpddm prints or logs (credentials in the environment or the
+AWS config files never reach a message; a URL can carry its own)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from distpddm.redact import RedactFilter, redact, redacted_output
+
+
+def test_passwords_tokens_and_query_values_are_hidden_and_the_rest_kept():
+    assert (
+        redact("shard https://ann:pa55w0rd@host:8443/a/b.tar failed")
+        == "shard https://ann:***@host:8443/a/b.tar failed"
+    )
+    assert redact("https://ghp_abc123@host/x.tar") == "https://***@host/x.tar"
+    assert redact("s3://b/x.tar?X-Amz-Signature=f00&X-Amz-Credential=AKIA%2F1&flag") == (
+        "s3://b/x.tar?X-Amz-Signature=***&X-Amz-Credential=***&flag"
+    )
+    # what is not a secret stays as it was: a plain URL, an offset after a path, text without a URL
+    for text in ("http://127.0.0.1:80/in12k-{0000..0009}.tar@512+100 (k.1)", "/data/a@b.tar", "no url: a@b"):
+        assert redact(text) == text
+    assert redact("'http://u:p@h/x' and \"https://v:q@h/y\"") == "'http://u:***@h/x' and \"https://v:***@h/y\""
+
+
+def test_log_records_and_their_tracebacks_are_redacted(caplog):
+    log = logging.getLogger("distpddm.test_redact")
+    caplog.handler.addFilter(RedactFilter())
+    try:
+        raise OSError("GET https://u:hunter2@h/s.tar?sig=xyz: 503")
+    except OSError:
+        log.exception("shard %s unreadable", "https://u:hunter2@h/s.tar")
+    text = caplog.text
+    assert "hunter2" not in text and "xyz" not in text
+    assert "shard https://u:***@h/s.tar unreadable" in text and "sig=***: 503" in text
+
+
+def test_the_cli_output_is_redacted_while_a_command_runs(capsys):
+    with redacted_output():
+        print("error: https://u:hunter2@h/s.tar: gone", file=sys.stderr)
+        print("read http://h/x.tar?token=abc")
+    print("after: https://u:hunter2@h/")  # the streams are given back
+    out, err = capsys.readouterr()
+    assert err == "error: https://u:***@h/s.tar: gone\n"
+    assert out == "read http://h/x.tar?token=***\nafter: https://u:hunter2@h/\n"
