@@ -123,3 +123,23 @@ def test_a_stopped_consumer_ends_the_retries_of_reads_in_flight(monkeypatch):
     with pytest.raises(ConnectionResetError):
         ranges.read_range("http://store/shard.tar", 0, 10, stop)
     assert calls == [0] and time.monotonic() - t0 < 0.4  # no wait, no second try
+
+
+def test_one_filesystem_serves_every_thread():
+    """fsspec keys its instance cache by thread for some filesystems (before its PR #2028, for HTTP and S3
+    too): a reader's threads would each open a session. ranges.url_to_fs hands them one filesystem per class
+    and options (memory:// is still keyed by thread in fsspec)."""
+    found, together = [], threading.Barrier(3)  # alive together: a finished thread's ident is reused
+
+    def open_(n: int) -> None:
+        together.wait()
+        found.append(ranges.url_to_fs(f"memory://bucket/shard-{n}.tar"))
+        together.wait()
+
+    threads = [threading.Thread(target=open_, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(fs) for fs, _ in found}) == 1
+    assert sorted(p for _, p in found) == [f"/bucket/shard-{n}.tar" for n in range(3)]

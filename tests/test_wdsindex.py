@@ -579,6 +579,7 @@ def test_no_secret_is_printed_or_logged(source, tmp_path, s3, monkeypatch, capsy
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     s3fs.S3FileSystem.clear_instance_cache()  # a filesystem of the fixture's holds the old key
     ranges._FILESYSTEMS.clear()
+    ranges._SHARED.clear()
     for path in sorted(source.glob("in12k-train-000[0-3].tar")):
         s3.put(str(path), f"shards/{path.name}")
     with fixtures.http_store(source) as store, caplog.at_level(logging.DEBUG):

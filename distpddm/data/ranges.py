@@ -60,6 +60,7 @@ _RANGES_HONOURED: set[str] = set()
 
 _FILESYSTEMS: dict[str, tuple] = {}
 _FILESYSTEMS_PID = [0]
+_SHARED: dict[str, object] = {}  # one filesystem per class and options: see url_to_fs
 _INHERITED: list = []
 
 
@@ -76,7 +77,7 @@ _SNAPSHOT: list = []
 def _snapshot() -> None:
     """Before a fork, in the parent: the fsspec filesystems the child will copy (taken here, as fsspec's own
     fork hook empties its instance caches in the child before any later-registered hook of ours runs)."""
-    _SNAPSHOT[:] = list(_FILESYSTEMS.values())
+    _SNAPSHOT[:] = [*_FILESYSTEMS.values(), *_SHARED.values()]
     fsspec = sys.modules.get("fsspec")
     if fsspec is not None:
         for cls in _filesystem_classes(fsspec.AbstractFileSystem):
@@ -98,15 +99,21 @@ os.register_at_fork(before=_snapshot, after_in_parent=_SNAPSHOT.clear, after_in_
 
 def url_to_fs(url: str) -> tuple:
     """``fsspec.core.url_to_fs``, remembered per URL in this process (parsing it again costs ~0.1 ms a read);
-    forgotten in a forked child, as fsspec forgets its filesystems (their sessions belong to the parent)."""
+    forgotten in a forked child, as fsspec forgets its filesystems (their sessions belong to the parent). One
+    filesystem per class and options serves every thread: fsspec releases before its PR #2028 keep one per
+    thread, and a reader's 32 threads would each open a session and its connections."""
     if _FILESYSTEMS_PID[0] != os.getpid() or len(_FILESYSTEMS) > 100_000:
         _FILESYSTEMS.clear()
+        _SHARED.clear()
         _FILESYSTEMS_PID[0] = os.getpid()
     found = _FILESYSTEMS.get(url)
     if found is None:
         import fsspec
+        from fsspec.utils import tokenize
 
-        found = _FILESYSTEMS[url] = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url)
+        fs = _SHARED.setdefault(tokenize(type(fs), fs.storage_options), fs)
+        found = _FILESYSTEMS[url] = (fs, path)
     return found
 
 
