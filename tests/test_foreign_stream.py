@@ -200,3 +200,25 @@ def test_eval_runs_on_a_foreign_split(split, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == SHARDS * PER_SHARD and 0 <= metrics["recall@1"] <= 1
     assert sorted(np.load(out / "positions.npy").tolist()) == list(range(SHARDS * PER_SHARD))
+
+
+def test_validation_passes_open_the_eval_split_once(split, tmp_path, monkeypatch):
+    """Each validation pass builds a new eval reader; the split behind it (a check of every shard, a HEAD
+    each over HTTP, and its per-shard indexes read) is opened once per process, and again when re-indexed."""
+    import os
+    import shutil
+
+    from distpddm.data import foreign
+
+    copy = tmp_path / "idx"
+    shutil.copytree(split.parent, copy)
+    checks = Counter()
+    real = foreign.shard_urls
+    monkeypatch.setattr(foreign, "shard_urls", lambda d, s: checks.update([str(d)]) or real(d, s))
+    first, second = (foreign.ForeignEvalDataset(str(copy / "train"), 16) for _ in range(2))
+    assert first.split is second.split and sum(checks.values()) == 1
+    stat = (copy / "train" / "index.json").stat()
+    os.utime(copy / "train" / "index.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # indexed again
+    third = foreign.ForeignEvalDataset(str(copy / "train"), 16)
+    assert third.split is not first.split and sum(checks.values()) == 2
+    assert ForeignPKDataset(str(copy / "train"), 2, 2, image_size=16).split is not third.split

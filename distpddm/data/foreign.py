@@ -28,6 +28,7 @@ anywhere fsspec reads.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -91,6 +92,18 @@ class ForeignSplit:
         self.class_counts = np.bincount(label_of, minlength=len(self.classes)).astype(np.int64)
         self.class_start = np.concatenate([[0], np.cumsum(self.class_counts)]).astype(np.int64)
 
+    @classmethod
+    def open(cls, split_dir: str | Path, rows: bool = False) -> ForeignSplit:
+        """The split, opened once per process while its index.json stays the same file: the trainer's
+        validation passes reuse it, with no HEAD per shard each time (the eval reader's; the training stream
+        opens its split once, and keeps no second copy of its arrays here)."""
+        path = Path(split_dir)
+        try:
+            stamp = (path / "index.json").stat().st_mtime_ns
+        except OSError:
+            return cls(split_dir, rows)  # its own one-line error
+        return _opened(str(path.resolve()), rows, stamp)
+
     def __len__(self) -> int:
         return len(self.position)
 
@@ -102,6 +115,11 @@ class ForeignSplit:
         """What :class:`.wdsbuild.RangeFetcher` reads for sample ``i``: ``<shard>/<key>.<ext>@<offset>+<size>``
         (the key and ext are not needed to read a range)."""
         return f"{self.names[self.shard[i]]}/s.img@{self.offset[i]}+{self.size[i]}"
+
+
+@functools.lru_cache(maxsize=4)
+def _opened(split_dir: str, rows: bool, stamp: int) -> ForeignSplit:
+    return ForeignSplit(split_dir, rows)
 
 
 def read_image(read, source: str, where: str, transform, counter: SkipCounter) -> torch.Tensor | None:
@@ -294,7 +312,7 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"{shards}: not a split that `distpddm shards index` wrote; use EvalDataset")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {limit}")
-        self.split = ForeignSplit(shard_set.split_dir, rows=True)
+        self.split = ForeignSplit.open(shard_set.split_dir, rows=True)
         split = self.split
         chosen = np.flatnonzero(split.position < limit) if limit is not None else np.arange(len(split))
         self.order = chosen[np.lexsort((split.offset[chosen], split.shard[chosen]))].astype(np.int64)
