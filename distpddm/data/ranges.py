@@ -205,6 +205,14 @@ class ReadAhead:
             self._futures.pop(k, None)  # asked again, fetched again
             raise
 
+    def start(self) -> ReadAhead:
+        """Send the first ``depth`` parts' GETs now, before any read (a reader that knows what it reads next)."""
+        for j in range(min(self.depth, len(self.parts))):
+            if j not in self._futures:
+                a, b = self.parts[j]
+                self._futures[j] = self._pool.submit(fetch, self.url, a, b - a)
+        return self
+
     def seek(self, pos: int, whence: int = 0) -> int:
         if whence != 0:
             raise ValueError("ReadAhead seeks to absolute positions only")

@@ -19,6 +19,7 @@ exponential backoff (:mod:`.retry`), from the sample where it failed: a retry th
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,6 +27,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -428,19 +430,20 @@ def read_shard_index(url: str, count: int, counter: SkipCounter, samples: int) -
 
 
 def read_samples(
-    url: str, index: ShardIndex, numbers: list[int], counter: SkipCounter
+    url: str, index: ShardIndex, numbers: list[int], counter: SkipCounter, opened=None
 ) -> Iterator[tuple[int, dict | Exception | None]]:
     """``(n, raw sample | exception | None)`` for samples ``numbers`` (ascending) of the shard at ``url``, as
     the training stream and the eval reader read them. A read error opening the shard or reading it
     (:func:`is_read_error`: an ``OSError``, or aiohttp's, which :func:`.read_range` does not catch) is retried
     (:func:`retry_after`) from the sample it failed at, so a retry that succeeds gives exactly the samples an
     undisturbed read gives; when the retries are spent (or the error does not pass: a missing file), the
-    samples not yet read are counted as skipped, once, naming the shard and the error, and come back as None."""
+    samples not yet read are counted as skipped, once, naming the shard and the error, and come back as None.
+    ``opened``: the shard already opened over these samples' spans (:class:`_NextRange`), for the first try."""
     done, attempt = 0, 0
     while done < len(numbers):
         error = None
         try:
-            f = _open(url, sample_spans(index, _runs(numbers[done:])))
+            f, opened = opened or _open(url, sample_spans(index, _runs(numbers[done:]))), None
         except Exception as e:
             if not is_read_error(e):
                 raise
@@ -476,6 +479,55 @@ def read_samples(
         return
 
 
+class _NextRange:
+    """A remote shard range's index and first parts, fetched while the range before it is read: each range
+    would otherwise open with three round trips (the index's HEAD and GET, then the first part's GET) that no
+    read-ahead covers. Only an optimisation: whatever fails here is read again, with retries, when due."""
+
+    def __init__(self):
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[str, int, int, Future] | None = None
+
+    def start(self, url: str, count: int, lo: int, hi: int, parts: bool) -> None:
+        """Fetch samples ``[lo, hi)`` of the shard at ``url``: its index, and (``parts``) their first parts."""
+        self.close_pending()
+        if "://" not in url:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="next-range")
+        self._pending = (url, lo, hi, self._pool.submit(_open_range, url, count, lo, hi, parts))
+
+    def take(self, url: str, lo: int, hi: int) -> tuple[ShardIndex | None, ReadAhead | None]:
+        """What was fetched for this range, or ``(None, None)``."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending[:3] != (url, lo, hi):
+            if pending is not None:
+                self._pending = pending
+                self.close_pending()
+            return None, None
+        return pending[3].result()
+
+    def close_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[3].add_done_callback(lambda f: f.result()[1] and f.result()[1].close())
+
+    def close(self) -> None:
+        self.close_pending()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def _open_range(url: str, count: int, lo: int, hi: int, parts: bool) -> tuple[ShardIndex | None, ReadAhead | None]:
+    try:
+        index = load_shard_index(idx_name(url))
+    except Exception:  # noqa: BLE001 -- read again when due, with retries and counting
+        return None, None
+    if len(index) != count:
+        return None, None
+    return index, ReadAhead(url, sample_spans(index, [(lo, hi)])).start() if parts else None
+
+
 class _EpochReader:
     """One reader's epoch: plan batches from labels, read (or, while replaying, skip) the samples' bytes."""
 
@@ -494,34 +546,42 @@ class _EpochReader:
         emitted = 0
         waiting: list[tuple[int, list[int]]] = []  # (batch index, positions) due but not yet yielded
         position = 0
-        for shard, lo, hi in reader_ranges(ds.counts, ds.seed, self.epoch, self.reader, self.readers):
-            unit = self._unit(ds.urls[shard], ds.counts[shard], lo, hi, position)
-            if unit is None:
-                continue
-            position += hi - lo
-            samples = None if replaying else self._samples(unit, lo)
-            try:
-                for n in range(lo, hi):
-                    p, label = unit.first + n - lo, int(unit.index.labels[n])
+        plan = list(reader_ranges(ds.counts, ds.seed, self.epoch, self.reader, self.readers))
+        with contextlib.closing(_NextRange()) as ahead:
+            for i, (shard, lo, hi) in enumerate(plan):
+                index, opened = ahead.take(ds.urls[shard], lo, hi)
+                unit = self._unit(ds.urls[shard], ds.counts[shard], lo, hi, position, index)
+                if i + 1 < len(plan):  # the next range's index and first parts, while this one is read
+                    s2, lo2, hi2 = plan[i + 1]
+                    ahead.start(ds.urls[s2], ds.counts[s2], lo2, hi2, parts=not replaying)
+                if unit is None:
+                    continue
+                position += hi - lo
+                samples = None if replaying else self._samples(unit, lo, opened)
+                try:
+                    for n in range(lo, hi):
+                        p, label = unit.first + n - lo, int(unit.index.labels[n])
+                        if samples is not None:
+                            self.held[p] = (label, self._check(next(samples), label, unit))
+                        else:  # replayed: read before the stop, as the skip rate's denominator knew then
+                            self.counter.ok()
+                        for batch in batcher.push(p, label):
+                            if emitted >= skip:
+                                waiting.append((emitted, batch))
+                            emitted += 1
+                        self._forget_dropped()
+                        if replaying and emitted >= skip:  # caught up: fetch what the batcher still holds, go live
+                            replaying = False
+                            due = [p for _, b in waiting for p in b] + [p for w in batcher.pending.values() for p in w]
+                            self._fetch(due)
+                            samples = self._samples(unit, n + 1) if n + 1 < hi else None
+                        if not replaying:
+                            yield from self._make_all(waiting)
+                finally:
                     if samples is not None:
-                        self.held[p] = (label, self._check(next(samples), label, unit))
-                    else:  # replayed: read before the stop, as the skip rate's denominator knew then
-                        self.counter.ok()
-                    for batch in batcher.push(p, label):
-                        if emitted >= skip:
-                            waiting.append((emitted, batch))
-                        emitted += 1
-                    self._forget_dropped()
-                    if replaying and emitted >= skip:  # caught up: fetch what the batcher still holds, go live
-                        replaying = False
-                        due = [p for _, b in waiting for p in b] + [p for w in batcher.pending.values() for p in w]
-                        self._fetch(due)
-                        samples = self._samples(unit, n + 1) if n + 1 < hi else None
-                    if not replaying:
-                        yield from self._make_all(waiting)
-            finally:
-                if samples is not None:
-                    samples.close()
+                        samples.close()
+                    if opened is not None:  # when its reader never started
+                        opened.close()
         for batch in batcher.finish():
             if emitted >= skip:
                 waiting.append((emitted, batch))
@@ -536,17 +596,17 @@ class _EpochReader:
 
     # ------------------------------------------------------------------------------------------- reading
 
-    def _unit(self, url: str, count: int, lo: int, hi: int, first: int) -> _Unit | None:
-        index = read_shard_index(url, count, self.counter, hi - lo)
+    def _unit(self, url: str, count: int, lo: int, hi: int, first: int, index: ShardIndex | None) -> _Unit | None:
+        index = index or read_shard_index(url, count, self.counter, hi - lo)
         if index is None:
             return None
         unit = _Unit(url, lo, hi, first, index)
         self.units.append(unit)
         return unit
 
-    def _samples(self, unit: _Unit, start: int):
-        """``(n, raw sample | exception | None)`` from ``start`` to the unit's end (see :meth:`_read`)."""
-        return self._read(unit, list(range(start, unit.hi)))
+    def _samples(self, unit: _Unit, start: int, opened: ReadAhead | None = None):
+        """``(n, raw sample | exception | None)`` from ``start`` to the unit's end (see :func:`read_samples`)."""
+        return read_samples(unit.url, unit.index, list(range(start, unit.hi)), self.counter, opened)
 
     def _read(self, unit: _Unit, numbers: list[int]) -> Iterator[tuple[int, dict | Exception | None]]:
         return read_samples(unit.url, unit.index, numbers, self.counter)
