@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -234,3 +235,15 @@ def http_store(root: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def wait_for_port(port: int, timeout: float) -> bool:
+    """Whether a server started by a test accepts connections on 127.0.0.1:``port`` within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False

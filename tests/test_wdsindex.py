@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from distpddm.data.wdsindex import (
     select_classes,
     walk_tar,
 )
+from tests import fixtures
 
 N_CLASSES = 6
 PER_SHARD = 18
@@ -443,13 +443,7 @@ http {{
 """)
     proc = subprocess.Popen([binary, "-c", str(run / "nginx.conf"), "-p", str(run), "-g", "daemon off;"])
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
+        if not fixtures.wait_for_port(port, 5):
             pytest.fail(f"nginx did not start: {(run / 'error.log').read_text()}")
         yield f"http://127.0.0.1:{port}", run / "access.log"
     finally:
@@ -522,13 +516,7 @@ def s3(monkeypatch):
         [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        for _ in range(400):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        else:
+        if not fixtures.wait_for_port(port, 20):
             pytest.fail("moto's S3 server did not start")
         for key, value in {
             "AWS_ACCESS_KEY_ID": "test",
@@ -572,7 +560,6 @@ def test_no_secret_is_printed_or_logged(source, tmp_path, s3, monkeypatch, capsy
     import s3fs
 
     from distpddm.data import ranges
-    from tests import fixtures
 
     secret = "Zq8-Ae3-not-a-real-secret"
     monkeypatch.setattr(retry, "_sleep", lambda s: None)
