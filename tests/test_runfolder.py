@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from distpddm.config import RunConfig, TrainConfig
+from distpddm.data import retry
 from distpddm.errors import DeterministicError
 from distpddm.train import checkpoint
 from distpddm.train.checkpoint import LocalPersistence, check_whole
@@ -228,7 +229,7 @@ def test_each_rank_checks_its_share_of_the_saved_ranks_whatever_the_world_now(tm
 
 def _resume(tmp_path, monkeypatch, loaded: list):
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda engine, ckpt, cfg: loaded.append(ckpt.name))
-    monkeypatch.setattr(checkpoint, "RETRY_BASE_S", 0.0)
+    monkeypatch.setattr(retry, "_sleep", lambda s: None)
     store = LocalPersistence(tmp_path / "r", keep=3)
     store.root.mkdir(parents=True)
     for step in (10, 20):
@@ -264,10 +265,10 @@ def test_an_io_error_is_retried_and_a_lasting_one_stops_the_resume(tmp_path, mon
         return real(folder, rank, world)
 
     monkeypatch.setattr(checkpoint, "_check_whole", flaky)
-    failures[:] = [1] * checkpoint.READ_RETRIES  # one short of giving up
+    failures[:] = [1] * retry.READ_RETRIES  # one short of giving up
     resume()
     assert loaded == ["step-00000020"]
-    failures[:] = [1] * (checkpoint.READ_RETRIES + 1)
+    failures[:] = [1] * (retry.READ_RETRIES + 1)
     with pytest.raises(checkpoint.CheckpointUnreadable, match="step-00000020 could not be read .*not falling back"):
         resume()
     assert loaded == ["step-00000020"]  # not step 10

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import logging
 import random
 import re
 import shutil
 import tempfile
-import time
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..data.retry import READ_RETRIES, RETRY_BASE_S
+from ..data.retry import retry_after
 from ..data.stream import StreamState
 from ..dist import agree, any_rank, barrier, broadcast_object, rank_and_world
 from ..durable import atomic_write_text, commit_dir, fsync_file
@@ -244,15 +244,14 @@ def check_whole(folder: Path, rank: int, world: int = 1) -> str | None:
     files missing or of another size than written, a zip archive (torch.save's format) whose CRCs fail, an
     unreadable client state. Reads every byte of its files; unpickles nothing. An I/O error that persists
     over retries raises :class:`CheckpointUnreadable`: the storage, not the checkpoint, is at fault."""
-    for attempt in range(READ_RETRIES + 1):
+    for attempt in itertools.count():
         try:
             return _check_whole(folder, rank, world)
         except FileNotFoundError as e:
             return f"{folder.name}: {e.filename or e} vanished while checked"
-        except OSError as e:
-            if attempt == READ_RETRIES:
+        except OSError as e:  # waits and says so as every read of data does (data/retry.py)
+            if not retry_after(str(folder), e, attempt):
                 raise CheckpointUnreadable(f"{folder}: {type(e).__name__}: {e}") from None
-            time.sleep(RETRY_BASE_S * 2**attempt)
         except Exception as e:  # damage of any kind is a verdict, never an exception: every rank must vote
             return f"{folder.name}: unreadable ({type(e).__name__}: {e})"
     return None  # not reached
