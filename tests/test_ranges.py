@@ -143,3 +143,32 @@ def test_one_filesystem_serves_every_thread():
         t.join()
     assert len({id(fs) for fs, _ in found}) == 1
     assert sorted(p for _, p in found) == [f"/bucket/shard-{n}.tar" for n in range(3)]
+
+
+def test_single_reads_over_http_run_as_coroutines_once_ranges_are_known(blob, monkeypatch):
+    """The pre-shuffled readers' reads (ranges.read_async): none before the folder has answered a range (a
+    thread's read_range checks that), then on fsspec's loop with read_range's retries and checks."""
+    pytest.importorskip("aiohttp")
+    from pathlib import Path
+
+    from distpddm.data import retry
+    from tests import fixtures
+
+    path, data = blob
+    sleeps = []
+    monkeypatch.setattr(retry, "_sleep", sleeps.append)
+    stop = threading.Event()
+    with fixtures.http_store(Path(path).parent) as store:
+        url = f"{store.base}/shard.tar"
+        assert ranges.read_async(url, 100, 50, stop) is None and ranges.read_async(path, 100, 50, stop) is None
+        assert ranges.read_range(url, 100, 50) == data[100:150]  # at offset > 0: the folder honours ranges
+        assert ranges.read_async(url, 300, 4000, None).result(10) == data[300:4300]
+        cuts = iter([1, 2])  # the next two GETs send half their body, then close the connection
+        store.answer = lambda method, name, nth: "cut" if next(cuts, None) else None
+        assert ranges.read_async(url, 5000, 3000, None).result(10) == data[5000:8000] and len(sleeps) == 2
+        with pytest.raises(ValueError, match="shorter than when it was indexed"):
+            ranges.read_async(url, len(data) - 10, 100, None).result(10)
+        store.answer = lambda method, name, nth: 503
+        stop.set()  # the reader has gone: no retry
+        with pytest.raises(Exception, match="503"):
+            ranges.read_async(url, 0, 10, stop).result(10)

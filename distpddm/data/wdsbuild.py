@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StorageUnavailable
-from .ranges import read_range, url_to_fs
+from .ranges import read_async, read_range, url_to_fs
 from .retry import describe_error, is_transient, retry_after
 from .sources import SourceError, SourcePlan, SplitPlan
 from .wdsindex import INDEX, LAYOUT, etag_of
@@ -81,15 +81,18 @@ class RangeFetcher:
                 source = next(upcoming, None)
                 if source is None:
                     return
-                pending.append((source, pool.submit(self, source, stop)))
+                shard, offset, size, ext = parse_source(source)
+                url = self.urls[shard]
+                future = read_async(url, offset, size, stop) or pool.submit(read_range, url, offset, size, stop)
+                pending.append((source, ext, future))
 
         def read(source: str) -> tuple[bytes, str]:
             top_up()
-            expected, future = pending.popleft()
+            expected, ext, future = pending.popleft()
             if expected != source:
                 raise RuntimeError(f"prefetched {expected!r}, asked for {source!r}: sources read out of order")
             try:
-                return future.result()
+                return future.result(), ext
             finally:
                 top_up()
 
@@ -97,6 +100,8 @@ class RangeFetcher:
             yield read
         finally:  # a build stopped part-way (a bad image, ^C): reads not started are dropped, running ones end
             stop.set()
+            for _, _, future in pending:
+                future.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
 
 
