@@ -18,9 +18,9 @@ Images: the loader bench's real-photo JPEGs (``bench/loader.py``'s ``make_images
 Per cell: P x K = 16 x 4 batches of 224-px images (decode + RandomResizedCrop + flip; the consumer normalises
 on the CPU, as ``bench/loader.py``), one batch to warm up, then ``--batches`` timed. Bytes: what nginx sent
 (its access log) for the HTTP cells, what the loader workers read (``rchar``) for the local ones. The readers'
-HTTP requests are timed in the client (a wrapper around fsspec's ranged fetch and the foreign reader's
-``_read_remote``; the product code is not changed): requests, mean latency, and the mean number in flight
-per loader worker in the timed window. Needs root, ``ip``/``tc`` and nginx (installed with apt-get when
+HTTP requests are timed in the client (wrappers around fsspec's ranged fetch, ``ranges._read_remote`` and
+``ranges._read_range_async``; the product code is not changed): requests, mean latency, and the mean number
+in flight per loader worker in the timed window. Needs root, ``ip``/``tc`` and nginx (installed with apt-get when
 missing, as the tests do)::
 
     sudo .venv/bin/python bench/remote_stream.py [--images 3000] [--batches 30] [--delay-ms 25]
@@ -97,9 +97,18 @@ def _trace(path: Path):
         log(t0, 0)
         return out
 
+    read_async = ranges._read_range_async  # a single image read as a coroutine (ranges.read_async)
+
+    async def traced_async(fs, path, url, offset, size, stop):
+        t0 = time.time()
+        out = await read_async(fs, path, url, offset, size, stop)
+        log(t0, len(out))
+        return out
+
     HTTPFile._fetch_range = traced_fetch
     HTTPFileSystem._info = traced_info
     ranges._read_remote = traced_read
+    ranges._read_range_async = traced_async
 
 
 def _requests(path: Path, t0: float, t1: float, workers: int) -> dict:
