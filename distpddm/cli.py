@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from .data.sources import KINDS, SourceError
@@ -441,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         except (SourceError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except SystemExit:
+            raise
+        except BaseException as e:  # any other: its traceback, redacted, where Python would print it unredacted
+            traceback.print_exception(e, file=sys.stderr)
+            return 130 if isinstance(e, KeyboardInterrupt) else 1
 
 
 if __name__ == "__main__":

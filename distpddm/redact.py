@@ -13,22 +13,22 @@ import sys
 from collections.abc import Iterator
 
 HIDDEN = "***"
-# scheme://, then userinfo (no "/" before its "@"), then the rest up to a query, then the query (ending where a
-# message's punctuation starts: in a URL it is percent-encoded).
-_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s/@'\"]*@)?([^\s?#'\"]*)(\?[^\s#'\"():,;\]]*)?")
-
-
-def _query(query: str) -> str:
-    """``?a=1&b=2`` -> ``?a=***&b=***``: the names stay (they say what was given), the values go."""
-    parts = (p.split("=", 1)[0] + f"={HIDDEN}" if "=" in p else p for p in query[1:].split("&"))
-    return "?" + "&".join(parts)
+# scheme://, then userinfo (up to the last "@" before the path: an address may be the user name), then the rest up
+# to a query or fragment, then those (to the next space or quote).
+_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^\s/?#'\"]*@)?([^\s?#'\"]*)([?#][^\s'\"]*)?")
+_VALUE = re.compile(r"([?#&;][^=&;#]*=)[^&;#]*")  # a query's or fragment's key=value: the value goes
+_TRAILING = re.compile(r"[.,;:)\]]+$")  # a message's punctuation after the URL
 
 
 def _one(match: re.Match) -> str:
-    scheme, user, rest, query = match.groups()
+    scheme, user, rest, tail = match.groups()
     if user:  # user:password@ keeps the user; a lone name may be a token (https://TOKEN@host)
         user = f"{user.split(':', 1)[0]}:{HIDDEN}@" if ":" in user else f"{HIDDEN}@"
-    return scheme + (user or "") + rest + (_query(query) if query else "")
+    if tail:
+        end = _TRAILING.search(tail)
+        cut = end.start() if end else len(tail)
+        tail = _VALUE.sub(rf"\1{HIDDEN}", tail[:cut]) + tail[cut:]
+    return scheme + (user or "") + rest + (tail or "")
 
 
 def redact(text: str) -> str:
@@ -40,7 +40,10 @@ class RedactFilter(logging.Filter):
     """A handler's filter: the record's message and traceback, redacted before any formatter sees them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 -- a bad format string: the handler reports it, as without this filter
+            return True
         clean = redact(message)
         if clean != message:
             record.msg, record.args = clean, None
@@ -68,6 +71,10 @@ class _Redacting:
         self._stream.write(redact(text))
         return len(text)
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
 
@@ -76,7 +83,7 @@ class _Redacting:
 def redacted_output() -> Iterator[None]:
     """The CLI's stdout and stderr, redacted, for as long as a command runs."""
     out, err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Redacting(out), _Redacting(err)
+    sys.stdout, sys.stderr = (None if s is None else _Redacting(s) for s in (out, err))  # None: a detached process
     try:
         yield
     finally:

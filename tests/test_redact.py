@@ -22,6 +22,14 @@ def test_passwords_tokens_and_query_values_are_hidden_and_the_rest_kept():
     for text in ("http://127.0.0.1:80/in12k-{0000..0009}.tar@512+100 (k.1)", "/data/a@b.tar", "no url: a@b"):
         assert redact(text) == text
     assert redact("'http://u:p@h/x' and \"https://v:q@h/y\"") == "'http://u:***@h/x' and \"https://v:***@h/y\""
+    # a user name that is an address, an "@" in a password, a SAS token whose values hold colons, ";" between
+    # parameters, a token in the fragment, a message's punctuation after the URL
+    assert redact("https://me@corp.com:pw@host/x") == "https://me@corp.com:***@host/x"
+    assert redact("https://u:p@ss@host/x") == "https://u:***@host/x"
+    sas = "https://acct.blob.core.windows.net/c/x.tar?sp=r&st=2023-05-10T13:44:19Z&sig=S3CR3T%2B"
+    assert redact(f"GET {sas}: 403") == ("GET https://acct.blob.core.windows.net/c/x.tar?sp=***&st=***&sig=***: 403")
+    assert redact("(http://h/x?a=1;sig=S3CR3T).") == "(http://h/x?a=***;sig=***)."
+    assert redact("http://h/cb#access_token=S3CR3T&x=1") == "http://h/cb#access_token=***&x=***"
 
 
 def test_log_records_and_their_tracebacks_are_redacted(caplog):
@@ -44,3 +52,17 @@ def test_the_cli_output_is_redacted_while_a_command_runs(capsys):
     out, err = capsys.readouterr()
     assert err == "error: https://u:***@h/s.tar: gone\n"
     assert out == "read http://h/x.tar?token=***\nafter: https://u:hunter2@h/\n"
+
+
+def test_an_unexpected_error_s_traceback_is_printed_redacted(monkeypatch, capsys):
+    from distpddm.cli import main
+    from distpddm.data import wdsindex
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("GET https://u:hunter2@h/s.tar?sig=xyz failed")
+
+    monkeypatch.setattr(wdsindex, "index_shards", fails)
+    assert main(["shards", "index", "https://u:hunter2@h/s.tar", "/nonexistent/out", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "xyz" not in err
+    assert "Traceback" in err and "RuntimeError: GET https://u:***@h/s.tar?sig=*** failed" in err
