@@ -125,15 +125,19 @@ def test_a_stopped_consumer_ends_the_retries_of_reads_in_flight(monkeypatch):
     assert calls == [0] and time.monotonic() - t0 < 0.4  # no wait, no second try
 
 
-def test_one_filesystem_serves_every_thread():
-    """fsspec keys its instance cache by thread for some filesystems (before its PR #2028, for HTTP and S3
-    too): a reader's threads would each open a session. ranges.url_to_fs hands them one filesystem per class
-    and options (memory:// is still keyed by thread in fsspec)."""
-    found, together = [], threading.Barrier(3)  # alive together: a finished thread's ident is reused
+def test_one_filesystem_serves_every_thread(monkeypatch):
+    """fsspec releases before its PR #2028 key their HTTP and S3 filesystems by thread: a reader's threads would
+    each open a session. ranges.url_to_fs hands them one per class and options, whatever fsspec's cache does
+    (here: none at all, a new instance per call)."""
+    import fsspec
+
+    real = fsspec.core.url_to_fs
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda url, **kw: real(url, skip_instance_cache=True, **kw))
+    found, together = [], threading.Barrier(3)
 
     def open_(n: int) -> None:
         together.wait()
-        found.append(ranges.url_to_fs(f"memory://bucket/shard-{n}.tar"))
+        found.append(ranges.url_to_fs(f"http://store.example/wds/shard-{n}.tar"))
         together.wait()
 
     threads = [threading.Thread(target=open_, args=(n,)) for n in range(3)]
@@ -142,7 +146,7 @@ def test_one_filesystem_serves_every_thread():
     for t in threads:
         t.join()
     assert len({id(fs) for fs, _ in found}) == 1
-    assert sorted(p for _, p in found) == [f"/bucket/shard-{n}.tar" for n in range(3)]
+    assert sorted(p for _, p in found) == [f"http://store.example/wds/shard-{n}.tar" for n in range(3)]
 
 
 def test_single_reads_over_http_run_as_coroutines_once_ranges_are_known(blob, monkeypatch):
@@ -156,7 +160,11 @@ def test_single_reads_over_http_run_as_coroutines_once_ranges_are_known(blob, mo
 
     path, data = blob
     sleeps = []
-    monkeypatch.setattr(retry, "_sleep", sleeps.append)
+
+    async def wait(delay):
+        sleeps.append(delay)
+
+    monkeypatch.setattr(retry, "_sleep_async", wait)
     stop = threading.Event()
     with fixtures.http_store(Path(path).parent) as store:
         url = f"{store.base}/shard.tar"

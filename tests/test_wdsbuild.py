@@ -231,7 +231,7 @@ def test_a_connection_dropped_mid_image_is_retried_by_the_foreign_readers(source
     from tests.test_stream import _as_rank, _same, _take
 
     _as_rank(monkeypatch, 0, 1)
-    monkeypatch.setattr(retry, "_sleep", lambda s: None)
+    monkeypatch.setattr(retry, "RETRY_BASE_S", 0.001)  # the readers' retries wait on a stop event or the loop
     with fixtures.http_store(source) as store:
         index_shards(f"{store.base}/{PATTERN}", tmp_path / "http", IndexOptions(progress=False, val_per_class=1))
         gets = Counter()

@@ -94,15 +94,16 @@ class ForeignSplit:
 
     @classmethod
     def open(cls, split_dir: str | Path, rows: bool = False) -> ForeignSplit:
-        """The split, opened once per process while its index.json stays the same file: the trainer's
-        validation passes reuse it, with no HEAD per shard each time (the eval reader's; the training stream
-        opens its split once, and keeps no second copy of its arrays here)."""
+        """The split, opened once per process while its index.json stays the same file (inode, size, mtime): the
+        trainer's validation passes reuse it, with no HEAD per shard each time, so its shards' sizes and ETags
+        are checked at the first pass only (the eval reader's; the training stream opens its split once, and
+        keeps no second copy of its arrays here)."""
         path = Path(split_dir)
         try:
-            stamp = (path / "index.json").stat().st_mtime_ns
+            st = (path / "index.json").stat()
         except OSError:
             return cls(split_dir, rows)  # its own one-line error
-        return _opened(str(path.resolve()), rows, stamp)
+        return _opened(str(path.resolve()), rows, (st.st_ino, st.st_size, st.st_mtime_ns))
 
     def __len__(self) -> int:
         return len(self.position)
@@ -118,7 +119,7 @@ class ForeignSplit:
 
 
 @functools.lru_cache(maxsize=4)
-def _opened(split_dir: str, rows: bool, stamp: int) -> ForeignSplit:
+def _opened(split_dir: str, rows: bool, stamp: tuple) -> ForeignSplit:
     return ForeignSplit(split_dir, rows)
 
 

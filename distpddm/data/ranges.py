@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import DeterministicError
-from .retry import retry_after
+from .retry import retry_after, retry_after_async
 
 #: Read-ahead of a run of samples: bytes per ranged GET, and GETs in flight (so ~8 MiB held per open run).
 PART_BYTES = 1 << 20
@@ -101,8 +101,8 @@ os.register_at_fork(before=_snapshot, after_in_parent=_SNAPSHOT.clear, after_in_
 def url_to_fs(url: str) -> tuple:
     """``fsspec.core.url_to_fs``, remembered per URL in this process (parsing it again costs ~0.1 ms a read);
     forgotten in a forked child, as fsspec forgets its filesystems (their sessions belong to the parent). One
-    filesystem per class and options serves every thread: fsspec releases before its PR #2028 keep one per
-    thread, and a reader's 32 threads would each open a session and its connections."""
+    async filesystem (HTTP, S3) per class and options serves every thread: fsspec releases before its PR #2028
+    keep one per thread, and a reader's threads would each open a session and its connections."""
     if _FILESYSTEMS_PID[0] != os.getpid() or len(_FILESYSTEMS) > 100_000:
         _FILESYSTEMS.clear()
         _SHARED.clear()
@@ -113,7 +113,8 @@ def url_to_fs(url: str) -> tuple:
         from fsspec.utils import tokenize
 
         fs, path = fsspec.core.url_to_fs(url)
-        fs = _SHARED.setdefault(tokenize(type(fs), fs.storage_options), fs)
+        if getattr(fs, "async_impl", False):  # one session for all threads; a sync one (ftp) may not be shared
+            fs = _SHARED.setdefault(tokenize(type(fs), fs.storage_args, fs.storage_options), fs)
         found = _FILESYSTEMS[url] = (fs, path)
     return found
 
@@ -187,8 +188,7 @@ async def _read_range_async(fs, path: str, url: str, offset: int, size: int, sto
             data = await fs._cat_file(path, start=offset, end=offset + size)
             break
         except Exception as e:
-            # the wait (rare) in a thread of the loop's executor: the policy and its log line are retry_after's
-            if not await asyncio.get_running_loop().run_in_executor(None, retry_after, url, e, attempt, stop):
+            if not await retry_after_async(url, e, attempt, stop):
                 raise
             attempt += 1
     return _checked(url, offset, size, data)

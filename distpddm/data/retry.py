@@ -22,7 +22,8 @@ READ_RETRIES = 5
 RETRY_BASE_S = 0.5
 #: OSErrors that say the file is not there or not ours to read: a retry would find the same.
 PERSISTENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-_sleep = time.sleep  # tests replace it
+_sleep = time.sleep  # tests replace them
+_sleep_async = asyncio.sleep
 
 
 def _aiohttp():
@@ -87,15 +88,35 @@ def describe_error(error: BaseException) -> str:
     return text if cause is None else f"{text}, from {type(cause).__name__}: {cause}"
 
 
-def retry_after(where: str, error: BaseException, attempt: int, stop: threading.Event | None = None) -> bool:
-    """Wait before retry ``attempt + 1`` of a read error of ``where`` (a URL; logged once, naming it and the
-    error); False, without waiting, when the error does not pass (:func:`is_transient`) or the retries are spent.
-    ``stop`` (a read ahead of a consumer that has gone): set, it ends the wait, and False says not to retry."""
+def retry_delay(where: str, error: BaseException, attempt: int, stop: threading.Event | None = None) -> float | None:
+    """The wait before retry ``attempt + 1`` of a read error of ``where`` (a URL; logged once, naming it and the
+    error); None when the error does not pass (:func:`is_transient`), the retries are spent or ``stop`` is set."""
     if not is_transient(error, where) or attempt >= READ_RETRIES or (stop is not None and stop.is_set()):
-        return False
+        return None
     delay = RETRY_BASE_S * 2**attempt
     log.warning("%s: %s; retry %d of %d in %.1f s", where, describe_error(error), attempt + 1, READ_RETRIES, delay)
+    return delay
+
+
+def retry_after(where: str, error: BaseException, attempt: int, stop: threading.Event | None = None) -> bool:
+    """Wait before retry ``attempt + 1`` (:func:`retry_delay`); False, without waiting, when there is none.
+    ``stop`` (a read ahead of a consumer that has gone): set, it ends the wait, and False says not to retry."""
+    delay = retry_delay(where, error, attempt, stop)
+    if delay is None:
+        return False
     if stop is None:
         _sleep(delay)
         return True
     return not stop.wait(delay)
+
+
+async def retry_after_async(
+    where: str, error: BaseException, attempt: int, stop: threading.Event | None = None
+) -> bool:
+    """:func:`retry_after` in a coroutine: the wait is the event loop's, holding no thread (cancelling the task
+    ends it at once; ``stop`` is looked at when it ends)."""
+    delay = retry_delay(where, error, attempt, stop)
+    if delay is None:
+        return False
+    await _sleep_async(delay)
+    return stop is None or not stop.is_set()

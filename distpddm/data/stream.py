@@ -487,6 +487,7 @@ class _NextRange:
     def __init__(self):
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[str, int, int, Future] | None = None
+        self._taken: ReadAhead | None = None  # closed with this, should its reader fail before owning it
 
     def start(self, url: str, count: int, lo: int, hi: int, parts: bool) -> None:
         """Fetch samples ``[lo, hi)`` of the shard at ``url``: its index, and (``parts``) their first parts."""
@@ -505,27 +506,35 @@ class _NextRange:
                 self._pending = pending
                 self.close_pending()
             return None, None
-        return pending[3].result()
+        index, self._taken = pending[3].result()
+        return index, self._taken
 
     def close_pending(self) -> None:
         pending, self._pending = self._pending, None
-        if pending is not None:
-            pending[3].add_done_callback(lambda f: f.result()[1] and f.result()[1].close())
+        if pending is not None and not pending[3].cancel():  # not started: nothing to close
+            pending[3].add_done_callback(_close_opened)
 
     def close(self) -> None:
         self.close_pending()
+        if self._taken is not None:
+            self._taken.close()
         if self._pool is not None:
-            self._pool.shutdown(wait=False)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_opened(future: Future) -> None:
+    if not future.cancelled() and future.exception() is None and future.result()[1] is not None:
+        future.result()[1].close()
 
 
 def _open_range(url: str, count: int, lo: int, hi: int, parts: bool) -> tuple[ShardIndex | None, ReadAhead | None]:
     try:
         index = load_shard_index(idx_name(url))
+        if len(index) != count:
+            return None, None
+        return index, ReadAhead(url, sample_spans(index, [(lo, hi)])).start() if parts else None
     except Exception:  # noqa: BLE001 -- read again when due, with retries and counting
         return None, None
-    if len(index) != count:
-        return None, None
-    return index, ReadAhead(url, sample_spans(index, [(lo, hi)])).start() if parts else None
 
 
 class _EpochReader:

@@ -68,11 +68,12 @@ class RangeFetcher:
 
     @contextmanager
     def prefetch(self, sources: list[str]) -> Iterator:
-        """A reader of ``sources``, to be asked for them in this order: ``in_flight`` reads (threads) run
-        ahead of the caller, so that at most ``in_flight`` images are held. When the caller is done (or fails),
-        reads not started are dropped and running ones stop retrying."""
+        """A reader of ``sources``, to be asked for them in this order: ``in_flight`` reads run ahead of the
+        caller (coroutines on the filesystem's event loop where it has one, :func:`.ranges.read_async`; else
+        threads), so that at most ``in_flight`` images are held. When the caller is done (or fails), reads not
+        started are dropped and running ones stop retrying."""
         pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="wds-read")
-        pending: deque[tuple[str, Future]] = deque()
+        pending: deque[tuple[str, str, Future]] = deque()  # (source, ext, its read)
         upcoming = iter(sources)
         stop = threading.Event()
 
@@ -83,7 +84,11 @@ class RangeFetcher:
                     return
                 shard, offset, size, ext = parse_source(source)
                 url = self.urls[shard]
-                future = read_async(url, offset, size, stop) or pool.submit(read_range, url, offset, size, stop)
+                try:
+                    future = read_async(url, offset, size, stop) or pool.submit(read_range, url, offset, size, stop)
+                except Exception as e:  # noqa: BLE001 -- raised by the read() that asks for this source
+                    future = Future()
+                    future.set_exception(e)
                 pending.append((source, ext, future))
 
         def read(source: str) -> tuple[bytes, str]:
