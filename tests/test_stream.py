@@ -600,8 +600,9 @@ def test_503s_over_http_through_fsspec_are_retried(shards, store, monkeypatch, s
 
 
 def test_each_remote_range_is_opened_while_the_one_before_it_is_read(shards, store, monkeypatch):
-    """Over HTTP the next shard range's index and first parts are fetched ahead (stream._NextRange): the reader
-    opens only an epoch's first range itself, and reads the same batches as from the local shards."""
+    """Over HTTP the next shard range's index and first parts are fetched ahead (stream._NextRange): the training
+    stream opens only an epoch's first range itself, the eval reader only its first, and both read what they
+    read from the local shards."""
     whole = _undisturbed(shards, monkeypatch, n=30)
     opens, open_ = [], stream._open
     monkeypatch.setattr(stream, "_open", lambda url, spans=None: opens.append(url) or open_(url, spans))
@@ -611,6 +612,9 @@ def test_each_remote_range_is_opened_while_the_one_before_it_is_read(shards, sto
     epochs = again[-1].info.epoch + 1
     assert epochs >= 2 and len(tars) > 3 * epochs
     assert len(opens) == epochs  # each epoch's first range; every later one came opened
+    local = sorted((int(p), k) for _, _, p, k in EvalDataset(shards, 16))
+    opens.clear()  # the eval reader alike: its first range opened, the others fetched ahead
+    assert sorted((int(p), k) for _, _, p, k in EvalDataset(store.url, 16)) == local and len(opens) == 1
 
     ahead = stream._NextRange()  # a range other than the one fetched ahead: not used, and closed
     url = resolve_shards(store.url).urls[0]

@@ -8,6 +8,7 @@ per-rank results concatenate back in split order, and with its key.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from .stream import (
     SkipCounter,
     _image_bytes,
     _label,
+    _NextRange,
     _open,
     read_samples,
     read_shard_index,
@@ -85,16 +87,21 @@ class EvalDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         counter = SkipCounter(self.max_skip_rate)
-        for shard, lo, hi in split_ranges(self.counts, rank * workers + worker, world * workers):
-            url = self.shards.urls[shard]
-            index = read_shard_index(url, self.shards.counts[shard], counter, hi - lo)
-            if index is None:
-                continue
-            # a read error that may pass reopens the shard from its sample; spent retries skip and count the rest
-            for n, sample in read_samples(url, index, list(range(lo, hi)), counter):
-                item = None if sample is None else self._item(url, shard, n, sample, counter)
-                if item is not None:
-                    yield item
+        plan = [r for r in split_ranges(self.counts, rank * workers + worker, world * workers) if r[2] > r[1]]
+        urls, counts = self.shards.urls, self.shards.counts
+        with contextlib.closing(_NextRange()) as ahead:  # a remote range's index and first parts fetched ahead
+            for i, (shard, lo, hi) in enumerate(plan):
+                index, opened = ahead.take(urls[shard], lo, hi)
+                if i + 1 < len(plan):
+                    ahead.start(urls[plan[i + 1][0]], counts[plan[i + 1][0]], *plan[i + 1][1:], parts=True)
+                index = index or read_shard_index(urls[shard], counts[shard], counter, hi - lo)
+                if index is None:
+                    continue
+                # a read error that may pass reopens the shard from its sample; spent retries skip and count the rest
+                for n, sample in read_samples(urls[shard], index, list(range(lo, hi)), counter, opened):
+                    item = None if sample is None else self._item(urls[shard], shard, n, sample, counter)
+                    if item is not None:
+                        yield item
 
     def _item(self, url: str, shard: int, n: int, sample, counter: SkipCounter):
         if isinstance(sample, Exception):
