@@ -20,7 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from ..errors import DeterministicError
 from .retry import retry_after, retry_after_async
 
-#: Read-ahead of a run of samples: bytes per ranged GET, and GETs in flight (so ~8 MiB held per open run).
+#: Read-ahead of a run of samples: bytes per ranged GET, and GETs in flight (so ~8 MiB held per open run; a
+#: class-chunked reader holds two: stream._NextRange opens the next range while one is read).
 PART_BYTES = 1 << 20
 DEPTH = 8
 
