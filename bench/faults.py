@@ -35,17 +35,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from tests import fixtures  # noqa: E402 -- the tests' HTTP store, after the repository is on the path
 
 STEPS = 12  # every run: 12 steps, a checkpoint every 2, the 3 newest kept
 EVERY = 2
@@ -585,63 +585,20 @@ def fault_shard_deleted(bench: Bench, rng: random.Random) -> Outcome:
     return bench.judge(run, again, expect_from=max(committed, default=0), notes=[note], error=first)
 
 
-class _Shards(BaseHTTPRequestHandler):
-    """A read-only HTTP server for a folder (HEAD, GET with Range), answering 503 while ``fail_until``."""
-
-    root: Path
-    fail_until = 0.0
-    refused = 0
-
-    def log_message(self, *args):
-        pass
-
-    def _file(self, body: bool) -> None:
-        if time.time() < type(self).fail_until:
-            type(self).refused += 1
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        path = (self.root / self.path.split("?", 1)[0].lstrip("/")).resolve()
-        if not path.is_file() or self.root.resolve() not in path.parents:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        data = path.read_bytes()
-        lo, hi, status = 0, len(data), 200
-        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
-        if match:
-            lo = int(match.group(1) or 0)
-            hi = min(len(data), int(match.group(2)) + 1) if match.group(2) else len(data)
-            status = 206
-        self.send_response(status)
-        self.send_header("Content-Length", str(hi - lo))
-        self.send_header("Accept-Ranges", "bytes")
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(data)}")
-        self.end_headers()
-        if body:
-            self.wfile.write(data[lo:hi])
-
-    def do_GET(self):  # noqa: N802
-        self._file(True)
-
-    def do_HEAD(self):  # noqa: N802
-        self._file(False)
-
-
 @contextlib.contextmanager
 def shard_server(root: Path):
-    handler = type("Handler", (_Shards,), {"root": root, "fail_until": 0.0, "refused": 0})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server, handler
-    finally:
-        server.shutdown()
-        server.server_close()
+    """``root`` over HTTP (the tests' store: HEAD, GET with Range), answering 503 while ``fail_until``."""
+    with fixtures.http_store(root) as handler:
+        handler.fail_until, handler.refused = 0.0, 0
+
+        def answer(method: str, name: str, nth: int) -> int | None:
+            if time.time() < handler.fail_until:
+                handler.refused += 1
+                return 503
+            return None
+
+        handler.answer = answer
+        yield handler
 
 
 def fault_storage_503(bench: Bench, rng: random.Random) -> Outcome:
@@ -651,8 +608,8 @@ def fault_storage_503(bench: Bench, rng: random.Random) -> Outcome:
     remote here.)"""
     bench.reference("local")
     folder = bench.folder("storage_503")
-    with shard_server(bench.shards.parent) as (server, handler):
-        url = f"http://127.0.0.1:{server.server_address[1]}/train/index.json"
+    with shard_server(bench.shards.parent) as handler:
+        url = f"{handler.base}/train/index.json"
         args, run = bench.args(folder, shards=url), folder / "run"
         step = rng.randint(1, STEPS - 2)
         proc = bench.start(args, folder / "first")

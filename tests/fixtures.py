@@ -183,13 +183,13 @@ class FaultyStore(BaseHTTPRequestHandler):
         pass
 
     def _file(self, body: bool) -> None:
-        name = self.path.lstrip("/")
+        name = self.path.split("?", 1)[0].lstrip("/")
         self.requests[name] += 1
         status = type(self).answer(self.command, name, self.requests[name]) if type(self).answer else None
-        path = self.root / name
+        path = (self.root / name).resolve()
         cut = status == "cut"
         status = None if cut else status
-        if status is None and not path.is_file():
+        if status is None and (not path.is_file() or self.root.resolve() not in path.parents):
             status = 404
         if status is not None:
             self.send_response(status)
@@ -198,9 +198,11 @@ class FaultyStore(BaseHTTPRequestHandler):
             return
         data = path.read_bytes()
         lo, hi, status = 0, len(data), 200
-        match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
-        if match:
-            lo, hi, status = int(match.group(1)), min(len(data), int(match.group(2)) + 1), 206
+        match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", ""))
+        if match:  # "lo-hi", or "lo-" to the end
+            lo = int(match.group(1) or 0)
+            hi = min(len(data), int(match.group(2)) + 1) if match.group(2) else len(data)
+            status = 206
         self.send_response(status)
         self.send_header("Content-Length", str(hi - lo))
         self.send_header("Accept-Ranges", "bytes")
