@@ -100,3 +100,12 @@ def run(cmd: list[str], env: dict | None = None, cwd=None, echo: bool = True, ti
     done.set()
     sampler.join()
     return Measured(seconds, peak[0] / 2**20, peak[1] / 2**20, proc.returncode, "".join(lines), peak[2])
+
+
+def print_stages(stages: list[dict]) -> None:
+    """A rehearsal's stages as the Markdown table docs/benchmarks.md keeps, then the total time."""
+    print("\n| stage | seconds | peak MiB (all processes) | |")
+    print("|---|---|---|---|")
+    for s in stages:
+        print(f"| {s['stage']} | {s['seconds']} | {s.get('peak_mib', '')} | {s['note']} |")
+    print(f"\ntotal {sum(s['seconds'] for s in stages) / 60:.1f} min")

@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from measure import run  # noqa: E402
+from measure import print_stages, run  # noqa: E402
 
 
 def class_sizes(classes: int, seed: int = 0) -> np.ndarray:
@@ -177,12 +177,7 @@ def main() -> None:
     print(f"\ntraining's memory at its peak, MiB by process: {train.breakdown()}")
     stages[-1]["memory_at_peak_mib"] = {name: round(mib) for name, (_, mib) in train.at_peak.items()}
 
-    print("\n| stage | seconds | peak MiB (all processes) | |")
-    print("|---|---|---|---|")
-    for s in stages:
-        print(f"| {s['stage']} | {s['seconds']} | {s.get('peak_mib', '')} | {s['note']} |")
-    total = sum(s["seconds"] for s in stages)
-    print(f"\ntotal {total / 60:.1f} min")
+    print_stages(stages)
     if args.out:
         args.out.write_text(json.dumps({"classes": args.classes, "images": images, "stages": stages}, indent=1))
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import rehearsal  # noqa: E402
 import remote_stream  # noqa: E402
-from measure import run  # noqa: E402
+from measure import print_stages, run  # noqa: E402
 
 PER_TAR = 8000  # samples per train tar (timm's hold ~12k)
 VAL_PER_CLASS, VAL_MIN = 2, 8  # the separate validation set: 2 images of every class with at least 8
@@ -239,12 +239,7 @@ def main() -> None:
                                f"{result.get('map@r', float('nan')):.3f} ({result.get('images')} images)"})  # fmt: skip
         remote_stream.stop(relay)
 
-    print("\n| stage | seconds | peak MiB (all processes) | |")
-    print("|---|---|---|---|")
-    for s in stages:
-        print(f"| {s['stage']} | {s['seconds']} | {s.get('peak_mib', '')} | {s['note']} |")
-    total = sum(s["seconds"] for s in stages)
-    print(f"\ntotal {total / 60:.1f} min")
+    print_stages(stages)
     if args.out:
         args.out.write_text(json.dumps({"classes": args.classes, "release": release, "stages": stages}, indent=1))
     if after["val_recall@1"] <= before["val_recall@1"]:
