@@ -99,6 +99,23 @@ def _keep_inherited() -> None:
 os.register_at_fork(before=_snapshot, after_in_parent=_SNAPSHOT.clear, after_in_child=_keep_inherited)
 
 
+#: Connections an S3 filesystem of the readers may hold: aiobotocore's default, 10, is below one pre-shuffled
+#: reader's 32 reads in flight, and would cap it at 10 reads a round trip.
+S3_CONNECTIONS = 64
+
+
+def _options(url: str) -> dict:
+    """Storage options the readers add to the user's (fsspec's config): a connection pool for S3 as deep as the
+    reads they keep in flight, unless the user's config sets one."""
+    if url.split("://", 1)[0] not in ("s3", "s3a"):
+        return {}
+    import fsspec.config
+
+    config = dict(fsspec.config.conf.get("s3", {}).get("config_kwargs", {}))
+    config.setdefault("max_pool_connections", S3_CONNECTIONS)
+    return {"config_kwargs": config}
+
+
 def url_to_fs(url: str) -> tuple:
     """``fsspec.core.url_to_fs``, remembered per URL in this process (parsing it again costs ~0.1 ms a read);
     forgotten in a forked child, as fsspec forgets its filesystems (their sessions belong to the parent). One
@@ -113,7 +130,7 @@ def url_to_fs(url: str) -> tuple:
         import fsspec
         from fsspec.utils import tokenize
 
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **_options(url))
         if getattr(fs, "async_impl", False):  # one session for all threads; a sync one (ftp) may not be shared
             fs = _SHARED.setdefault(tokenize(type(fs), fs.storage_args, fs.storage_options), fs)
         found = _FILESYSTEMS[url] = (fs, path)
