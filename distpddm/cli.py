@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 from pathlib import Path
 
 from .data.sources import KINDS, SourceError
-from .redact import redact_handlers, redacted_output
+from .redact import redact_handlers, redact_uncaught, redacted_output
 
 
 def _size(text: str) -> int:
@@ -435,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
     redact_handlers(logging.getLogger())
+    redact_uncaught()  # an error no command catches: its traceback, redacted
     args = parse_args(build_parser(), argv)
     with redacted_output():  # no URL's password or query values in what a command prints
         try:
@@ -442,11 +442,6 @@ def main(argv: list[str] | None = None) -> int:
         except (SourceError, FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except SystemExit:
-            raise
-        except BaseException as e:  # any other: its traceback, redacted, where Python would print it unredacted
-            traceback.print_exception(e, file=sys.stderr)
-            return 130 if isinstance(e, KeyboardInterrupt) else 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import re
 import sys
+import traceback
 from collections.abc import Iterator
 
 HIDDEN = "***"
@@ -88,3 +89,26 @@ def redacted_output() -> Iterator[None]:
         yield
     finally:
         sys.stdout, sys.stderr = out, err
+
+
+def redact_uncaught() -> None:
+    """Tracebacks of errors nothing caught, redacted: Python prints them through ``sys.excepthook`` (and a
+    thread's through ``threading.excepthook``) after the CLI has given its streams back. Callers of the CLI in
+    the same process still get the exception itself."""
+    import threading
+
+    if getattr(sys.excepthook, "_distpddm", False):
+        return
+
+    def hook(kind, value, tb) -> None:
+        sys.stderr.write(redact("".join(traceback.format_exception(kind, value, tb))))
+
+    def thread_hook(args) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+        sys.stderr.write(redact(f"Exception in thread {name}:\n{text}"))
+
+    hook._distpddm = True
+    sys.excepthook, threading.excepthook = hook, thread_hook
