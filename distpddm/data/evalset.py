@@ -24,10 +24,9 @@ from .stream import (
     SkipCounter,
     _image_bytes,
     _label,
-    _NextRange,
     _open,
+    ranges_ahead,
     read_samples,
-    read_shard_index,
     resolve_shards,
     sample_spans,
 )
@@ -88,15 +87,10 @@ class EvalDataset(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         counter = SkipCounter(self.max_skip_rate)
         plan = [r for r in split_ranges(self.counts, rank * workers + worker, world * workers) if r[2] > r[1]]
-        urls, counts = self.shards.urls, self.shards.counts
-        with contextlib.closing(_NextRange()) as ahead:  # a remote range's index and first parts fetched ahead
-            for i, (shard, lo, hi) in enumerate(plan):
-                index, opened = ahead.take(urls[shard], lo, hi)
-                if i + 1 < len(plan):
-                    ahead.start(urls[plan[i + 1][0]], counts[plan[i + 1][0]], *plan[i + 1][1:], parts=True)
-                index = index or read_shard_index(urls[shard], counts[shard], counter, hi - lo)
-                if index is None:
-                    continue
+        urls = self.shards.urls
+        walk = ranges_ahead(plan, urls, self.shards.counts, counter)  # a remote range's next one fetched ahead
+        with contextlib.closing(walk):
+            for shard, lo, hi, index, opened in walk:
                 # a read error that may pass reopens the shard from its sample; spent retries skip and count the rest
                 for n, sample in read_samples(urls[shard], index, list(range(lo, hi)), counter, opened):
                     item = None if sample is None else self._item(urls[shard], shard, n, sample, counter)

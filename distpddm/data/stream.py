@@ -487,7 +487,6 @@ class _NextRange:
     def __init__(self):
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[str, int, int, Future] | None = None
-        self._taken: ReadAhead | None = None  # closed with this, should its reader fail before owning it
 
     def start(self, url: str, count: int, lo: int, hi: int, parts: bool) -> None:
         """Fetch samples ``[lo, hi)`` of the shard at ``url``: its index, and (``parts``) their first parts."""
@@ -499,15 +498,12 @@ class _NextRange:
         self._pending = (url, lo, hi, self._pool.submit(_open_range, url, count, lo, hi, parts))
 
     def take(self, url: str, lo: int, hi: int) -> tuple[ShardIndex | None, ReadAhead | None]:
-        """What was fetched for this range, or ``(None, None)``."""
-        pending, self._pending = self._pending, None
-        if pending is None or pending[:3] != (url, lo, hi):
-            if pending is not None:
-                self._pending = pending
-                self.close_pending()
+        """What was fetched for this range, or ``(None, None)`` (anything fetched for another is closed)."""
+        if self._pending is None or self._pending[:3] != (url, lo, hi):
+            self.close_pending()
             return None, None
-        index, self._taken = pending[3].result()
-        return index, self._taken
+        pending, self._pending = self._pending, None
+        return pending[3].result()
 
     def close_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -516,10 +512,31 @@ class _NextRange:
 
     def close(self) -> None:
         self.close_pending()
-        if self._taken is not None:
-            self._taken.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def ranges_ahead(
+    plan: list[tuple[int, int, int]], urls: list[str], counts: list[int], counter: SkipCounter, parts=lambda: True
+) -> Iterator[tuple[int, int, int, ShardIndex, ReadAhead | None]]:
+    """``(shard, lo, hi, its shard index, the ReadAhead over its samples or None)`` for each range of ``plan``, as
+    the training stream and the eval reader walk them: a remote range's index and first parts (``parts()``, asked
+    as it starts) are fetched while the range before it is read (:class:`_NextRange`); a range whose index does
+    not read is skipped and counted (:func:`read_shard_index`). The ReadAhead is closed once its range is done."""
+    with contextlib.closing(_NextRange()) as ahead:
+        for i, (shard, lo, hi) in enumerate(plan):
+            index, opened = ahead.take(urls[shard], lo, hi)
+            if i + 1 < len(plan):
+                after, lo2, hi2 = plan[i + 1]
+                ahead.start(urls[after], counts[after], lo2, hi2, parts=parts())
+            index = index or read_shard_index(urls[shard], counts[shard], counter, hi - lo)
+            if index is None:
+                continue
+            try:
+                yield shard, lo, hi, index, opened
+            finally:  # its reader closed it, or never started
+                if opened is not None:
+                    opened.close()
 
 
 def _close_opened(future: Future) -> None:
@@ -556,15 +573,11 @@ class _EpochReader:
         waiting: list[tuple[int, list[int]]] = []  # (batch index, positions) due but not yet yielded
         position = 0
         plan = list(reader_ranges(ds.counts, ds.seed, self.epoch, self.reader, self.readers))
-        with contextlib.closing(_NextRange()) as ahead:
-            for i, (shard, lo, hi) in enumerate(plan):
-                index, opened = ahead.take(ds.urls[shard], lo, hi)
-                unit = self._unit(ds.urls[shard], ds.counts[shard], lo, hi, position, index)
-                if i + 1 < len(plan):  # the next range's index and first parts, while this one is read
-                    s2, lo2, hi2 = plan[i + 1]
-                    ahead.start(ds.urls[s2], ds.counts[s2], lo2, hi2, parts=not replaying)
-                if unit is None:
-                    continue
+        walk = ranges_ahead(plan, ds.urls, ds.counts, self.counter, parts=lambda: not replaying)
+        with contextlib.closing(walk):
+            for shard, lo, hi, index, opened in walk:
+                unit = _Unit(ds.urls[shard], lo, hi, position, index)
+                self.units.append(unit)
                 position += hi - lo
                 samples = None if replaying else self._samples(unit, lo, opened)
                 try:
@@ -589,8 +602,6 @@ class _EpochReader:
                 finally:
                     if samples is not None:
                         samples.close()
-                    if opened is not None:  # when its reader never started
-                        opened.close()
         for batch in batcher.finish():
             if emitted >= skip:
                 waiting.append((emitted, batch))
@@ -604,14 +615,6 @@ class _EpochReader:
         log.debug("reader %d/%d epoch %d: %s", self.reader, self.readers, self.epoch, batcher.stats)
 
     # ------------------------------------------------------------------------------------------- reading
-
-    def _unit(self, url: str, count: int, lo: int, hi: int, first: int, index: ShardIndex | None) -> _Unit | None:
-        index = index or read_shard_index(url, count, self.counter, hi - lo)
-        if index is None:
-            return None
-        unit = _Unit(url, lo, hi, first, index)
-        self.units.append(unit)
-        return unit
 
     def _samples(self, unit: _Unit, start: int, opened: ReadAhead | None = None):
         """``(n, raw sample | exception | None)`` from ``start`` to the unit's end (see :func:`read_samples`)."""
