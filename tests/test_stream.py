@@ -1,6 +1,7 @@
 """The shard readers: P x K training streams (never stalling, reproducible, rank-disjoint, resumable) and
 exactly-once evaluation, on shards the builder made from real glyph images."""
 
+import errno
 import json
 import logging
 import sys
@@ -503,6 +504,7 @@ def test_which_http_errors_are_retried(monkeypatch):
     assert not retry.is_transient(FileNotFoundError(url), url)
     assert not retry.is_transient(_not_found_from(_http_error(503), url), "/data/train/shard-000000.tar")
     assert retry.is_transient(OSError(5, "Input/output error"), "/data/x.tar")
+    assert not retry.is_transient(OSError(errno.EINVAL, "InvalidRange"), "s3://bucket/x.tar")  # s3fs's 416
     assert not retry.is_transient(ValueError("stale index"), url)
     message = retry.describe_error(_not_found_from(_http_error(503), url))
     assert message.startswith(f"FileNotFoundError: {url}, from ClientResponseError: 503")

@@ -4,6 +4,7 @@ and samples, resumes, class subsets and carving."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -551,6 +552,22 @@ def test_index_over_s3_equals_local(source, tmp_path, s3):
     assert remote.bytes_read < 0.15 * remote.shard_bytes  # counted by the reader: moto logs no bytes
     shards = json.loads((tmp_path / "s3" / "train" / "index.json").read_text())["shards"]
     assert all(s["etag"] for s in shards)  # S3's version tags, checked when the split is opened
+
+
+def test_a_range_past_the_end_of_an_s3_object_is_not_retried(source, s3, monkeypatch):
+    """S3 answers 416 (s3fs: an OSError with errno EINVAL): a request error, raised at once, not a store's
+    failure to wait out with five retries."""
+    from distpddm.data import ranges
+
+    waits = []
+    monkeypatch.setattr(retry, "_sleep", waits.append)
+    path = sorted(source.glob("*.tar"))[0]
+    s3.put(str(path), f"shards/{path.name}")
+    url, size = f"s3://shards/{path.name}", path.stat().st_size
+    assert ranges.read_range(url, size - 10, 10) == path.read_bytes()[-10:]
+    with pytest.raises(OSError) as raised:
+        ranges.read_range(url, size + 1024, 10)
+    assert raised.value.errno == errno.EINVAL and waits == []
 
 
 def test_no_secret_is_printed_or_logged(source, tmp_path, s3, monkeypatch, capsys, caplog):

@@ -6,6 +6,7 @@ them small."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import sys
 import threading
@@ -20,7 +21,8 @@ log = logging.getLogger("distpddm.data")
 #: bench's server answers 503 for 10 s). Module constants, so that tests can make them small.
 READ_RETRIES = 5
 RETRY_BASE_S = 0.5
-#: OSErrors that say the file is not there or not ours to read: a retry would find the same.
+#: OSErrors that say the file is not there or not ours to read: a retry would find the same (as would one with
+#: errno EINVAL, see :func:`is_transient`).
 PERSISTENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 _sleep = time.sleep  # tests replace them
 _sleep_async = asyncio.sleep
@@ -71,8 +73,8 @@ def is_transient(error: BaseException, url: str) -> bool:
     if isinstance(error, FileNotFoundError):
         remote = "://" in url and not url.startswith("file://")
         return remote and any(_transient_http(e) for e in _causes(error))
-    if isinstance(error, OSError):
-        return not isinstance(error, PERSISTENT_ERRORS)
+    if isinstance(error, OSError):  # EINVAL: s3fs's name for a request the store refused (a 416, a 400, a 412)
+        return not isinstance(error, PERSISTENT_ERRORS) and error.errno != errno.EINVAL
     return isinstance(error, asyncio.TimeoutError)  # no OSError before Python 3.11
 
 
