@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 PROTOCOL = Path(__file__).resolve().parents[1] / "protocol"
@@ -15,6 +16,7 @@ import choose  # noqa: E402
 import grid  # noqa: E402
 import run  # noqa: E402
 import splits  # noqa: E402
+import why  # noqa: E402
 
 
 @pytest.mark.parametrize("dataset", splits.DATASETS)
@@ -104,24 +106,32 @@ def test_choose_best_val_recall_ties_by_map():
 
 
 @pytest.mark.skipif(not splits.FONTS_DIR.is_dir(), reason="fonts-aenigma is not installed")
-def test_tiny_end_to_end_run_writes_a_record(tmp_path):
+@pytest.mark.parametrize("method", ["multi_similarity", "pddm"])
+def test_tiny_end_to_end_run_writes_a_record(tmp_path, method):
     """4 classes per split, 5 steps, through `shards build`, `train --local` and `eval` (about 1-2 min on 2 busy
-    cores: most of it the product's two process starts)."""
+    cores: most of it the product's two process starts); why.py reads what the run left."""
     build.build("fonts", tmp_path / "shards", limit=4, workers=1, quiet=True)
     out = tmp_path / "results.jsonl"
     code = run.main(
-        ["--dataset", "fonts", "--regime", "scratch", "--method", "multi_similarity", "--split", "val",
+        ["--dataset", "fonts", "--regime", "scratch", "--method", method, "--split", "val",
          "--shards-root", str(tmp_path / "shards"), "--runs", str(tmp_path / "runs"), "--results", str(out),
          "--set", "train.steps=5", "--set", "data.classes_per_batch=4", "--set", "train.val_at_start=false",
          "--set", "train.progress=false"]
     )  # fmt: skip
     assert code == 0
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert record["method"] == "multi_similarity" and record["config"] == "default" and record["split"] == "val"
+    assert record["method"] == method and record["config"] == "default" and record["split"] == "val"
     assert 0 <= record["recall@1"] <= 1 and 0 <= record["map@r"] <= 1
     assert len(record["commit"]) == 40 and isinstance(record["dirty"], bool)
     assert record["training"]["step"] == 5 and record["wall_s"] > 0
     assert record["metrics"]["recall@1"] == record["recall@1"]
+    diagnosis = why.analyse(record)
+    assert diagnosis["training"] and diagnosis["training"][-1]["steps"].endswith("-5")
+    labels = np.load(Path(record["run_dir"]) / "eval-protocol-val" / "labels.npy")
+    assert diagnosis["hardest_pairs"]["queries"] == len(labels)  # every val font has several glyphs
+    assert sum(b["queries"] for b in diagnosis["by_class_size"].values()) == len(labels)
+    learned = "metric_positive_higher" in diagnosis["hardest_pairs"]
+    assert learned == (method == "pddm") and ("pos_score" in diagnosis["training"][-1]) == learned
 
 
 def test_clipart_eval_splits_are_capped_per_class_by_a_draw_of_the_class_alone():
