@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -417,7 +418,8 @@ def nginx_binary() -> str:
 @pytest.fixture
 def nginx(source, tmp_path):
     """Debian's nginx as this user's process, serving the source on a free port: ``/`` with ranges,
-    ``/noranges/`` without (``max_ranges 0``), and one shard that always answers 503."""
+    ``/noranges/`` without (``max_ranges 0``), ``/mixed/`` with but for one shard, and one shard that always
+    answers 503."""
     binary = nginx_binary()
     port = _free_port()
     run = tmp_path / "nginx"
@@ -439,6 +441,8 @@ http {{
         root {source};
         location = /in12k-train-0009.tar {{ return 503; }}
         location /noranges/ {{ alias {source}/; max_ranges 0; }}
+        location = /mixed/in12k-train-0001.tar {{ alias {source}/in12k-train-0001.tar; max_ranges 0; }}
+        location /mixed/ {{ alias {source}/; }}
     }}
 }}
 """)
@@ -450,6 +454,33 @@ http {{
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_one_shard_that_ignores_ranges_in_a_folder_that_honours_them_is_refused_unread(source, nginx, monkeypatch):
+    """Once a folder has answered a range with a range, its reads skip fsspec's per-file check; a shard there
+    that answers 200 with the whole file is refused from the status line, its body never read."""
+    import aiohttp
+
+    from distpddm.data import ranges
+
+    base, _ = nginx
+    bodies, real = [], aiohttp.ClientResponse.read
+
+    async def read(self):
+        bodies.append(str(self.url))
+        return await real(self)
+
+    monkeypatch.setattr(aiohttp.ClientResponse, "read", read)
+    good, bad = f"{base}/mixed/in12k-train-0000.tar", f"{base}/mixed/in12k-train-0001.tar"
+    data = (source / "in12k-train-0000.tar").read_bytes()
+    assert ranges.read_range(good, 512, 100) == data[512:612]
+    assert f"{base}/mixed" in ranges._RANGES_HONOURED
+    assert ranges.read_range(good, 1024, 100) == data[1024:1124] and bodies[-1] == good  # the honoured path
+    with pytest.raises(ranges.RangesIgnored, match="ignores HTTP range requests"):
+        ranges.read_range(bad, 512, 100)
+    with pytest.raises(ranges.RangesIgnored, match="ignores HTTP range requests"):
+        ranges.read_async(bad, 512, 100, threading.Event()).result(10)
+    assert bad not in bodies
 
 
 def sent_bytes(log: Path) -> tuple[int, int]:

@@ -154,7 +154,26 @@ def _read_remote(url: str, offset: int, size: int) -> bytes:
             if offset > 0:  # at offset 0 fsspec takes a whole-file 200 as an answer: no proof of ranges
                 _RANGES_HONOURED.add(folder)
             return data
+        from fsspec.asyn import sync
+
+        return sync(fs.loop, _cat_range, fs, path, url, offset, size)
     return fs.cat_file(path, start=offset, end=offset + size)
+
+
+async def _cat_range(fs, path: str, url: str, offset: int, size: int) -> bytes:
+    """One ranged GET on an async filesystem. Over HTTP the answer's status is looked at before its body: one
+    file that ignores ranges in a folder whose others honoured them is refused without downloading it."""
+    if "http" not in fs.protocol or size <= 0:
+        return await fs._cat_file(path, start=offset, end=offset + size)
+    kw = fs.kwargs.copy()  # what fsspec's own _cat_file sends: the user's client_kwargs, auth, headers
+    headers = dict(kw.pop("headers", None) or {})
+    headers["Range"] = f"bytes={offset}-{offset + size - 1}"
+    session = await fs.set_session()
+    async with session.get(getattr(fs, "encode_url", str)(path), headers=headers, **kw) as r:
+        if r.status == 200 and (r.content_length is None or r.content_length > size):
+            raise _ranges_ignored(url)  # leaving the block unread closes the connection: no body is fetched
+        fs._raise_not_found_for_status(r, path)
+        return await r.read()
 
 
 def fetch(url: str, offset: int, size: int) -> bytes:
@@ -203,8 +222,10 @@ async def _read_range_async(fs, path: str, url: str, offset: int, size: int, sto
     attempt = 0
     while True:
         try:
-            data = await fs._cat_file(path, start=offset, end=offset + size)
+            data = await _cat_range(fs, path, url, offset, size)
             break
+        except RangesIgnored:
+            raise
         except Exception as e:
             if not await retry_after_async(url, e, attempt, stop):
                 raise
