@@ -535,6 +535,15 @@ def test_index_over_http_equals_local_and_skips_image_bytes(source, tmp_path, ng
 # --------------------------------------------------------------------------------------------- over S3
 
 
+def _forget_filesystems(s3fs) -> None:
+    """The S3 filesystems s3fs and the readers (ranges.url_to_fs, per URL) keep for the process's life."""
+    from distpddm.data import ranges
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    ranges._FILESYSTEMS.clear()
+    ranges._SHARED.clear()
+
+
 @pytest.fixture
 def s3(monkeypatch):
     """moto's S3 server, a process of its own on a free port (s3fs's own test suite runs against it), with a
@@ -557,12 +566,12 @@ def s3(monkeypatch):
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         }.items():
             monkeypatch.setenv(key, value)
-        s3fs.S3FileSystem.clear_instance_cache()
+        _forget_filesystems(s3fs)  # another test's, bound to its own (gone) server's port
         fs = s3fs.S3FileSystem()
         fs.mkdir("shards")
         yield fs
     finally:
-        s3fs.S3FileSystem.clear_instance_cache()
+        _forget_filesystems(s3fs)
         server.terminate()
         server.wait(10)
 
@@ -607,14 +616,10 @@ def test_no_secret_is_printed_or_logged(source, tmp_path, s3, monkeypatch, capsy
     secret appears nowhere, the URL with its password hidden does."""
     import s3fs
 
-    from distpddm.data import ranges
-
     secret = "Zq8-Ae3-not-a-real-secret"
     monkeypatch.setattr(retry, "_sleep", lambda s: None)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    s3fs.S3FileSystem.clear_instance_cache()  # a filesystem of the fixture's holds the old key
-    ranges._FILESYSTEMS.clear()
-    ranges._SHARED.clear()
+    _forget_filesystems(s3fs)  # a filesystem of the fixture's holds the old key
     for path in sorted(source.glob("in12k-train-000[0-3].tar")):
         s3.put(str(path), f"shards/{path.name}")
     with fixtures.http_store(source) as store, caplog.at_level(logging.DEBUG):
