@@ -103,6 +103,26 @@ def test_batches_are_a_function_of_labels_and_seed():
     assert first == second and first != other
 
 
+def test_groups_of_k_are_drawn_from_a_class_s_waiting_samples_differently_each_epoch():
+    """Shards store a class in chunks of K: taking the K that came first would pair each image with the same
+    K - 1 positives in every epoch."""
+    labels = [c for c in range(6) for _ in range(8)]  # each class arrives whole: 8 waiting, K = 2
+
+    def groups(seed: int) -> set[frozenset[int]]:
+        batcher, batches = PKBatcher(P=2, K=2, buffer=64, rng=np.random.default_rng(seed)), []
+        for position, label in enumerate(labels):
+            batches += batcher.push(position, label)
+        batches += batcher.finish()
+        assert sorted(p for b in batches for p in b) == sorted(set(p for b in batches for p in b))  # once each
+        return {frozenset(b[i : i + 2]) for b in batches for i in range(0, len(b), 2)}
+
+    first, second = groups(0), groups(1)
+    assert all(len({labels[p] for p in g}) == 1 for g in first | second)  # a group is one class
+    assert groups(0) == first and first != second  # a function of the seed, which changes with the epoch
+    arrival = {frozenset((p, p + 1)) for p in range(0, len(labels), 2)}  # whole chunks, in arrival order
+    assert not first <= arrival and not second <= arrival
+
+
 def test_batcher_checks_its_arguments():
     with pytest.raises(ValueError, match="at least one batch"):
         PKBatcher(8, 4, 16, np.random.default_rng(0))
