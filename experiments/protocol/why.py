@@ -7,7 +7,9 @@
   farthest positive and nearest negative by Euclidean distance, how often the positive is the nearer, the gap
   against the run's embedding margin beta (PDDM) and, for a learned metric, how often the PDDM unit scores the
   positive above the negative on those same pairs;
-* **class size**: Recall@1 of the queries of small and large validation classes.
+* **class size**: Recall@1 of the queries of small and large validation classes;
+* **training classes**: Recall@1 and MAP@R on the split trained on, where ``distpddm eval RUN --shards <train>
+  --out RUN/eval-protocol-train`` was run (does the method fit its training classes and fail to transfer?).
 
     python experiments/protocol/why.py table experiments/protocol/results/clipart_scratch.jsonl [--json F]
     python experiments/protocol/why.py plot experiments/protocol/results/clipart_scratch.jsonl OUT.png
@@ -144,6 +146,10 @@ def analyse(record: dict, split: str = "val") -> dict:
         "rerank@8/recall@1": record.get("rerank@8/recall@1"),
         "training": training(read_jsonl(run_dir / "metrics.jsonl"), alpha),
     }
+    trained = run_dir / "eval-protocol-train" / "metrics.json"  # `distpddm eval RUN --shards <train split>`
+    if trained.exists():
+        figures = json.loads(trained.read_text())
+        out["train_recall@1"], out["train_map@r"] = figures.get("recall@1"), figures.get("map@r")
     eval_dir = run_dir / f"eval-protocol-{split}"
     if (eval_dir / LABELS).exists():
         emb, labels, _ = load_embeddings(eval_dir)
@@ -173,15 +179,17 @@ def markdown(results: list[dict]) -> str:
                 f"| {name} | {t['steps']} | {_fmt(t['loss'])} | {_fmt(t['spread'])} | {_fmt(t['active'])} | "
                 f"{_fmt(t.get('active_metric'))} | {scores} | {_fmt(t.get('metric_loss_over_2alpha'))} | {collapsed} |"
             )
-    lines += ["", "| run | R@1 | MAP@R | re-ranked R@1 | d(hardest +) | d(nearest -) | + nearer | gap > beta |"
-              " unit: S+ > S- | R@1 by class size |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    head = ["run", "R@1", "MAP@R", "train-class R@1 / MAP@R", "re-ranked R@1", "d(hardest +)", "d(nearest -)",
+            "+ nearer", "gap > beta", "unit: S+ > S-", "R@1 by class size"]  # fmt: skip
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         h = r.get("hardest_pairs", {})
         sizes = ", ".join(f"{k}: {_fmt(v['recall@1'])} ({v['queries']})" for k, v in r.get("by_class_size", {}).items())
         lines.append(
             f"| {r['method']}:{r['config']} s{r['seed']} | {_fmt(r['recall@1'])} | {_fmt(r['map@r'])} | "
-            f"{_fmt(r['rerank@8/recall@1'])} | {_fmt(h.get('hardest_positive_distance'))} | "
-            f"{_fmt(h.get('hardest_negative_distance'))} | {_fmt(h.get('positive_nearer'))} | "
+            f"{_fmt(r.get('train_recall@1'))} / {_fmt(r.get('train_map@r'))} | {_fmt(r['rerank@8/recall@1'])} | "
+            f"{_fmt(h.get('hardest_positive_distance'))} | {_fmt(h.get('hardest_negative_distance'))} | "
+            f"{_fmt(h.get('positive_nearer'))} | "
             f"{_fmt(h.get('gap_above_beta'))} | {_fmt(h.get('metric_positive_higher'))} | {sizes} |"
         )
     return "\n".join(lines)
