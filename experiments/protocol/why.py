@@ -67,6 +67,8 @@ def training(rows: list[dict], alpha: float | None) -> list[dict]:
         active = _active_key(part[0])
         row = {"steps": f"{int(lo) + 1}-{int(hi)}", "loss": mean("loss"), "spread": mean("spread")}
         row["active"] = mean(active) if active else None
+        row["mined"] = mean("quadruplets") if "quadruplets" in part[0] else mean("tuples")  # per worker's batch
+        row["data_used"] = mean("data_used")  # the share of an epoch's samples the batcher placed in batches
         if "pos_score" in part[0]:
             row |= {"pos_score": mean("pos_score"), "neg_score": mean("neg_score")}
             row["active_metric"] = mean("active_metric")
@@ -168,15 +170,17 @@ def _fmt(v) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| run | steps | loss | spread | active (E_e / pair) | E_m active | S+ / S- | E_m / 2 alpha | collapsed |"]
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    head = ["run", "steps", "loss", "spread", "mined", "active (E_e / pair)", "E_m active", "S+ / S-",
+            "E_m / 2 alpha", "collapsed"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         name = f"{r['method']}:{r['config']} s{r['seed']}"
         for t in r["training"]:
             scores = f"{_fmt(t.get('pos_score'))} / {_fmt(t.get('neg_score'))}" if "pos_score" in t else "–"
             collapsed = f"{t['collapsed_steps']}/{t['logged_steps']}" if "collapsed_steps" in t else "–"
             lines.append(
-                f"| {name} | {t['steps']} | {_fmt(t['loss'])} | {_fmt(t['spread'])} | {_fmt(t['active'])} | "
+                f"| {name} | {t['steps']} | {_fmt(t['loss'])} | {_fmt(t['spread'])} | {_fmt(t.get('mined'))} | "
+                f"{_fmt(t['active'])} | "
                 f"{_fmt(t.get('active_metric'))} | {scores} | {_fmt(t.get('metric_loss_over_2alpha'))} | {collapsed} |"
             )
     head = ["run", "R@1", "MAP@R", "train-class R@1 / MAP@R", "re-ranked R@1", "d(hardest +)", "d(nearest -)",

@@ -56,7 +56,7 @@ def test_training_phases_average_what_the_loss_logged_and_count_collapsed_steps(
         rows.append({
             "step": step, "loss": 0.2, "spread": 0.1 if collapsed else 0.5, "active_embedding": 1.0,
             "active_metric": 1.0, "pos_score": 0.05, "neg_score": 0.05 if collapsed else 0.01,
-            "metric_loss": 0.2 if collapsed else 0.1, "metric_collapsed": float(collapsed),
+            "metric_loss": 0.2 if collapsed else 0.1, "metric_collapsed": float(collapsed), "quadruplets": 64.0,
         })  # fmt: skip
     phases = why.training(rows, alpha=0.1)
     assert [p["steps"] for p in phases] == ["1-25", "26-50", "51-75", "76-100"]
@@ -64,8 +64,10 @@ def test_training_phases_average_what_the_loss_logged_and_count_collapsed_steps(
     assert phases[0]["metric_loss_over_2alpha"] == pytest.approx(1.0)
     assert phases[3]["metric_loss_over_2alpha"] == pytest.approx(0.5)
     assert phases[0]["spread"] == pytest.approx(0.1) and phases[2]["spread"] == pytest.approx(0.5)
-    ms = why.training([{"step": s, "loss": 1.0, "spread": 0.7, "multi_similarity_active": 0.25} for s in (1, 2)], None)
-    assert ms[-1]["active"] == pytest.approx(0.25) and "pos_score" not in ms[-1]
+    assert phases[0]["mined"] == pytest.approx(64.0)
+    ms_rows = [{"step": s, "loss": 1.0, "spread": 0.7, "tuples": 50.0 + s, "pair_active": 0.25} for s in (1, 2)]
+    ms = why.training(ms_rows, None)
+    assert ms[-1]["active"] == pytest.approx(0.25) and "pos_score" not in ms[-1] and ms[-1]["mined"] == 52.0
     assert why.training([{"step": 0, "val_recall@1": 0.3}], None) == []
 
 
