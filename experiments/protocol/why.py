@@ -224,7 +224,7 @@ def plot(results: list[dict], runs: list[list[dict]], out: Path) -> None:
     axes[2].set(title="PDDM unit: S(mined +) - S(mined -)", xlabel="step")
     axes[2].axhline(0, color="grey", lw=0.8)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(out, dpi=110)
 
 
