@@ -37,6 +37,7 @@ import torch
 
 from ..dist import env_rank_and_world
 from ..errors import BadDataError, CannotBatchError, StorageUnavailable
+from .batcher import POLICY as BATCHER_POLICY
 from .batcher import PKBatcher
 from .epochs import reader_ranges, seed_sequence
 from .images import IMAGE_EXTENSIONS
@@ -401,6 +402,7 @@ class PKBatchDataset(PKStream):
             "buffer": self.buffer_images,
             "seed": self.seed,
             "split": self.split_digest,
+            "batcher": BATCHER_POLICY,
         }
 
     def _epoch(self, epoch: int, reader: int, readers: int, worker: int, counter, skip: int) -> Iterator[Batch]:
