@@ -10,10 +10,12 @@ Policy -- *proportional, capped at one group per class per batch*:
 - Once 2P classes are ready (or the pool is full and P are), a batch takes P distinct ready classes, drawn
   without replacement with probability proportional to the number of whole groups of K each holds, and
   K of each one's waiting samples, drawn at random. Classes are therefore used in proportion to how often they
-  occur, except that no class fills more than one of a batch's P slots. Drawing the K (not taking the K that
-  came first) is what varies an image's positives between epochs: shards store a class in chunks of K, and
-  taking whole chunks paired every image with the same K - 1 others in every epoch (on the clip art of
-  ``experiments/protocol``, 200 batches held 2,250 distinct positive pairs that way, 11,470 drawn).
+  occur, except that no class fills more than one of a batch's P slots. The K are drawn (not the K that came
+  first) so that an image's positives can change between epochs: shards store a class in chunks, and whole
+  chunks paired each image with the same others in every epoch. A draw varies them only where a class holds
+  more than K when it is taken: with few classes (the clip art of ``experiments/protocol``: 2,250 distinct
+  positive pairs in 200 batches before, 11,470 drawn), or with ``--chunk-size`` a multiple of K. With many
+  classes and chunks of K a ready class usually holds one chunk, taken whole as before.
 - When the pool is full and fewer than P classes are ready, samples are dropped: first the surplus of
   over-represented ready classes (largest surplus first, down to a common level), then classes that have
   not reached K, oldest first. A class with fewer than K images in a reader's share is never used.
@@ -27,6 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+#: Names the policy in saved stream positions (``PKBatchDataset.layout``): a position saved under another one
+#: replays other batches, so a resume across a change starts the next epoch instead ("drawn-k": 5b0bdec).
+POLICY = "drawn-k"
 
 
 @dataclass
