@@ -84,8 +84,8 @@ def hardest_pairs(emb: np.ndarray, labels: np.ndarray, scorer=None, beta: float 
     """Per query (a class with another member): its farthest positive and nearest negative (Euclidean, on
     L2-normalised rows as the losses see them)."""
     x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    counts = np.bincount(np.unique(labels, return_inverse=True)[1])
-    queries = np.flatnonzero(counts[np.unique(labels, return_inverse=True)[1]] > 1)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    queries = np.flatnonzero(counts[inverse] > 1)
     d = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * x[queries] @ x.T))  # (Q, N): unit rows
     d[np.arange(len(queries)), queries] = np.nan
     same = labels[queries][:, None] == labels[None, :]
