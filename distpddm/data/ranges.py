@@ -195,8 +195,6 @@ def read_range(url: str, offset: int, size: int, stop: threading.Event | None = 
         try:
             data = fetch(url, offset, size)
             break
-        except RangesIgnored:
-            raise
         except Exception as e:
             if not retry_after(url, e, attempt, stop):
                 raise
@@ -224,8 +222,6 @@ async def _read_range_async(fs, path: str, url: str, offset: int, size: int, sto
         try:
             data = await _cat_range(fs, path, url, offset, size)
             break
-        except RangesIgnored:
-            raise
         except Exception as e:
             if not await retry_after_async(url, e, attempt, stop):
                 raise
