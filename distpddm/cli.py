@@ -319,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shard-size", type=_size, default="512M", help="target shard size (default 512M)")
     b.add_argument("--max-side", type=int, help="re-encode as JPEG with the longer side at most N pixels")
     b.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
-    b.add_argument("--chunk-size", type=int, default=4, help="images of one class stored together (>= K)")
+    b.add_argument(
+        "--chunk-size", type=int, default=8, help="images of one class stored together: 2 x the K you train with"
+    )
     b.add_argument("--synsets", type=Path, help="imagenet: file fixing the class order (one wnid per line)")
     b.add_argument("--fonts", type=Path, nargs="*", help="fonts: more font folders")
     b.add_argument("--font-size", type=int, default=64, help="fonts: glyph image size")

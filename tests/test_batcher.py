@@ -151,3 +151,42 @@ def test_reader_ranges_change_with_the_epoch_and_seed_only():
     assert a == reader_ranges(counts, seed=1, epoch=0, reader=2, readers=8)
     assert a != reader_ranges(counts, seed=1, epoch=1, reader=2, readers=8)
     assert a != reader_ranges(counts, seed=2, epoch=0, reader=2, readers=8)
+
+
+def _groups(labels, K, seed):
+    b = PKBatcher(8, K, 8 * 8 * K, np.random.default_rng(seed))
+    batches = [batch for p, label in enumerate(labels) for batch in b.push(p, label)] + b.finish()
+    return {tuple(sorted(batch[g : g + K])) for batch in batches for g in range(0, len(batch), K)}
+
+
+@pytest.mark.parametrize("chunk, repeats", [(4, True), (8, False)])
+def test_with_many_classes_chunks_of_2k_give_new_positives_each_epoch_and_chunks_of_k_do_not(chunk, repeats):
+    """Two epochs read the same stored order (one shard), each with its own batcher generator: with 500 classes
+    a class waits with one chunk, taken whole when it is exactly K (the default is 2 K: bench/chunk_groups.py)."""
+    labels = chunked_stream([16] * 500, chunk)
+    first, second = _groups(labels, 4, seed=0), _groups(labels, 4, seed=1)
+    repeated = len(first & second) / len(second)
+    assert (repeated > 0.5) if repeats else (repeated < 0.1), repeated
+
+
+@pytest.mark.parametrize(
+    "chunk, K, warned", [(2, 4, "< data.images_per_class"), (4, 4, "same positives"), (8, 4, None)]
+)
+def test_the_trainer_says_when_the_chunk_size_is_under_2k(chunk, K, warned, caplog):
+    from distpddm.config import from_dict
+    from distpddm.data.stream import ShardSet
+    from distpddm.train.trainer import _warn_about_split
+
+    cfg = from_dict({"data": {"images_per_class": K}})
+    shard_set = ShardSet(["a.tar"], [str(c) for c in range(1000)], 10**6, [10**6], chunk_size=chunk)
+    with caplog.at_level("WARNING", logger="distpddm.train"):
+        _warn_about_split(cfg, shard_set, world=1)
+    if warned:
+        assert warned in caplog.text and f"--chunk-size {2 * K}" in caplog.text
+    else:
+        assert "chunk-size" not in caplog.text
+    few = ShardSet(["a.tar"], [str(c) for c in range(20)], 10**6, [10**6], chunk_size=K)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="distpddm.train"):
+        _warn_about_split(cfg, few, world=1)
+    assert "same positives" not in caplog.text  # few classes: a ready class holds several chunks anyway

@@ -14,8 +14,9 @@ Policy -- *proportional, capped at one group per class per batch*:
   first) so that an image's positives can change between epochs: shards store a class in chunks, and whole
   chunks paired each image with the same others in every epoch. A draw varies them only where a class holds
   more than K when it is taken: with few classes (the clip art of ``experiments/protocol``: 2,250 distinct
-  positive pairs in 200 batches before, 11,470 drawn), or with ``--chunk-size`` a multiple of K. With many
-  classes and chunks of K a ready class usually holds one chunk, taken whole as before.
+  positive pairs in 200 batches before, 11,470 drawn), or with chunks of 2 K (the builder's default for
+  K = 4). With many classes and chunks of K a ready class usually holds one chunk, taken whole as before;
+  with 4 K the pool overflows and drops (docs/benchmarks.md, "Positive pairs").
 - When the pool is full and fewer than P classes are ready, samples are dropped: first the surplus of
   over-represented ready classes (largest surplus first, down to a common level), then classes that have
   not reached K, oldest first. A class with fewer than K images in a reader's share is never used.

@@ -73,7 +73,7 @@ class BuildOptions:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     max_side: int | None = None  # re-encode as JPEG with the longer side at most this (None: keep bytes)
     jpeg_quality: int = 90
-    chunk_size: int = 4  # images of one class stored together; build with the largest K you will train with
+    chunk_size: int = 8  # images of one class stored together: 2 K (docs/benchmarks.md, "Positive pairs")
     seed: int = 0
     workers: int | None = None
     progress: bool = True

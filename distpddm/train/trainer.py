@@ -378,14 +378,20 @@ class Trainer:
 
 
 def _warn_about_split(cfg: RunConfig, shard_set, world: int) -> None:
-    if shard_set.chunk_size and shard_set.chunk_size < cfg.data.images_per_class:
+    chunk, K = shard_set.chunk_size, cfg.data.images_per_class
+    if chunk and chunk < K:
         log.warning(
             "the shards were built with --chunk-size %d < data.images_per_class %d: a class's K images must meet "
             "in the batcher's buffer, and many are dropped; rebuild with --chunk-size %d",
-            shard_set.chunk_size,
-            cfg.data.images_per_class,
-            cfg.data.images_per_class,
-        )
+            chunk, K, 2 * K,
+        )  # fmt: skip
+    elif chunk and chunk < 2 * K and len(shard_set.classes or ()) > 4 * cfg.data.classes_per_batch:
+        log.warning(
+            "the shards were built with --chunk-size %d < 2 x data.images_per_class: with many classes a batch "
+            "takes a class's one waiting chunk whole, so most images meet the same positives every epoch; rebuild "
+            "with --chunk-size %d (docs/benchmarks.md, \"Positive pairs\")",
+            chunk, 2 * K,
+        )  # fmt: skip
     readers = world * max(1, cfg.data.loader_workers)
     share = (shard_set.samples or 0) // readers
     if share < 4 * cfg.local_batch:

@@ -1,0 +1,88 @@
+"""Do an image's positives change from epoch to epoch? Labels only, at any number of classes: the product's
+build-time order (``shards.plan_order``), shards of a fixed sample count, each epoch's reader ranges
+(``epochs.reader_ranges``) and the batcher with the generator the stream gives it (``PKBatcher``), no image read.
+
+    .venv/bin/python bench/chunk_groups.py [--classes 10000 --chunks 4 8 16 --P 16 --K 4 --readers 4]
+
+Per chunk size, over two epochs of every reader: the share of the second epoch's groups of K that are exactly
+a group of the first (the same K - 1 positives again), the distinct positives an image met in both epochs
+(at most 2 (K - 1)), and the share of samples placed in batches (the rest were dropped by the bounded pool).
+Class sizes are log-normal, 10 to 400 images (ImageNet-like; docs/benchmarks.md, "Positive pairs").
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import numpy as np
+
+from distpddm.data.batcher import PKBatcher
+from distpddm.data.epochs import reader_ranges, seed_sequence
+from distpddm.data.shards import plan_order
+from distpddm.data.sources import SplitPlan
+
+
+def class_labels(classes: int, seed: int) -> np.ndarray:
+    sizes = np.clip(np.random.default_rng(seed).lognormal(np.log(60), 0.8, classes), 10, 400).astype(np.int64)
+    return np.repeat(np.arange(classes, dtype=np.int32), sizes)
+
+
+def epoch_groups(labels, counts, order, args, epoch: int) -> tuple[list[tuple[int, ...]], int, int]:
+    """Every reader's groups of K in one epoch (as sorted sample ids), and samples read and used."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    groups, read, used = [], 0, 0
+    for reader in range(args.readers):
+        rng = np.random.default_rng(seed_sequence(args.seed, epoch, reader, args.readers, 1))
+        batcher = PKBatcher(args.P, args.K, 8 * args.P * args.K, rng)
+        batches = []
+        for shard, lo, hi in reader_ranges(counts, args.seed, epoch, reader, args.readers):
+            for sample in order[starts[shard] + lo : starts[shard] + hi].tolist():
+                batches += batcher.push(sample, int(labels[sample]))
+        batches += batcher.finish()
+        for b in batches:
+            groups += [tuple(sorted(b[g * args.K : (g + 1) * args.K])) for g in range(args.P)]
+        read, used = read + batcher.stats.read, used + batcher.stats.used
+    return groups, read, used
+
+
+def measure(labels: np.ndarray, chunk: int, args) -> dict:
+    split = SplitPlan(classes=[str(c) for c in range(labels.max() + 1)], sources=[""] * len(labels), labels=labels)
+    order = plan_order(split, chunk, args.seed)
+    counts = [min(args.shard_samples, len(order) - i) for i in range(0, len(order), args.shard_samples)]
+    first, read1, used1 = epoch_groups(labels, counts, order, args, 0)
+    second, read2, used2 = epoch_groups(labels, counts, order, args, 1)
+    partners: dict[int, set[int]] = defaultdict(set)
+    for group in first + second:
+        for s in group:
+            partners[s].update(group)
+    seen = set(first)
+    return {
+        "chunk": chunk,
+        "repeated": sum(g in seen for g in second) / max(1, len(second)),
+        "partners": float(np.mean([len(p) - 1 for p in partners.values()])),
+        "used": (used1 + used2) / (read1 + read2),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--classes", type=int, default=10_000)
+    p.add_argument("--chunks", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--P", type=int, default=16)
+    p.add_argument("--K", type=int, default=4)
+    p.add_argument("--readers", type=int, default=4, help="ranks x loader workers")
+    p.add_argument("--shard-samples", type=int, default=4000, help="images per shard (512 MB of 128 KB JPEGs)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    labels = class_labels(args.classes, args.seed)
+    print(f"{args.classes} classes, {len(labels)} images, {args.P} x {args.K}, {args.readers} readers")
+    print("| chunk size | 2nd-epoch groups repeated from the 1st | distinct positives per image, 2 epochs | used |")
+    print("|---|---|---|---|")
+    for chunk in args.chunks:
+        r = measure(labels, chunk, args)
+        print(f"| {chunk} | {r['repeated']:.1%} | {r['partners']:.2f} of {2 * (args.K - 1)} | {r['used']:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
