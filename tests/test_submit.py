@@ -50,8 +50,8 @@ def _stop(proc: subprocess.Popen, temp_dir: str) -> None:
                 mine |= {c.pid for c in p.children(recursive=True)}
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=30)
+    with contextlib.suppress(subprocess.TimeoutExpired):  # `ray start --block` takes > 30 s to end on its own
+        proc.wait(timeout=5)
     for pid in mine | {proc.pid}:
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).kill()
