@@ -1,6 +1,7 @@
 """The P x K batcher on class distributions real data has: how many batches one pass forms, the share of
 samples placed in batches, the most samples held, and the cost per sample. Labels only (no images), in the
-shard builder's layout (each class cut into chunks of 4, chunk order shuffled), one reader.
+shard builder's layout (each class cut into chunks of 4, its default until it became 8; chunk order shuffled),
+one reader.
 
     python bench/batcher.py
 """

@@ -2,12 +2,14 @@
 build-time order (``shards.plan_order``), shards of a fixed sample count, each epoch's reader ranges
 (``epochs.reader_ranges``) and the batcher with the generator the stream gives it (``PKBatcher``), no image read.
 
-    .venv/bin/python bench/chunk_groups.py [--classes 10000 --chunks 4 8 16 --P 16 --K 4 --readers 4]
+    .venv/bin/python bench/chunk_groups.py [--classes 10000 --chunks 4 8 16 --P 16 --K 4 --readers 4 --epochs 2]
 
-Per chunk size, over two epochs of every reader: the share of the second epoch's groups of K that are exactly
-a group of the first (the same K - 1 positives again), the distinct positives an image met in both epochs
-(at most 2 (K - 1)), and the share of samples placed in batches (the rest were dropped by the bounded pool).
-Class sizes are log-normal, 10 to 400 images (ImageNet-like; docs/benchmarks.md, "Positive pairs").
+Per chunk size, over ``--epochs`` epochs of every reader: the share of the second epoch's groups of K that are
+exactly a group of the first (the same K - 1 positives again), the distinct positives an image met over all
+epochs (at most epochs x (K - 1), and never more than its chunk's other images), and the share of samples placed
+in batches (the rest were dropped by the bounded pool). Class sizes are log-normal (``--median``, ``--sigma``),
+clipped to ``--min-images``..``--max-images``; the default, 10 to 400, is ImageNet-like (docs/benchmarks.md,
+"Positive pairs").
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from distpddm.data.shards import plan_order
 from distpddm.data.sources import SplitPlan
 
 
-def class_labels(classes: int, seed: int) -> np.ndarray:
-    sizes = np.clip(np.random.default_rng(seed).lognormal(np.log(60), 0.8, classes), 10, 400).astype(np.int64)
-    return np.repeat(np.arange(classes, dtype=np.int32), sizes)
+def class_labels(args) -> np.ndarray:
+    sizes = np.random.default_rng(args.seed).lognormal(np.log(args.median), args.sigma, args.classes)
+    sizes = np.clip(sizes, args.min_images, args.max_images).astype(np.int64)
+    return np.repeat(np.arange(args.classes, dtype=np.int32), sizes)
 
 
 def epoch_groups(labels, counts, order, args, epoch: int) -> tuple[list[tuple[int, ...]], int, int]:
@@ -50,18 +53,18 @@ def measure(labels: np.ndarray, chunk: int, args) -> dict:
     split = SplitPlan(classes=[str(c) for c in range(labels.max() + 1)], sources=[""] * len(labels), labels=labels)
     order = plan_order(split, chunk, args.seed)
     counts = [min(args.shard_samples, len(order) - i) for i in range(0, len(order), args.shard_samples)]
-    first, read1, used1 = epoch_groups(labels, counts, order, args, 0)
-    second, read2, used2 = epoch_groups(labels, counts, order, args, 1)
+    epochs = [epoch_groups(labels, counts, order, args, e) for e in range(args.epochs)]
     partners: dict[int, set[int]] = defaultdict(set)
-    for group in first + second:
-        for s in group:
-            partners[s].update(group)
-    seen = set(first)
+    for groups, _, _ in epochs:
+        for group in groups:
+            for s in group:
+                partners[s].update(group)
+    first, second = set(epochs[0][0]), epochs[1][0]
     return {
         "chunk": chunk,
-        "repeated": sum(g in seen for g in second) / max(1, len(second)),
+        "repeated": sum(g in first for g in second) / max(1, len(second)),
         "partners": float(np.mean([len(p) - 1 for p in partners.values()])),
-        "used": (used1 + used2) / (read1 + read2),
+        "used": sum(e[2] for e in epochs) / sum(e[1] for e in epochs),
     }
 
 
@@ -73,15 +76,27 @@ def main() -> None:
     p.add_argument("--K", type=int, default=4)
     p.add_argument("--readers", type=int, default=4, help="ranks x loader workers")
     p.add_argument("--shard-samples", type=int, default=4000, help="images per shard (512 MB of 128 KB JPEGs)")
+    p.add_argument("--median", type=float, default=60, help="class sizes: log-normal median")
+    p.add_argument("--sigma", type=float, default=0.8)
+    p.add_argument("--min-images", type=int, default=10)
+    p.add_argument("--max-images", type=int, default=400)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    labels = class_labels(args.classes, args.seed)
-    print(f"{args.classes} classes, {len(labels)} images, {args.P} x {args.K}, {args.readers} readers")
-    print("| chunk size | 2nd-epoch groups repeated from the 1st | distinct positives per image, 2 epochs | used |")
+    if args.epochs < 2:
+        p.error("--epochs must be >= 2 (the repeats compare the second epoch with the first)")
+    labels = class_labels(args)
+    sizes = np.bincount(labels)
+    print(
+        f"{args.classes} classes of {sizes.min()} to {sizes.max()} images (mean {sizes.mean():.0f}), {len(labels)} "
+        f"images, {args.P} x {args.K}, {args.readers} readers, {args.epochs} epochs"
+    )
+    most = args.epochs * (args.K - 1)
+    print("| chunk size | 2nd-epoch groups repeated from the 1st | distinct positives per image | used |")
     print("|---|---|---|---|")
     for chunk in args.chunks:
         r = measure(labels, chunk, args)
-        print(f"| {chunk} | {r['repeated']:.1%} | {r['partners']:.2f} of {2 * (args.K - 1)} | {r['used']:.1%} |")
+        print(f"| {chunk} | {r['repeated']:.1%} | {r['partners']:.2f} of {most} | {r['used']:.1%} |")
 
 
 if __name__ == "__main__":

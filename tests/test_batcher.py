@@ -170,9 +170,18 @@ def test_with_many_classes_chunks_of_2k_give_new_positives_each_epoch_and_chunks
 
 
 @pytest.mark.parametrize(
-    "chunk, K, warned", [(2, 4, "< data.images_per_class"), (4, 4, "same positives"), (8, 4, None)]
+    "chunk, K, warned",
+    [
+        (2, 4, "< data.images_per_class"),
+        (4, 4, "same positives"),
+        (6, 4, "same positives"),
+        (8, 4, None),
+        (12, 4, "overflow"),
+        (4, 2, None),
+        (8, 2, "overflow"),  # the default chunk for a K = 2 run: build with --chunk-size 4
+    ],
 )
-def test_the_trainer_says_when_the_chunk_size_is_under_2k(chunk, K, warned, caplog):
+def test_the_trainer_says_when_the_chunk_size_is_not_about_2k(chunk, K, warned, caplog):
     from distpddm.config import from_dict
     from distpddm.data.stream import ShardSet
     from distpddm.train.trainer import _warn_about_split
@@ -185,8 +194,8 @@ def test_the_trainer_says_when_the_chunk_size_is_under_2k(chunk, K, warned, capl
         assert warned in caplog.text and f"--chunk-size {2 * K}" in caplog.text
     else:
         assert "chunk-size" not in caplog.text
-    few = ShardSet(["a.tar"], [str(c) for c in range(20)], 10**6, [10**6], chunk_size=K)
+    few = ShardSet(["a.tar"], [str(c) for c in range(20)], 10**6, [10**6], chunk_size=chunk)
     caplog.clear()
     with caplog.at_level("WARNING", logger="distpddm.train"):
         _warn_about_split(cfg, few, world=1)
-    assert "same positives" not in caplog.text  # few classes: a ready class holds several chunks anyway
+    assert "same positives" not in caplog.text and "overflow" not in caplog.text  # few classes: room either way

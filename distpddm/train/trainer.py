@@ -385,12 +385,16 @@ def _warn_about_split(cfg: RunConfig, shard_set, world: int) -> None:
             "in the batcher's buffer, and many are dropped; rebuild with --chunk-size %d",
             chunk, K, 2 * K,
         )  # fmt: skip
-    elif chunk and chunk < 2 * K and len(shard_set.classes or ()) > 4 * cfg.data.classes_per_batch:
+    elif chunk and len(shard_set.classes or ()) > 4 * cfg.data.classes_per_batch and not 2 * K <= chunk < 3 * K:
+        why = (
+            "a batch takes a class's waiting chunk (nearly) whole, so most images meet the same positives every epoch"
+            if chunk < 2 * K
+            else "ready classes holding a chunk each overflow the batcher's pool (data.buffer_images): it drops samples"
+        )
         log.warning(
-            "the shards were built with --chunk-size %d < 2 x data.images_per_class: with many classes a batch "
-            "takes a class's one waiting chunk whole, so most images meet the same positives every epoch; rebuild "
+            "the shards were built with --chunk-size %d, data.images_per_class is %d: with many classes %s; rebuild "
             "with --chunk-size %d (docs/benchmarks.md, \"Positive pairs\")",
-            chunk, 2 * K,
+            chunk, K, why, 2 * K,
         )  # fmt: skip
     readers = world * max(1, cfg.data.loader_workers)
     share = (shard_set.samples or 0) // readers

@@ -45,9 +45,9 @@ CLIPART_MAX_SIDE = 256
 CLIPART_EVAL_CAP = 50
 CAP_SEED = 23
 SHARD_SIZE = "64M"
-#: The product's default until it became 2 K (8): every record of the clip-art tuning ran on chunks of 4, so the
-#: protocol keeps them (at 38 classes a ready class holds several chunks anyway: docs/benchmarks.md).
-CHUNK_SIZE = 4
+#: Clip art: chunks of 4, the product's default when its tuning records ran (at 38 classes a ready class holds
+#: several chunks anyway: docs/benchmarks.md, "Positive pairs"). Fonts, none run yet: the default since, 2 K.
+CHUNK_SIZE = {"clipart": 4, "fonts": 8}
 STAMP = "protocol.json"
 VERSION = 2
 
@@ -144,6 +144,7 @@ def build(
         "clipart_max_side": CLIPART_MAX_SIDE if dataset == "clipart" else None,
         "clipart_eval_cap": CLIPART_EVAL_CAP if dataset == "clipart" else None,
         "font_size": splits.FONT_SIZE if dataset == "fonts" else None,
+        "chunk_size": CHUNK_SIZE[dataset],
     }
     done = out / STAMP
     built = all((out / s / "index.json").exists() for s in splits.SPLITS)
@@ -169,7 +170,7 @@ def build(
         "--shard-size",
         SHARD_SIZE,
         "--chunk-size",
-        str(CHUNK_SIZE),
+        str(CHUNK_SIZE[dataset]),
         "--workers",
         str(workers),
         "--rescan",
