@@ -5,6 +5,13 @@ Per epoch the shards are permuted (seeded by ``seed`` and the epoch, the same on
 and the sample sequence is cut into ``readers`` contiguous ranges of equal size (+-1). Within an epoch the
 readers' ranges are disjoint and cover every sample once; a range may start or end inside a shard (the
 per-shard index gives the byte offset), so more readers than shards still split the data, by sample ranges.
+The cut points also move, each epoch, by a drawn number of samples (the last reader's range wraps around to
+the first shard), so that a split of few shards is not read the same way every epoch: a shard's stored order
+is fixed at build time, and read alike every epoch the batcher left out the same samples every epoch (a
+class's last short chunk, the surplus it trims from a large class, chunks that fall in a reader's share with
+too few of their class). The clip art of ``experiments/protocol`` (one shard, one reader) never placed 170 of
+its 2,230 samples in a batch in 28 epochs; with the moving cut, 2-10 (``bench/sample_coverage.py``,
+docs/benchmarks.md).
 
 Random streams used elsewhere derive from :func:`seed_sequence`, so every rank, worker, epoch and batch
 draws from its own generator whatever process it runs in.
@@ -34,7 +41,8 @@ def reader_ranges(
     """``[(shard, lo, hi), ...]``: the samples ``lo .. hi - 1`` of each shard this reader streams, in order.
 
     ``counts`` are the shards' sample counts (from ``index.json``): O(shards) integer work, no I/O."""
-    return _cut(counts, shard_order(len(counts), seed, epoch), reader, readers)
+    shift = np.random.default_rng(seed_sequence(seed, epoch, 4)).integers(max(1, int(np.sum(counts))))
+    return _cut(counts, shard_order(len(counts), seed, epoch), reader, readers, int(shift))
 
 
 def split_ranges(counts: Sequence[int], reader: int, readers: int) -> list[tuple[int, int, int]]:
@@ -43,13 +51,25 @@ def split_ranges(counts: Sequence[int], reader: int, readers: int) -> list[tuple
     return _cut(counts, np.arange(len(counts)), reader, readers)
 
 
-def _cut(counts: Sequence[int], order: np.ndarray, reader: int, readers: int) -> list[tuple[int, int, int]]:
+def _cut(
+    counts: Sequence[int], order: np.ndarray, reader: int, readers: int, shift: int = 0
+) -> list[tuple[int, int, int]]:
+    """The reader's share of the shards laid end to end in ``order``, the cut points moved by ``shift`` samples
+    (the last share wraps around to the first shard)."""
     if not 0 <= reader < readers:
         raise ValueError(f"reader {reader} outside 0..{readers - 1}")
     counts = np.asarray(counts, dtype=np.int64)
     ends = np.cumsum(counts[order])
     total = int(ends[-1]) if len(ends) else 0
-    start, stop = total * reader // readers, total * (reader + 1) // readers
+    start, stop = shift + total * reader // readers, shift + total * (reader + 1) // readers
+    if stop <= total:
+        return _within(counts, order, ends, start, stop)
+    if start >= total:
+        return _within(counts, order, ends, start - total, stop - total)
+    return _within(counts, order, ends, start, total) + _within(counts, order, ends, 0, stop - total)
+
+
+def _within(counts: np.ndarray, order: np.ndarray, ends: np.ndarray, start: int, stop: int) -> list:
     ranges = []
     first = int(np.searchsorted(ends, start, side="right"))  # the shard holding sample `start`
     for i in range(first, len(order)):
