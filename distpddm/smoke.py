@@ -46,20 +46,34 @@ def held_out_split(train_shards: str) -> Path | None:
 
 def judge_recall(rows: list[dict]) -> dict:
     """Held-out Recall@1 of the untrained network (the step-0 validation) and of the last validated step, from
-    ``metrics.jsonl`` rows; ``learned`` only when both are finite and it rose. Empty without both."""
+    ``metrics.jsonl`` rows; ``learned`` only when both are finite and it rose by more than ``noise``, one
+    standard error of the step-0 figure on that many images (a rise of a few images is chance, not learning;
+    the same images both times, so one is enough; the smoke's real rises are ten times that: configs/smoke.yaml).
+    Empty without both."""
     recall = {int(r["step"]): float(r["val_recall@1"]) for r in rows if "val_recall@1" in r and "step" in r}
     last = max(recall, default=0)
     if 0 not in recall or last == 0:
         return {}
     start, end = recall[0], recall[last]
     images = [r.get("val_images") for r in rows if int(r.get("step", -1)) == last and "val_images" in r]
+    n = int(images[-1]) if images else None
+    noise = math.sqrt(start * (1 - start) / n) if n and math.isfinite(start) and 0 <= start <= 1 else 0.0
     return {
         "recall1_start": start,
         "recall1_end": end,
         "recall1_step": last,
-        "val_images": int(images[-1]) if images else None,
-        "learned": math.isfinite(start) and math.isfinite(end) and end > start,
+        "val_images": n,
+        "recall1_noise": noise,
+        "learned": math.isfinite(start) and math.isfinite(end) and end > start + noise,
     }
+
+
+def _verdict(result: dict) -> str:
+    if result["learned"]:
+        return "rose: learned"
+    if result["recall1_end"] > result["recall1_start"]:
+        return f"DID NOT RISE beyond the noise of {result['recall1_noise']:.3f}: not learned"
+    return "DID NOT RISE: not learned"
 
 
 def check_run(run: Path, warmup_rows: int = 1) -> dict:
@@ -198,7 +212,7 @@ def smoke(
         print(
             f"smoke: held-out Recall@1 {result['recall1_start']:.3f} at step 0 -> {result['recall1_end']:.3f} at step "
             f"{result['recall1_step']} on {result['val_images']} images "
-            f"({'rose: learned' if result['learned'] else 'DID NOT RISE: not learned'})"
+            f"({_verdict(result)})"
         )
         print(f"{loss}; information, not the verdict)")
     else:
