@@ -202,15 +202,16 @@ def test_a_resume_with_another_worker_count_starts_the_next_epoch(longtail, monk
         grown = PKBatchDataset(longtail, 4, 4, image_size=16, start=start).start_state(world=3, workers=2, warn=False)
         assert grown.positions == {0: (state.epoch + 4, 0), 1: (state.epoch + 4, 0)}
     assert "workers" in caplog.text and f"start of epoch {state.epoch + 1}" in caplog.text
-    # A position saved before the batcher drew its groups (no "batcher" in its layout) would replay other
-    # batches: it too restarts at the next epoch, saying why.
-    caplog.clear()
-    old = StreamState.from_json(state.to_json())
-    del old.layout["batcher"]
-    old.layout["workers"] = 1
-    with caplog.at_level(logging.WARNING, "distpddm.data"):
-        before = PKBatchDataset(longtail, 4, 4, image_size=16, start=old).start_state(world=1, workers=1)
-    assert before.positions == {0: (max(state.epoch, state.epoch_all) + 1, 0)} and "other batcher" in caplog.text
+    # A position saved before the batcher drew its groups, or before the readers' cut moved each epoch (no
+    # "batcher" or "ranges" in its layout), would replay other batches: it too restarts at the next epoch, saying why.
+    for key in ("batcher", "ranges"):
+        caplog.clear()
+        old = StreamState.from_json(state.to_json())
+        del old.layout[key]
+        old.layout["workers"] = 1
+        with caplog.at_level(logging.WARNING, "distpddm.data"):
+            before = PKBatchDataset(longtail, 4, 4, image_size=16, start=old).start_state(world=1, workers=1)
+        assert before.positions == {0: (max(state.epoch, state.epoch_all) + 1, 0)} and f"other {key}" in caplog.text
 
 
 def test_a_share_too_small_for_a_batch_is_a_clear_error(shards, monkeypatch):

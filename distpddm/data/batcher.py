@@ -32,9 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Names the policy in saved stream positions (``PKBatchDataset.layout``): a position saved under another one
-#: replays other batches, so a resume across a change starts the next epoch instead ("drawn-k": 5b0bdec;
-#: "drawn-k/moving-cut": the readers' cut points drawn per epoch, ``epochs.reader_ranges``).
-POLICY = "drawn-k/moving-cut"
+#: replays other batches, so a resume across a change starts the next epoch instead ("drawn-k": 5b0bdec).
+POLICY = "drawn-k"
 
 
 @dataclass

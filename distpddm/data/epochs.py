@@ -5,11 +5,12 @@ Per epoch the shards are permuted (seeded by ``seed`` and the epoch, the same on
 and the sample sequence is cut into ``readers`` contiguous ranges of equal size (+-1). Within an epoch the
 readers' ranges are disjoint and cover every sample once; a range may start or end inside a shard (the
 per-shard index gives the byte offset), so more readers than shards still split the data, by sample ranges.
-The cut points also move, each epoch, by a drawn number of samples (the last reader's range wraps around to
-the first shard), so that a split of few shards is not read the same way every epoch: a shard's stored order
-is fixed at build time, and read alike every epoch the batcher left out the same samples every epoch (a
-class's last short chunk, the surplus it trims from a large class, chunks that fall in a reader's share with
-too few of their class). The clip art of ``experiments/protocol`` (one shard, one reader) never placed 170 of
+The cut points also move, each epoch, by a drawn number of samples (the range that crosses the end of the
+sequence wraps around to its start; which reader holds it is drawn too, and it may read one shard as two
+ranges), so that a split of few shards is not read the same way every epoch: a shard's stored order is fixed
+at build time, and read alike every epoch the batcher left out the same samples every epoch (a class's last
+short chunk, the surplus it trims from a large class, chunks that fall in a reader's share with too few of
+their class). The clip art of ``experiments/protocol`` (one shard, one reader) never placed 170 of
 its 2,230 samples in a batch in 28 epochs; with the moving cut, 2-10 (``bench/sample_coverage.py``,
 docs/benchmarks.md).
 
@@ -22,6 +23,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+#: Names how readers' ranges are cut in saved stream positions (``PKBatchDataset.layout``): a position saved
+#: under another way replays other samples, so a resume across a change starts the next epoch instead.
+RANGES_POLICY = "moving-cut"
 
 
 def seed_sequence(*keys: int) -> np.random.SeedSequence:
@@ -55,7 +60,7 @@ def _cut(
     counts: Sequence[int], order: np.ndarray, reader: int, readers: int, shift: int = 0
 ) -> list[tuple[int, int, int]]:
     """The reader's share of the shards laid end to end in ``order``, the cut points moved by ``shift`` samples
-    (the last share wraps around to the first shard)."""
+    (the share that crosses the end wraps around to the start)."""
     if not 0 <= reader < readers:
         raise ValueError(f"reader {reader} outside 0..{readers - 1}")
     counts = np.asarray(counts, dtype=np.int64)

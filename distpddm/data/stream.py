@@ -39,7 +39,7 @@ from ..dist import env_rank_and_world
 from ..errors import BadDataError, CannotBatchError, StorageUnavailable
 from .batcher import POLICY as BATCHER_POLICY
 from .batcher import PKBatcher
-from .epochs import reader_ranges, seed_sequence
+from .epochs import RANGES_POLICY, reader_ranges, seed_sequence
 from .images import IMAGE_EXTENSIONS
 from .ranges import ReadAhead
 from .retry import READ_RETRIES, describe_error, is_read_error, retry_after
@@ -403,6 +403,7 @@ class PKBatchDataset(PKStream):
             "seed": self.seed,
             "split": self.split_digest,
             "batcher": BATCHER_POLICY,
+            "ranges": RANGES_POLICY,
         }
 
     def _epoch(self, epoch: int, reader: int, readers: int, worker: int, counter, skip: int) -> Iterator[Batch]:
