@@ -31,21 +31,27 @@ def class_labels(args) -> np.ndarray:
     return np.repeat(np.arange(args.classes, dtype=np.int32), sizes)
 
 
+def reader_batches(counts, ranges, samples: np.ndarray, labels: np.ndarray, args, epoch: int, reader: int):
+    """One reader's batches of one epoch (sample ids) and its batcher's stats, labels only: the shards hold
+    ``samples`` in stored order, ``ranges`` cuts them (``epochs.reader_ranges``), the batcher is seeded as the
+    stream seeds it."""
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rng = np.random.default_rng(seed_sequence(args.seed, epoch, reader, args.readers, 1))
+    batcher, batches = PKBatcher(args.P, args.K, 8 * args.P * args.K, rng), []
+    for shard, lo, hi in ranges(counts, args.seed, epoch, reader, args.readers):
+        for sample in samples[first[shard] + lo : first[shard] + hi].tolist():
+            batches += batcher.push(sample, int(labels[sample]))
+    return batches + batcher.finish(), batcher.stats
+
+
 def epoch_groups(labels, counts, order, args, epoch: int) -> tuple[list[tuple[int, ...]], int, int]:
     """Every reader's groups of K in one epoch (as sorted sample ids), and samples read and used."""
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     groups, read, used = [], 0, 0
     for reader in range(args.readers):
-        rng = np.random.default_rng(seed_sequence(args.seed, epoch, reader, args.readers, 1))
-        batcher = PKBatcher(args.P, args.K, 8 * args.P * args.K, rng)
-        batches = []
-        for shard, lo, hi in reader_ranges(counts, args.seed, epoch, reader, args.readers):
-            for sample in order[starts[shard] + lo : starts[shard] + hi].tolist():
-                batches += batcher.push(sample, int(labels[sample]))
-        batches += batcher.finish()
+        batches, stats = reader_batches(counts, reader_ranges, order, labels, args, epoch, reader)
         for b in batches:
             groups += [tuple(sorted(b[g * args.K : (g + 1) * args.K])) for g in range(args.P)]
-        read, used = read + batcher.stats.read, used + batcher.stats.used
+        read, used = read + stats.read, used + stats.used
     return groups, read, used
 
 

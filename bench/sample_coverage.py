@@ -12,31 +12,23 @@ pairs").
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import numpy as np
+from chunk_groups import reader_batches  # bench/ is on sys.path when this runs as a script
 
-from distpddm.data.batcher import PKBatcher
-from distpddm.data.epochs import _cut, reader_ranges, seed_sequence, shard_order
+from distpddm.data.epochs import reader_ranges
 from distpddm.data.stream import resolve_shards
 
 
-def fixed_ranges(counts, seed: int, epoch: int, reader: int, readers: int):
-    return _cut(counts, shard_order(len(counts), seed, epoch), reader, readers)
-
-
 def coverage(labels: np.ndarray, counts: list[int], ranges, args) -> dict:
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    samples = np.arange(len(labels))
     uses, per_epoch = np.zeros(len(labels), np.int64), []
     for epoch in range(args.epochs):
         placed = 0
         for reader in range(args.readers):
-            rng = np.random.default_rng(seed_sequence(args.seed, epoch, reader, args.readers, 1))
-            batcher, batches = PKBatcher(args.P, args.K, 8 * args.P * args.K, rng), []
-            for shard, lo, hi in ranges(counts, args.seed, epoch, reader, args.readers):
-                for n in range(first[shard] + lo, first[shard] + hi):
-                    batches += batcher.push(n, int(labels[n]))
-            batches += batcher.finish()
+            batches, _ = reader_batches(counts, ranges, samples, labels, args, epoch, reader)
             for b in batches:
                 uses[b] += 1
                 placed += len(b)
@@ -69,7 +61,8 @@ def main() -> None:
           f"{args.P} x {args.K}, {args.readers} readers")  # fmt: skip
     print("| order | placed per epoch | ever placed | never placed | largest class: ever placed | classes < 20: ever |")
     print("|---|---|---|---|---|---|")
-    for name, ranges in (("cut points fixed (before)", fixed_ranges), ("cut points moved per epoch", reader_ranges)):
+    fixed = functools.partial(reader_ranges, moving_cut=False)
+    for name, ranges in (("cut points fixed (before)", fixed), ("cut points moved per epoch", reader_ranges)):
         r = coverage(labels, shard_set.counts, ranges, args)
         small = "–" if r["small"] is None else f"{r['small']:.1%}"
         print(f"| {name} | {r['per_epoch']:.1%} | {r['ever']:.1%} | {r['never']} | {r['largest'][1]:.1%} of "

@@ -169,10 +169,9 @@ def _never_placed(labels, ranges, epochs=20, readers=1):
 def test_a_one_shard_split_is_cut_anew_each_epoch_so_the_batcher_leaves_out_other_samples_each_time(readers):
     """Read alike every epoch, a class's last short chunk and a large class's trimmed surplus were the same
     samples every epoch: never trained on (docs/benchmarks.md, "Positive pairs")."""
-    from distpddm.data.epochs import _cut, shard_order
 
     def fixed(counts, seed, epoch, reader, readers):
-        return _cut(counts, shard_order(len(counts), seed, epoch), reader, readers)
+        return reader_ranges(counts, seed, epoch, reader, readers, moving_cut=False)
 
     sizes = [400, 120, 90] + [30] * 6 + [14, 13, 11, 10, 10, 10, 10, 10] * 2  # long-tailed, like the clip art
     labels = chunked_stream(sizes, 4, seed=3)

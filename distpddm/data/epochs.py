@@ -41,13 +41,14 @@ def shard_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def reader_ranges(
-    counts: Sequence[int], seed: int, epoch: int, reader: int, readers: int
+    counts: Sequence[int], seed: int, epoch: int, reader: int, readers: int, *, moving_cut: bool = True
 ) -> list[tuple[int, int, int]]:
     """``[(shard, lo, hi), ...]``: the samples ``lo .. hi - 1`` of each shard this reader streams, in order.
 
-    ``counts`` are the shards' sample counts (from ``index.json``): O(shards) integer work, no I/O."""
+    ``counts`` are the shards' sample counts (from ``index.json``): O(shards) integer work, no I/O.
+    ``moving_cut=False`` gives the fixed cut points of before, for comparisons (``bench/sample_coverage.py``)."""
     shift = np.random.default_rng(seed_sequence(seed, epoch, 4)).integers(max(1, int(np.sum(counts))))
-    return _cut(counts, shard_order(len(counts), seed, epoch), reader, readers, int(shift))
+    return _cut(counts, shard_order(len(counts), seed, epoch), reader, readers, int(shift) if moving_cut else 0)
 
 
 def split_ranges(counts: Sequence[int], reader: int, readers: int) -> list[tuple[int, int, int]]:
