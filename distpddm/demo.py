@@ -7,6 +7,7 @@ retrieval as in the paper's CUB / CARS196 protocol. ``python -m distpddm.demo --
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -37,13 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", choices=METRICS, default="pddm")
     p.add_argument("--miner", choices=[m for m in MINERS if m != "semihard"], default="hard")
     p.add_argument("--distance", choices=DISTANCES, default="euclidean")
-    # From random initialisation: small margins, metric head not steering the embedding (docs/collapse.md).
-    p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lam", type=float, default=0.5)
-    p.add_argument("--positives", choices=POSITIVES, default="all", help="quadruplets per anchor: every positive")
+    # The loss's and miner's own defaults: the setting chosen on validation classes (docs/results.md).
+    loss, miner = inspect.signature(PDDMLoss).parameters, inspect.signature(MINERS["hard"]).parameters
+    p.add_argument("--alpha", type=float, default=loss["alpha"].default)
+    p.add_argument("--beta", type=float, default=loss["beta"].default)
+    p.add_argument("--lam", type=float, default=loss["lam"].default)
+    p.add_argument("--positives", choices=POSITIVES, default=miner["positives"].default, help="quadruplets per anchor")
     p.add_argument("--negatives", type=int, default=1, help="hardest negatives per positive pair")
-    p.add_argument("--metric-grad", action="store_true", help="back-propagate E_m into the embedding too")
+    p.add_argument("--metric-grad", action=argparse.BooleanOptionalAction, default=loss["metric_grad"].default,
+                   help="back-propagate E_m into the embedding too")  # fmt: skip
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the result here")

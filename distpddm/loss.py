@@ -4,7 +4,7 @@ It holds what the paper defines -- the metric (a PDDM unit, or a Euclidean / Mah
 ``alpha`` and ``beta``, the weight ``lam`` and the embedding distance -- and takes its mining policy and its
 reduction as parts (:mod:`.miners`, :mod:`.reducers`). Used as a pytorch-metric-learning loss is::
 
-    criterion = PDDMLoss(128, miner=HardQuadrupletMiner(positives="all"))
+    criterion = PDDMLoss(128)                           # the measured defaults (docs/results.md)
     loss, stats = criterion(embeddings, labels)        # one process: this batch is the pool
     loss, stats = CrossDevice(criterion)(embeddings, labels)  # N workers: the gathered batch is
 
@@ -40,7 +40,9 @@ class PDDMLoss(PoolLoss):
     collapse, ``docs/collapse.md``). ``soft=t`` makes E_e's hinge the smooth ``t log(1 + exp(x / t))``.
     ``metric_grad=False`` stops E_m's gradient at the embeddings (the metric head then trains the metric
     only); ``metric_grad_after=s`` turns it on after step ``s``. Steps are counted by calls, or set by the
-    trainer (:meth:`set_step`). Defaults: the paper's margins and miner, :class:`MeanReducer`.
+    trainer (:meth:`set_step`). Defaults: the setting chosen on validation classes from scratch (alpha .25, beta .5,
+    every positive, metric_grad off; docs/results.md), :class:`MeanReducer`; the paper's is ``alpha=0.5, beta=1.0,
+    metric_grad=True, miner=HardQuadrupletMiner("hardest")``.
     """
 
     def __init__(
@@ -48,12 +50,12 @@ class PDDMLoss(PoolLoss):
         dim: int,
         *,
         metric: str = "pddm",
-        alpha: float = 0.5,
-        beta: float = 1.0,
+        alpha: float = 0.25,
+        beta: float = 0.5,
         lam: float = 0.5,
         distance: str = "euclidean",
         hidden: int | None = None,
-        metric_grad: bool = True,
+        metric_grad: bool = False,
         metric_grad_after: int | None = None,
         soft: float = 0.0,
         miner: QuadrupletMiner | None = None,

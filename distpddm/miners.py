@@ -171,13 +171,14 @@ def _check_positives(positives: str) -> None:
 
 
 class HardQuadrupletMiner(QuadrupletMiner):
-    """Per anchor its hardest positive (``positives="hardest"``, the paper's anchor-wise form) or every
-    positive (``"all"``), each pair with the ``negatives`` hardest negatives of ``i`` and of ``j``, rank by
-    rank (ranks beyond the negatives there are dropped). ``candidates=c`` scores only all positives and the
-    ``c`` negatives nearest by dot product: cheaper, approximate (:func:`candidate_scores`)."""
+    """Per anchor every positive (``positives="all"``, the default: chosen on validation classes, docs/results.md)
+    or its hardest (``"hardest"``, the paper's anchor-wise form), each pair with the ``negatives`` hardest
+    negatives of ``i`` and of ``j``, rank by rank (ranks beyond the negatives there are dropped).
+    ``candidates=c`` scores only all positives and the ``c`` negatives nearest by dot product: cheaper,
+    approximate (:func:`candidate_scores`)."""
 
     def __init__(
-        self, positives: str = "hardest", negatives: int = 1, candidates: int | None = None, chunk: int | None = None
+        self, positives: str = "all", negatives: int = 1, candidates: int | None = None, chunk: int | None = None
     ):
         super().__init__(chunk=chunk)
         _check_positives(positives)

@@ -54,13 +54,13 @@ def criterion(metric: str, mode: str, dtype=torch.float64):
     # small enough that some embedding hinges are zero under every metric, so "nonzero" differs from "mean"
     # "semihard": every positive, each with i's and j's best-scored negative below S_ij (else the hardest)
     extra = {
-        "anchor": {"miner": HardQuadrupletMiner(chunk=5)},
+        "anchor": {"miner": HardQuadrupletMiner("hardest", chunk=5)},
         "batch": {"miner": BatchHardestQuadrupletMiner(chunk=5)},
         "several": {"miner": HardQuadrupletMiner("all", 2, chunk=5), "soft": 0.05},
         "nonzero": {"miner": HardQuadrupletMiner("all"), "reducer": AvgNonZeroReducer(), "alpha": 0.01, "beta": 0.01},
         "semihard": {"miner": SemiHardQuadrupletMiner("all", chunk=5)},
     }[mode]
-    return PDDMLoss(12, metric=metric, **extra).to(dtype)
+    return PDDMLoss(12, metric=metric, metric_grad=True, **extra).to(dtype)  # E_m's gradient reaches the embedding
 
 
 def problem(metric: str, mode: str, dtype=torch.float64):

@@ -83,7 +83,10 @@ def test_valid_config_loads_with_overrides_and_round_trips(config_file, tmp_path
         (["miner.name=hard", "miner.negatives=4", "miner.candidates=2"], r"candidates must be >= negatives \(4\)"),
         (["train.val_every=10"], r"train.val_every is set but data.val_shards is not"),
         (["model.pretrained=/no/weights.pt"], r"model.pretrained: no file at"),
-        (["loss.metric_grad_after=100"], r"loss \(PDDMLoss\): metric_grad_after=100 switches .* metric_grad=False"),
+        (
+            ["loss.metric_grad=true", "loss.metric_grad_after=100"],
+            r"loss \(PDDMLoss\): metric_grad_after=100 switches .* metric_grad=False",
+        ),
         (["loss.mode=batch"], r"loss.mode is now miner.name \(hard, or batch_hardest"),
         (["loss.positives=all"], r"loss.positives is now miner.positives \(docs/launching.md"),
         (["loss.name=multi_similarity", "loss.alpha=fast"], r"loss.alpha must be int \| float, got 'fast'"),
@@ -175,6 +178,36 @@ def test_shipped_configs_parse_from_any_folder(tmp_path, monkeypatch):
         assert cfg.ray.storage_path in (str(REPO / "runs"), "/shared/distpddm-runs"), path
 
 
+def test_shipped_configs_build_their_loss_and_from_scratch_ones_switch_to_a_baseline_with_one_key():
+    """From scratch the configs carry the loss's defaults (the setting chosen on validation classes) and
+    ``loss.name=contrastive`` alone is the baseline that led there (docs/results.md)."""
+    from pytorch_metric_learning import losses
+
+    from distpddm.criterion import build_loss, check_criterion
+    from distpddm.loss import PDDMLoss
+
+    library = PDDMLoss(8)
+    scratch = scratch_one_key = 0
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path, check_paths=False)
+        assert check_criterion(cfg) == [], path
+        if cfg.model.pretrained:
+            continue
+        scratch += 1
+        one_key = yaml.safe_load(path.read_text()).get("miner") is None  # imagenet10k: a chunked miner to drop
+        built = build_loss(cfg)
+        assert (built.alpha, built.beta, built.lam, built.metric_grad) == (
+            library.alpha, library.beta, library.lam, library.metric_grad), path  # fmt: skip
+        assert (built.miner.positives, built.miner.negatives) == ("all", 1), path
+        scratch_one_key += one_key
+        switch = ["loss.name=contrastive"] if one_key else ["loss.name=contrastive", "miner=null"]
+        switched = load_config(path, switch, check_paths=False)
+        assert check_criterion(switched) == [], path
+        contrastive = build_loss(switched)
+        assert isinstance(contrastive.loss, losses.ContrastiveLoss) and contrastive.miner is None, path
+    assert scratch >= 4 and scratch_one_key >= 3  # fonts, smoke, rehearsal; imagenet10k
+
+
 def _project(root: Path, shards: Path) -> Path:
     """root/configs/run.yaml with relative paths, beside root/shards/train and root/configs/ds/zero.json."""
     (root / "shards").mkdir(parents=True)
@@ -251,7 +284,8 @@ def test_the_criterion_is_built_from_its_parts_as_the_config_names_them(config_f
 
     default = build_loss(load_config(config_file()))
     assert isinstance(default, PDDMLoss) and isinstance(default.miner, HardQuadrupletMiner)
-    assert (default.miner.positives, default.alpha, default.dim) == ("hardest", 0.5, 128)
+    assert (default.miner.positives, default.alpha, default.beta, default.metric_grad) == ("all", 0.25, 0.5, False)
+    assert default.dim == 128
     assert isinstance(default.reducer, MeanReducer)
     parts = [
         "loss.alpha=0.1", "loss.metric_grad=false", "miner.name=batch_hardest", "miner.chunk=512",

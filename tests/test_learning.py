@@ -22,8 +22,8 @@ def glyphs():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"alpha": 0.1, "beta": 0.1, "metric_grad": False, "miner": HardQuadrupletMiner("all")}],
-    ids=["defaults", "shipped-from-scratch-settings"],
+    [{}, {"alpha": 0.5, "beta": 1.0, "metric_grad": True, "miner": HardQuadrupletMiner("hardest")}],
+    ids=["defaults", "paper-settings"],
 )
 def test_recall_rises_above_untrained_network_and_raw_pixels(glyphs, kwargs):
     train, test, raw = glyphs

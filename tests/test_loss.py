@@ -40,8 +40,8 @@ def _reference_loss(crit, x, y):
 @pytest.mark.parametrize("mode", ["anchor", "batch"])
 def test_loss_equals_written_out_formula(metric, distance, mode):
     torch.manual_seed(0)
-    miner = BatchHardestQuadrupletMiner() if mode == "batch" else None
-    crit = PDDMLoss(8, metric=metric, distance=distance, miner=miner).double()
+    miner = BatchHardestQuadrupletMiner() if mode == "batch" else HardQuadrupletMiner("hardest")
+    crit = PDDMLoss(8, metric=metric, distance=distance, miner=miner, metric_grad=True).double()
     x, y = _batch()
     loss, stats = crit(x, y)
     torch.testing.assert_close(loss, _reference_loss(crit, x, y), rtol=1e-10, atol=1e-10)
@@ -52,7 +52,7 @@ def test_loss_equals_written_out_formula(metric, distance, mode):
     "kwargs",
     [
         {"miner": ALL},
-        {"miner": HardQuadrupletMiner(negatives=3)},
+        {"miner": HardQuadrupletMiner("hardest", negatives=3)},
         {"miner": HardQuadrupletMiner("all", 2), "soft": 0.1},
         {"soft": 0.05},
         {"reducer": AvgNonZeroReducer()},
@@ -66,7 +66,7 @@ def test_several_quadruplets_per_anchor_and_the_soft_hinge_equal_the_written_out
     x, y = _batch()
     loss, stats = crit(x, y)
     torch.testing.assert_close(loss, _reference_loss(crit, x, y), rtol=1e-10, atol=1e-10)
-    miner = kwargs.get("miner")
+    miner = crit.miner
     per_anchor = (2 if getattr(miner, "positives", "") == "all" else 1) * getattr(miner, "negatives", 1)  # 5 x 3
     assert int(stats["quadruplets"]) == 15 * per_anchor
     if isinstance(miner, SemiHardQuadrupletMiner):  # the reference mines through crit.mine too: check it took effect
@@ -93,7 +93,7 @@ def test_the_soft_hinge_keeps_pushing_once_the_margin_holds():
 @pytest.mark.parametrize("metric", ["pddm", "mahalanobis"])
 def test_gradcheck_through_the_loss(metric):
     torch.manual_seed(1)
-    crit = PDDMLoss(5, metric=metric, alpha=0.5, beta=1.0, lam=0.5).double()
+    crit = PDDMLoss(5, metric=metric, alpha=0.5, beta=1.0, lam=0.5, metric_grad=True).double()
     x, y = _batch(n_classes=3, k=2, dim=5, seed=2)
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda e: crit(e, y)[0], (x,))
@@ -161,7 +161,7 @@ def test_duplicated_embeddings_give_finite_gradients():
         ({"distance": "l1"}, "distance"),
         ({"alpha": -1.0}, "alpha"),
         ({"beta": float("nan")}, "beta"),
-        ({"metric_grad_after": 5}, "needs metric_grad=False"),
+        ({"metric_grad": True, "metric_grad_after": 5}, "needs metric_grad=False"),
         ({"metric_grad": False, "metric_grad_after": -1}, "step >= 0"),
         ({"soft": -1.0}, "soft"),
         ({"soft": float("inf")}, "soft"),
@@ -210,7 +210,7 @@ def test_metric_grad_false_trains_the_metric_but_not_the_embedding_through_it():
     assert x.grad is None or torch.count_nonzero(x.grad) == 0
     assert torch.count_nonzero(crit.pddm.wu.weight.grad) > 0
     x.grad = None
-    joint = PDDMLoss(8, lam=0.0)
+    joint = PDDMLoss(8, lam=0.0, metric_grad=True)
     joint.load_state_dict(crit.state_dict())
     loss2, _ = joint(x, y)
     loss2.backward()
@@ -231,7 +231,7 @@ def test_metric_grad_after_switches_the_metric_head_into_the_embedding_after_tha
     torch.manual_seed(0)
     x, y = _batch()
     sched = PDDMLoss(8, metric_grad=False, metric_grad_after=2).double()
-    off, on = PDDMLoss(8, metric_grad=False).double(), PDDMLoss(8).double()
+    off, on = PDDMLoss(8, metric_grad=False).double(), PDDMLoss(8, metric_grad=True).double()
     off.load_state_dict(sched.state_dict())
     on.load_state_dict(sched.state_dict())
     g_off, g_on = _embedding_grad(off, x, y, 1), _embedding_grad(on, x, y, 1)
