@@ -105,6 +105,38 @@ def _build(section: str, cls, args: dict, **given):
         raise ConfigError(f"{section} ({cls.__name__}): {e}") from None
 
 
+#: arguments the builder passes itself, never from the config
+_GIVEN = {"dim", "miner", "reducer", "loss"}
+
+
+def resolved(tree: dict) -> dict:
+    """A config tree (:meth:`RunConfig.to_dict`) with each part's unnamed scalar arguments at the defaults this
+    version gives them, and PDDM's implicit miner named: what a checkpoint records, so that a resume after a
+    default changed is refused, not trained on silently. Unknown names are left for the config check."""
+    out = dict(tree)
+    if (out.get("loss") or {}).get("name") == "pddm" and out.get("miner") is None:
+        out["miner"] = {"name": "hard"}  # PDDMLoss's own default miner
+    for section, known, pml, kind in (
+        ("loss", {"pddm": PDDMLoss}, PML_LOSSES, "losses"),
+        ("miner", MINERS, PML_MINERS, "miners"),
+        ("reducer", REDUCERS, {}, "reducers"),
+    ):
+        part = out.get(section)
+        if not isinstance(part, dict) or not isinstance(part.get("name"), str):
+            continue
+        try:
+            cls = _resolve(section, part["name"], known, pml, kind)
+        except ConfigError:
+            continue
+        defaults = {
+            n: p.default
+            for n, p in inspect.signature(cls).parameters.items()
+            if n not in _GIVEN and (p.default is None or isinstance(p.default, (bool, int, float, str)))
+        }
+        out[section] = {"name": part["name"], **defaults, **{k: v for k, v in part.items() if k != "name"}}
+    return out
+
+
 def build_miner(part: PartConfig | None):
     if part is None:
         return None

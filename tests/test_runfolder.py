@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from distpddm.config import RunConfig, TrainConfig
+from distpddm.config import PartConfig, RunConfig, TrainConfig, from_dict
 from distpddm.data import retry
 from distpddm.errors import DeterministicError
+from distpddm.loss import PDDMLoss
 from distpddm.train import checkpoint
 from distpddm.train.checkpoint import LocalPersistence, check_whole
 from distpddm.train.metrics_log import drop_partial_line
@@ -314,6 +315,28 @@ def test_keys_added_to_distpddm_since_a_checkpoint_do_not_refuse_it(tmp_path):
     assert config_differences(saved, cfg) == []
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
     assert config_differences(saved, other) == [f"train.seed: {cfg.train.seed} -> {cfg.train.seed + 1}"]
+
+
+def test_a_checkpoint_records_every_part_argument_so_a_changed_default_refuses_the_resume(tmp_path):
+    from distpddm.criterion import resolved
+
+    cfg = _cfg(tmp_path)  # loss: pddm with no arguments, no miner section
+    recorded = resolved(cfg.to_dict())
+    assert recorded["loss"]["alpha"] == PDDMLoss(4).alpha and recorded["loss"]["metric_grad"] is False
+    assert recorded["miner"] == {"name": "hard", "positives": "all", "negatives": 1, "candidates": None, "chunk": None}
+    assert from_dict(recorded).loss.args["alpha"] == recorded["loss"]["alpha"]  # a checkpoint's config loads
+    assert config_differences(recorded, cfg) == []
+    as_of_old_defaults = recorded | {
+        "loss": recorded["loss"] | {"alpha": 0.5},
+        "miner": {"name": "hard", "positives": "hardest"},
+    }
+    assert config_differences(as_of_old_defaults, cfg) == [
+        f"loss.alpha: 0.5 -> {recorded['loss']['alpha']}",
+        "miner.positives: 'hardest' -> 'all'",
+    ]
+    contrastive = dataclasses.replace(cfg, loss=PartConfig("contrastive"))
+    assert resolved(contrastive.to_dict())["miner"] is None  # a pair loss has no implicit miner
+    assert "loss.name: 'pddm' -> 'contrastive'" in config_differences(recorded, contrastive)
 
 
 def test_a_checkpoint_the_disk_cannot_hold_stops_the_run_in_one_line(tmp_path, monkeypatch):

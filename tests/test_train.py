@@ -356,7 +356,7 @@ def test_a_rerun_with_another_config_is_refused_unless_fresh_or_forced(font_shar
     other = [*args, "loss.alpha=0.3", "train.steps=4"]
     refused = _cli(["train", "--local", "configs/smoke.yaml", *other])
     assert refused.returncode == 2
-    assert "holds checkpoints (step 2) of another run: loss.alpha: 0.1 -> 0.3" in refused.stderr
+    assert "holds checkpoints (step 2) of another run: loss.alpha: 0.25 -> 0.3" in refused.stderr  # the default
     assert (tmp_path / "own" / "config.yaml").read_text() == saved  # still describes the checkpoints
     forced = _cli(["train", "--local", "configs/smoke.yaml", *other, "--force"])
     assert forced.returncode == 0 and "at step 2" in forced.stderr, forced.stderr[-3000:]

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..criterion import resolved
 from ..data.retry import retry_after
 from ..data.stream import StreamState
 from ..dist import agree, any_rank, barrier, broadcast_object, rank_and_world
@@ -446,7 +447,7 @@ def _write_checkpoint(engine, staging, cfg, step, schedule, stream, metrics, bas
             "data_epoch": stream.epoch_all,
             "metrics": metrics,
             "baseline": baseline,
-            "config": cfg.to_dict(),
+            "config": resolved(cfg.to_dict()),  # every part's arguments, defaults included
             "split_digest": split_digest,
             "world": world,  # how many manifests make it whole
         }

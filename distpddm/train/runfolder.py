@@ -113,9 +113,14 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, cfg: RunConfig) -> list[str]:
     """``key: saved -> now`` for every key a resume may not change (:data:`RESUMABLE` may). A key the saved
-    config lacks (added to distpddm since) counts as its default: an upgrade alone refuses no checkpoint."""
-    old, new = _flat(saved), _flat(cfg.to_dict())
-    default = _flat(RunConfig().to_dict())
+    config lacks (added to distpddm since) counts as its default: an upgrade alone refuses no checkpoint. The
+    parts' arguments compare with their defaults filled in (:func:`~distpddm.criterion.resolved`): a saved
+    ``alpha: 0.5`` against a default that is now 0.25 is a difference."""
+    from ..criterion import resolved
+
+    base = RunConfig().to_dict()
+    old, new = _flat(resolved(base | saved)), _flat(resolved(cfg.to_dict()))
+    default = _flat(base)
     old = {k: old.get(k, default.get(k)) for k in set(old) | set(new)}
     keys = sorted(k for k in old if not k.startswith(RESUMABLE) and k != "name")
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
