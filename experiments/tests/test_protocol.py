@@ -14,6 +14,7 @@ sys.path.insert(0, str(PROTOCOL))
 import build  # noqa: E402
 import choose  # noqa: E402
 import grid  # noqa: E402
+import report  # noqa: E402
 import run  # noqa: E402
 import splits  # noqa: E402
 import why  # noqa: E402
@@ -103,6 +104,45 @@ def test_choose_best_val_recall_ties_by_map():
     )
     assert picked["pddm"]["config"] == "allpos" and not picked["pddm"]["complete"]
     assert picked["contrastive"]["config"] == "neg0.5"
+
+
+def _final(method, config, seed, r1, mapr, commit="c", dirty=False, split="test", final=True):
+    return {"method": method, "config": config, "seed": seed, "recall@1": r1, "map@r": mapr, "commit": commit,
+            "dirty": dirty, "split": split, "final": final}  # fmt: skip
+
+
+def test_report_averages_the_final_test_seeds_of_the_chosen_configurations_only():
+    chosen = {"pddm": "best", "contrastive": "default"}
+    records = [
+        _final("pddm", "best", 0, 0.70, 0.40), _final("pddm", "best", 1, 0.72, 0.42),
+        _final("pddm", "best", 2, 0.74, 0.44),
+        _final("pddm", "other", 0, 0.99, 0.99),  # not the chosen configuration
+        _final("pddm", "best", 3, 0.99, 0.99, split="val", final=False),  # not the final test
+        _final("contrastive", "default", 0, 0.60, 0.50), _final("contrastive", "default", 1, 0.62, 0.50),
+        _final("contrastive", "default", 2, 0.61, 0.53),
+    ]  # fmt: skip
+    summary = report.summarise(records, chosen)
+    assert summary["pddm"]["seeds"] == [0, 1, 2]
+    assert summary["pddm"]["recall@1"]["mean"] == pytest.approx(0.72)
+    assert summary["pddm"]["recall@1"]["sd"] == pytest.approx(0.02)
+    r1, mapr = report.verdict(summary)
+    assert r1.startswith("recall@1: PDDM leads by +0.110") and "contrastive" in r1
+    assert "trails by -0.090, beyond" in mapr
+    assert "| pddm: best | 0.720 ± 0.020 |" in report.markdown(summary)
+    close = [
+        *records[:3],
+        _final("contrastive", "default", 0, 0.71, 0.41),
+        _final("contrastive", "default", 1, 0.73, 0.43),
+    ]
+    assert "within the seed standard deviation" in report.verdict(report.summarise(close, chosen))[0]
+
+
+def test_report_refuses_records_of_mixed_commits_or_a_dirty_tree():
+    chosen = {"pddm": "best"}
+    with pytest.raises(ValueError, match="more than one commit"):
+        report.summarise([_final("pddm", "best", 0, 0.7, 0.4), _final("pddm", "best", 1, 0.7, 0.4, commit="d")], chosen)
+    with pytest.raises(ValueError, match="dirty"):
+        report.summarise([_final("pddm", "best", 0, 0.7, 0.4, dirty=True)], chosen)
 
 
 @pytest.mark.skipif(not splits.FONTS_DIR.is_dir(), reason="fonts-aenigma is not installed")
