@@ -1,7 +1,7 @@
 """PDDMLoss on a device against the CPU: the same batch, the same weights, fp32; loss, gradients, quadruplets.
 
 A fixed batch (``--n`` random unit embeddings of ``--dim`` numbers, ``--classes`` classes of n / classes
-images, seeded) goes through two copies of one ``PDDMLoss(metric="pddm")``, one on the CPU and one on
+images, seeded) goes through two copies of one ``PDDMLoss`` in the paper's setting, one on the CPU and one on
 ``--device``. Compared: the loss, the gradient with respect to the embeddings and to every PDDM parameter
 (``|a - b| <= atol + rtol * |b|``, b the CPU's), and the mined quadruplets ``(i, j, k, l)``, which must be
 identical. TF32 is switched off for the CUDA matmuls (it rounds inputs to 10 bits of mantissa).
@@ -31,6 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distpddm import PDDMLoss  # noqa: E402
+from distpddm.miners import HardQuadrupletMiner  # noqa: E402
+
+#: the paper's setting, not the defaults: every anchor's j is an argmax too, and E_m's gradient reaches the
+#: embeddings, so the comparison covers every choice and every gradient path (the figures above are its)
+PAPER = {"metric": "pddm", "alpha": 0.5, "beta": 1.0, "metric_grad": True, "miner": HardQuadrupletMiner("hardest")}
 
 
 def _batch(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +104,8 @@ def main() -> int:
 
     feats, labels = _batch(args.n, args.dim, args.classes, args.seed)
     torch.manual_seed(args.seed)
-    ref = PDDMLoss(args.dim, metric="pddm")
-    dev = PDDMLoss(args.dim, metric="pddm").to(args.device)
+    ref = PDDMLoss(args.dim, **PAPER)
+    dev = PDDMLoss(args.dim, **PAPER).to(args.device)
     dev.load_state_dict(ref.state_dict())
     a = _run(ref, feats, labels, "cpu")
     b = _run(dev, feats, labels, args.device)
