@@ -107,12 +107,19 @@ def _build(section: str, cls, args: dict, **given):
 
 #: arguments the builder passes itself, never from the config
 _GIVEN = {"dim", "miner", "reducer", "loss"}
+#: the defaults that changed in 5b26fcf, as they were before: what checkpoints written before parts were
+#: recorded resolved (no ``config_resolved`` in their state) ran with
+LEGACY_DEFAULTS = {
+    ("loss", "pddm"): {"alpha": 0.5, "beta": 1.0, "metric_grad": True},
+    ("miner", "hard"): {"positives": "hardest"},
+}
 
 
-def resolved(tree: dict) -> dict:
+def resolved(tree: dict, *, legacy: bool = False) -> dict:
     """A config tree (:meth:`RunConfig.to_dict`) with each part's unnamed scalar arguments at the defaults this
-    version gives them, and PDDM's implicit miner named: what a checkpoint records, so that a resume after a
-    default changed is refused, not trained on silently. Unknown names are left for the config check."""
+    version gives them (``legacy``: as before they changed, :data:`LEGACY_DEFAULTS`), and PDDM's implicit miner
+    named: what a checkpoint records, so that a resume after a default changed is refused, not trained on
+    silently. Unknown names are left for the config check."""
     out = dict(tree)
     if (out.get("loss") or {}).get("name") == "pddm" and out.get("miner") is None:
         out["miner"] = {"name": "hard"}  # PDDMLoss's own default miner
@@ -133,6 +140,8 @@ def resolved(tree: dict) -> dict:
             for n, p in inspect.signature(cls).parameters.items()
             if n not in _GIVEN and (p.default is None or isinstance(p.default, (bool, int, float, str)))
         }
+        if legacy:
+            defaults |= LEGACY_DEFAULTS.get((section, part["name"]), {})
         out[section] = {"name": part["name"], **defaults, **{k: v for k, v in part.items() if k != "name"}}
     return out
 

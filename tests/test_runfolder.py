@@ -65,7 +65,9 @@ def _cfg(tmp_path, **train) -> RunConfig:
 def _checkpoint(tmp_path, step: int, cfg: RunConfig, digest="abc") -> Path:
     folder = tmp_path / "r" / "checkpoints" / f"step-{step:08d}"
     folder.mkdir(parents=True)
-    state = {"step": step, "config": cfg.to_dict(), "split_digest": digest}
+    from distpddm.criterion import resolved
+
+    state = {"step": step, "config": resolved(cfg.to_dict()), "config_resolved": 1, "split_digest": digest}
     (folder / checkpoint.CLIENT_STATE).write_text(json.dumps(state))
     return folder
 
@@ -337,6 +339,29 @@ def test_a_checkpoint_records_every_part_argument_so_a_changed_default_refuses_t
     contrastive = dataclasses.replace(cfg, loss=PartConfig("contrastive"))
     assert resolved(contrastive.to_dict())["miner"] is None  # a pair loss has no implicit miner
     assert "loss.name: 'pddm' -> 'contrastive'" in config_differences(recorded, contrastive)
+
+
+def test_a_checkpoint_written_before_parts_were_recorded_compares_with_the_defaults_of_its_time(tmp_path):
+    """Before 9cb64e5 a checkpoint held the config as given: an unset alpha ran at 0.5, the hardest positive."""
+    from distpddm.config import load_config
+
+    old_cub = {"name": "pddm", "metric": "pddm", "alpha": 0.5, "beta": 1.0, "lam": 0.5}
+    cub = load_config(REPO / "configs" / "cub200.yaml", check_paths=False)  # spells the paper's setting out
+    saved = cub.to_dict() | {"loss": old_cub, "miner": {"name": "hard"}}  # as cub200.yaml was, as then saved
+    assert config_differences(saved, cub, legacy=True) == []
+    changed = config_differences(saved, cub)  # read with today's defaults it would look like another run
+    assert "loss.metric_grad: False -> True" in changed and "miner.positives: 'all' -> 'hardest'" in changed
+    cfg = _cfg(tmp_path)  # today's defaults: a run on them must not silently take an old run's checkpoints
+    unset = cfg.to_dict()
+    assert config_differences(unset, cfg, legacy=True) == [
+        "loss.alpha: 0.5 -> 0.25", "loss.beta: 1.0 -> 0.5", "loss.metric_grad: True -> False",
+        "miner.positives: 'hardest' -> 'all'",
+    ]  # fmt: skip
+    folder = tmp_path / "r" / "checkpoints" / "step-00000010"
+    folder.mkdir(parents=True)
+    (folder / checkpoint.CLIENT_STATE).write_text(json.dumps({"step": 10, "config": unset, "split_digest": "abc"}))
+    with pytest.raises(ResumeRefused, match=r"loss.alpha: 0.5 -> 0.25"):
+        check_resume(cfg, "abc")
 
 
 def test_a_checkpoint_the_disk_cannot_hold_stops_the_run_in_one_line(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from distpddm.loss import PDDMLoss
 from distpddm.model import ModelConfig, create_model, export_model
 from distpddm.smoke import SMOKE_VAL_IMAGES, check_run, smoke
 from tests import fixtures
@@ -151,4 +152,5 @@ def test_smoke_runs_on_cpu_in_fp32_and_passes_by_held_out_recall_at_1(font_shard
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["precision"] == "fp32" and saved["ray"]["use_gpu"] is False
     assert saved["data"]["val_shards"] == str(font_shards / "test") and saved["train"]["val_at_start"]
+    assert saved["loss"]["alpha"] == PDDMLoss(4).alpha and saved["miner"]["name"] == "hard"  # parts spelled out
     assert torch.load(run / "model.pt", weights_only=True)["format"] == "distpddm-embedding-v1"

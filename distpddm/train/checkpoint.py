@@ -448,6 +448,7 @@ def _write_checkpoint(engine, staging, cfg, step, schedule, stream, metrics, bas
             "metrics": metrics,
             "baseline": baseline,
             "config": resolved(cfg.to_dict()),  # every part's arguments, defaults included
+            "config_resolved": 1,
             "split_digest": split_digest,
             "world": world,  # how many manifests make it whole
         }

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..config import RunConfig, save_config
+from ..criterion import resolved
 from ..dist import agree, init_device
 from ..errors import ClusterResourcesError, DeterministicError, RunAborted
 from . import stop
@@ -56,7 +57,8 @@ def claim(cfg: RunConfig, out: RunOutput, *, force: bool = False) -> RunLock:
     except BaseException:
         lock.__exit__(None, None, None)
         raise
-    save_config(cfg, out.local / "config.yaml")  # after the check: it describes the checkpoints beside it
+    # after the check: it describes the checkpoints beside it, every part's arguments spelled out
+    save_config(cfg, out.local / "config.yaml", resolved(cfg.to_dict()))
     out.remove(ABORTED)  # an earlier attempt's; this one writes its own if it must stop
     stop.clear(out)
     return lock

@@ -111,15 +111,16 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(saved: dict, cfg: RunConfig) -> list[str]:
+def config_differences(saved: dict, cfg: RunConfig, *, legacy: bool = False) -> list[str]:
     """``key: saved -> now`` for every key a resume may not change (:data:`RESUMABLE` may). A key the saved
     config lacks (added to distpddm since) counts as its default: an upgrade alone refuses no checkpoint. The
     parts' arguments compare with their defaults filled in (:func:`~distpddm.criterion.resolved`): a saved
-    ``alpha: 0.5`` against a default that is now 0.25 is a difference."""
+    ``alpha: 0.5`` against a default that is now 0.25 is a difference. ``legacy``: ``saved`` was written before
+    parts were recorded resolved; its unnamed arguments take the defaults of that time."""
     from ..criterion import resolved
 
     base = RunConfig().to_dict()
-    old, new = _flat(resolved(base | saved)), _flat(resolved(cfg.to_dict()))
+    old, new = _flat(resolved(base | saved, legacy=legacy)), _flat(resolved(cfg.to_dict()))
     default = _flat(base)
     old = {k: old.get(k, default.get(k)) for k in set(old) | set(new)}
     keys = sorted(k for k in old if not k.startswith(RESUMABLE) and k != "name")
@@ -154,7 +155,7 @@ def check_resume(cfg: RunConfig, split_digest: str | None, *, force: bool = Fals
     state = newest_state(cfg.output_location())
     if state is None or force:
         return state
-    why = config_differences(state.get("config", {}), cfg)
+    why = config_differences(state.get("config", {}), cfg, legacy=not state.get("config_resolved"))
     if split_digest and state.get("split_digest") and state["split_digest"] != split_digest:
         why.append(f"data.train_shards: another split (digest {state['split_digest']} -> {split_digest})")
     if why:
