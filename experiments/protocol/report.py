@@ -4,10 +4,10 @@
     python experiments/protocol/report.py clipart scratch --json F   # also the figures as JSON
 
 Only ``final`` records on ``split == "test"`` of the configurations ``chosen/<dataset>_<regime>.json`` names
-count; they must all come from one clean commit (the table names it). Per method: mean and sample standard
-deviation over the seeds of Recall@1 and MAP@R. The verdict follows the issue's goal: PDDM's mean at or above
-the best baseline's on both metrics, a lead claimed only where the gap exceeds both methods' seed standard
-deviations; anything else is said as a deficit.
+count; they must all come from one clean commit (the table names it), one record per seed. Per method: mean
+and sample standard deviation over the seeds of Recall@1 and MAP@R. The verdict, given only once every chosen
+method has all its seeds, follows the issue's goal: PDDM's mean at or above the best baseline's on both
+metrics, a lead claimed only where the gap exceeds both methods' seed standard deviations.
 """
 
 from __future__ import annotations
@@ -25,26 +25,33 @@ import choose  # noqa: E402
 import run  # noqa: E402
 
 METRICS = ("recall@1", "map@r")
+SEEDS = (0, 1, 2)
 
 
-def summarise(records: list[dict], chosen: dict[str, str]) -> dict[str, dict]:
-    """method -> {config, seeds, commit, <metric>: {mean, sd, values}} over the final test records of the
-    chosen configurations (a seed run twice counts by its latest record)."""
-    latest: dict[tuple[str, int], dict] = {}
+def summarise(records: list[dict], chosen: dict[str, str], seeds=SEEDS) -> dict[str, dict]:
+    """method -> {config, seeds, complete, commit, <metric>: {mean, sd, values}} over the final test records of
+    the chosen configurations. A seed recorded twice is refused (no picking the better test run), as are
+    records of more than one commit or of a dirty tree; a method short of ``seeds`` is marked incomplete."""
+    found: dict[tuple[str, int], dict] = {}
     for r in records:
         if r.get("final") and r.get("split") == "test" and chosen.get(r["method"]) == r["config"]:
-            latest[(r["method"], r["seed"])] = r
-    commits = {(r["commit"], bool(r["dirty"])) for r in latest.values()}
+            if (r["method"], r["seed"]) in found:
+                raise ValueError(f"{r['method']} seed {r['seed']} has more than one final record")
+            found[(r["method"], r["seed"])] = r
+    commits = {(r["commit"], bool(r["dirty"])) for r in found.values()}
     if len(commits) > 1:
         raise ValueError(f"final records from more than one commit or tree state: {sorted(commits)}")
     if any(dirty for _, dirty in commits):
         raise ValueError("final records from a dirty tree")
     out: dict[str, dict] = {}
     for method in chosen:
-        rows = sorted((r for (m, _), r in latest.items() if m == method), key=lambda r: r["seed"])
+        rows = sorted((r for (m, _), r in found.items() if m == method), key=lambda r: r["seed"])
         if not rows:
+            out[method] = {"config": chosen[method], "seeds": [], "complete": False}
             continue
-        entry = {"config": chosen[method], "seeds": [r["seed"] for r in rows], "commit": rows[0]["commit"]}
+        have = [r["seed"] for r in rows]
+        entry = {"config": chosen[method], "seeds": have, "complete": sorted(have) == sorted(seeds)}
+        entry["commit"] = rows[0]["commit"]
         for metric in METRICS:
             values = [float(r[metric]) for r in rows]
             sd = statistics.stdev(values) if len(values) > 1 else float("nan")
@@ -54,16 +61,18 @@ def summarise(records: list[dict], chosen: dict[str, str]) -> dict[str, dict]:
 
 
 def verdict(summary: dict[str, dict], ours: str = "pddm") -> list[str]:
-    """One sentence per metric: PDDM against the best baseline by that metric's mean."""
-    if ours not in summary or len(summary) < 2:
-        return ["not enough methods measured for a verdict"]
-    lines = []
+    """One sentence per metric, PDDM against the best baseline by that metric's mean, then whether the goal
+    holds (at or above on both); nothing while a chosen method is short of its seeds."""
+    missing = [m for m, s in summary.items() if not s["complete"]]
+    if missing or ours not in summary or len(summary) < 2:
+        return [f"no verdict: seeds missing for {', '.join(missing) or 'PDDM or every baseline'}"]
+    lines, at_or_above = [], True
     for metric in METRICS:
         baselines = {m: s for m, s in summary.items() if m != ours}
         best = max(baselines, key=lambda m: baselines[m][metric]["mean"])
         a, b = summary[ours][metric], baselines[best][metric]
-        gap = a["mean"] - b["mean"]
-        noise = max(a["sd"], b["sd"])
+        gap, noise = a["mean"] - b["mean"], max(a["sd"], b["sd"])
+        at_or_above &= gap >= 0
         if gap > noise:
             word = f"leads by {gap:+.3f}, beyond both seed standard deviations (<= {noise:.3f})"
         elif gap >= 0:
@@ -73,23 +82,31 @@ def verdict(summary: dict[str, dict], ours: str = "pddm") -> list[str]:
         else:
             word = f"trails by {gap:+.3f}, within the seed standard deviation ({noise:.3f})"
         lines.append(f"{metric}: PDDM {word} against {best} (the best baseline by mean).")
+    lines.append(
+        "goal: met (PDDM's mean at or above the best baseline's on both metrics)."
+        if at_or_above
+        else "goal: NOT met (PDDM's mean below the best baseline's on at least one metric)."
+    )
     return lines
 
 
 def markdown(summary: dict[str, dict]) -> str:
-    n = max(len(s["seeds"]) for s in summary.values())
+    n = max(len(s["seeds"]) for s in summary.values())  # the table needs one measured method (main checks)
     head = f"| method: configuration | test Recall@1 (mean ± sd, {n} seeds) | test MAP@R | per seed (R@1 / MAP@R) |"
     lines = [head, "|---|---|---|---|"]
-    order = sorted(summary, key=lambda m: -summary[m]["recall@1"]["mean"])
+    measured = {m: s for m, s in summary.items() if s["seeds"]}
+    order = sorted(measured, key=lambda m: -measured[m]["recall@1"]["mean"])
     for m in order:
-        s = summary[m]
+        s = measured[m]
         cells = [f"{s[k]['mean']:.3f} ± {s[k]['sd']:.3f}" for k in METRICS]
         seeds = ", ".join(
             f"s{seed}: {r:.3f} / {q:.3f}"
             for seed, r, q in zip(s["seeds"], s["recall@1"]["values"], s["map@r"]["values"], strict=True)
         )
-        lines.append(f"| {m}: {s['config']} | {cells[0]} | {cells[1]} | {seeds} |")
-    commit = next(iter(summary.values()))["commit"]
+        note = "" if s["complete"] else " (incomplete)"
+        lines.append(f"| {m}: {s['config']}{note} | {cells[0]} | {cells[1]} | {seeds} |")
+    lines += [f"| {m}: {s['config']} (not run yet) | – | – | – |" for m, s in summary.items() if not s["seeds"]]
+    commit = measured[order[0]]["commit"]
     lines.append(f"\nAll at commit {commit[:7]} (clean tree).")
     return "\n".join(lines)
 
@@ -112,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {source}: {e}", file=sys.stderr)
         return 1
-    if not summary:
+    if not any(s["seeds"] for s in summary.values()):
         print(f"error: {source} holds no final test record of the chosen configurations", file=sys.stderr)
         return 1
     print(markdown(summary))

@@ -122,23 +122,32 @@ def test_report_averages_the_final_test_seeds_of_the_chosen_configurations_only(
         _final("contrastive", "default", 2, 0.61, 0.53),
     ]  # fmt: skip
     summary = report.summarise(records, chosen)
-    assert summary["pddm"]["seeds"] == [0, 1, 2]
+    assert summary["pddm"]["seeds"] == [0, 1, 2] and summary["pddm"]["complete"]
     assert summary["pddm"]["recall@1"]["mean"] == pytest.approx(0.72)
     assert summary["pddm"]["recall@1"]["sd"] == pytest.approx(0.02)
-    r1, mapr = report.verdict(summary)
+    r1, mapr, goal = report.verdict(summary)
     assert r1.startswith("recall@1: PDDM leads by +0.110") and "contrastive" in r1
-    assert "trails by -0.090, beyond" in mapr
+    assert "trails by -0.090, beyond" in mapr and goal.startswith("goal: NOT met")
     assert "| pddm: best | 0.720 ± 0.020 |" in report.markdown(summary)
-    close = [
-        *records[:3],
-        _final("contrastive", "default", 0, 0.71, 0.41),
-        _final("contrastive", "default", 1, 0.73, 0.43),
-    ]
-    assert "within the seed standard deviation" in report.verdict(report.summarise(close, chosen))[0]
+    close = [*records[:3], *(_final("contrastive", "default", s, 0.71 + s / 100, 0.38) for s in range(3))]
+    r1, mapr, goal = report.verdict(report.summarise(close, chosen))
+    assert "within the seed standard deviation" in r1 and "leads" in mapr and goal.startswith("goal: met")
 
 
-def test_report_refuses_records_of_mixed_commits_or_a_dirty_tree():
+def test_report_gives_no_verdict_until_every_chosen_method_has_its_seeds():
+    chosen = {"pddm": "best", "contrastive": "default", "triplet_margin": "t"}
+    records = [*(_final("pddm", "best", s, 0.9, 0.9) for s in range(3)), _final("contrastive", "default", 0, 0.5, 0.5)]
+    summary = report.summarise(records, chosen)
+    assert not summary["contrastive"]["complete"] and summary["triplet_margin"]["seeds"] == []
+    assert report.verdict(summary) == ["no verdict: seeds missing for contrastive, triplet_margin"]
+    table = report.markdown(summary)
+    assert "contrastive: default (incomplete)" in table and "triplet_margin: t (not run yet)" in table
+
+
+def test_report_refuses_a_seed_run_twice_records_of_mixed_commits_or_a_dirty_tree():
     chosen = {"pddm": "best"}
+    with pytest.raises(ValueError, match="seed 0 has more than one final record"):
+        report.summarise([_final("pddm", "best", 0, 0.7, 0.4), _final("pddm", "best", 0, 0.8, 0.4)], chosen)
     with pytest.raises(ValueError, match="more than one commit"):
         report.summarise([_final("pddm", "best", 0, 0.7, 0.4), _final("pddm", "best", 1, 0.7, 0.4, commit="d")], chosen)
     with pytest.raises(ValueError, match="dirty"):
