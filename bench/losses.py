@@ -30,18 +30,18 @@ DIM = 64
 
 #: name -> (description, PDDMLoss kwargs, or "pml_ms" / "pml_triplet")
 VARIANTS: dict[str, tuple[str, dict | str]] = {
-    "pddm": ("PDDMLoss defaults (alpha .5, beta 1, lam .5, Euclidean distance)", {}),
-    "pddm_squared": ("PDDMLoss defaults with the paper's squared distance", {"distance": "squared"}),
+    "pddm": ("the paper's setting (alpha .5, beta 1, lam .5, hardest positive; Euclidean distance)", {}),
+    "pddm_squared": ("the paper's setting with its squared distance", {"distance": "squared"}),
     "pddm_squared_b02": ("squared distance, beta .2", {"distance": "squared", "beta": 0.2}),
     "pddm_a01_b02": ("PDDMLoss alpha .1, beta .2", {"alpha": 0.1, "beta": 0.2}),
-    "pddm_detach": ("defaults, metric head not back-propagated into the embedding", {"metric_grad": False}),
+    "pddm_detach": ("the paper's setting, metric head not back-propagated into the embedding", {"metric_grad": False}),
     "pddm_scratch": (
-        "from-scratch settings of configs/fonts.yaml (alpha .1, beta .2, metric_grad off)",
+        "the from-scratch settings of collapse.md (alpha .1, beta .2, metric_grad off)",
         {"alpha": 0.1, "beta": 0.2, "metric_grad": False},
     ),
-    "pddm_batch": ("defaults, one quadruplet per batch (the paper's form)", {"miner": BatchHardestQuadrupletMiner()}),
-    "euclidean": ("PDDMLoss defaults, metric=euclidean (the paper's baseline miner)", {"metric": "euclidean"}),
-    "mahalanobis": ("PDDMLoss defaults, metric=mahalanobis", {"metric": "mahalanobis"}),
+    "pddm_batch": ("the paper's setting, one quadruplet per batch", {"miner": BatchHardestQuadrupletMiner()}),
+    "euclidean": ("the paper's setting, metric=euclidean (the paper's baseline miner)", {"metric": "euclidean"}),
+    "mahalanobis": ("the paper's setting, metric=mahalanobis", {"metric": "mahalanobis"}),
     "pml_ms": ("pytorch-metric-learning MultiSimilarityLoss + MultiSimilarityMiner", "pml_ms"),
     "pml_triplet": ("pytorch-metric-learning TripletMarginLoss(0.2) + BatchHardMiner", "pml_triplet"),
 }
