@@ -31,11 +31,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distpddm import PDDMLoss  # noqa: E402
+from distpddm.loss import PAPER_SETTING  # noqa: E402
 from distpddm.miners import HardQuadrupletMiner  # noqa: E402
 
-#: the paper's setting, not the defaults: every anchor's j is an argmax too, and E_m's gradient reaches the
-#: embeddings, so the comparison covers every choice and every gradient path (the figures above are its)
-PAPER = {"metric": "pddm", "alpha": 0.5, "beta": 1.0, "metric_grad": True, "miner": HardQuadrupletMiner("hardest")}
+
+def _paper(dim: int) -> PDDMLoss:
+    """The paper's setting, not the defaults: every anchor's j is an argmax too, and E_m's gradient reaches the
+    embeddings, so the comparison covers every choice and every gradient path (the figures above are its)."""
+    return PDDMLoss(dim, metric="pddm", miner=HardQuadrupletMiner("hardest"), **PAPER_SETTING)
 
 
 def _batch(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +107,8 @@ def main() -> int:
 
     feats, labels = _batch(args.n, args.dim, args.classes, args.seed)
     torch.manual_seed(args.seed)
-    ref = PDDMLoss(args.dim, **PAPER)
-    dev = PDDMLoss(args.dim, **PAPER).to(args.device)
+    ref = _paper(args.dim)
+    dev = _paper(args.dim).to(args.device)
     dev.load_state_dict(ref.state_dict())
     a = _run(ref, feats, labels, "cpu")
     b = _run(dev, feats, labels, args.device)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distpddm import BatchHardestQuadrupletMiner, HardQuadrupletMiner, PDDMLoss  # noqa: E402
 from distpddm.data.glyphs import load_glyphs  # noqa: E402
 from distpddm.evaluate import recall_at_k  # noqa: E402
+from distpddm.loss import PAPER_SETTING  # noqa: E402
 from distpddm.model import SmallCNN  # noqa: E402
 from distpddm.train.inmemory import fit_in_memory  # noqa: E402
 
@@ -47,8 +48,8 @@ VARIANTS: dict[str, tuple[str, dict | str]] = {
 }
 
 
-#: PDDMLoss's defaults when docs/losses.json was measured ("defaults" in the rows): the paper's setting
-PAPER = {"alpha": 0.5, "beta": 1.0, "metric_grad": True, "miner": HardQuadrupletMiner("hardest")}
+#: PDDMLoss's defaults when docs/losses.json was measured: the paper's setting
+PAPER = {**PAPER_SETTING, "miner": HardQuadrupletMiner("hardest")}
 
 
 def criterion_for(spec):

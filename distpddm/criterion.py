@@ -18,7 +18,7 @@ from torch import nn
 
 from .coerce import coerce, type_name
 from .errors import ConfigError
-from .loss import PDDMLoss
+from .loss import PAPER_SETTING, PDDMLoss
 from .miners import MINERS, QuadrupletMiner
 from .reducers import REDUCERS
 from .wrappers import CrossBatchMemory
@@ -48,6 +48,19 @@ MOVED = {
     "memory": "memory.size",
     "memory_warmup": "memory.warmup",
 }
+
+
+#: section -> (distpddm's parts by name, pytorch-metric-learning's by name, its module)
+REGISTRIES = {
+    "loss": ({"pddm": PDDMLoss}, PML_LOSSES, "losses"),
+    "miner": (MINERS, PML_MINERS, "miners"),
+    "reducer": (REDUCERS, {}, "reducers"),
+}
+
+
+def part_class(section: str, name: str):
+    """The class ``section.name`` names (pytorch-metric-learning's imported on demand)."""
+    return _resolve(section, name, *REGISTRIES[section])
 
 
 def _resolve(section: str, name: str, known: dict, pml: dict, kind: str):
@@ -109,10 +122,7 @@ def _build(section: str, cls, args: dict, **given):
 _GIVEN = {"dim", "miner", "reducer", "loss"}
 #: the defaults that changed in 5b26fcf, as they were before: what checkpoints written before parts were
 #: recorded resolved (no ``config_resolved`` in their state) ran with
-LEGACY_DEFAULTS = {
-    ("loss", "pddm"): {"alpha": 0.5, "beta": 1.0, "metric_grad": True},
-    ("miner", "hard"): {"positives": "hardest"},
-}
+LEGACY_DEFAULTS = {("loss", "pddm"): PAPER_SETTING, ("miner", "hard"): {"positives": "hardest"}}
 
 
 def resolved(tree: dict, *, legacy: bool = False) -> dict:
@@ -123,16 +133,12 @@ def resolved(tree: dict, *, legacy: bool = False) -> dict:
     out = dict(tree)
     if (out.get("loss") or {}).get("name") == "pddm" and out.get("miner") is None:
         out["miner"] = {"name": "hard"}  # PDDMLoss's own default miner
-    for section, known, pml, kind in (
-        ("loss", {"pddm": PDDMLoss}, PML_LOSSES, "losses"),
-        ("miner", MINERS, PML_MINERS, "miners"),
-        ("reducer", REDUCERS, {}, "reducers"),
-    ):
+    for section in REGISTRIES:
         part = out.get(section)
         if not isinstance(part, dict) or not isinstance(part.get("name"), str):
             continue
         try:
-            cls = _resolve(section, part["name"], known, pml, kind)
+            cls = part_class(section, part["name"])
         except ConfigError:
             continue
         defaults = {
@@ -149,7 +155,7 @@ def resolved(tree: dict, *, legacy: bool = False) -> dict:
 def build_miner(part: PartConfig | None):
     if part is None:
         return None
-    return _build("miner", _resolve("miner", part.name, MINERS, PML_MINERS, "miners"), part.args)
+    return _build("miner", part_class("miner", part.name), part.args)
 
 
 def build_reducer(part: PartConfig | None):
@@ -178,7 +184,7 @@ def build_loss(cfg: RunConfig) -> nn.Module:
                 f"miner {cfg.miner.name!r} mines quadruplets for loss pddm; loss {part.name!r} takes a "
                 f"pytorch-metric-learning miner ({' | '.join(PML_MINERS)}) or none"
             )
-        pml_loss = _build("loss", _resolve("loss", part.name, {}, PML_LOSSES, "losses"), part.args)
+        pml_loss = _build("loss", part_class("loss", part.name), part.args)
         try:
             loss = PMLLoss(pml_loss, miner, reducer)
         except ValueError as e:

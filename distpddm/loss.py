@@ -25,6 +25,9 @@ from .reducers import MeanReducer, Reducer
 
 METRICS = ("pddm", "euclidean", "mahalanobis")
 DISTANCES = ("euclidean", "squared")
+#: the paper's margins, weight and end-to-end gradient (with ``HardQuadrupletMiner("hardest")``): the defaults
+#: before the protocol chose on validation classes, and the pretrained configs' setting
+PAPER_SETTING = {"alpha": 0.5, "beta": 1.0, "lam": 0.5, "metric_grad": True}
 
 
 def _mean(x: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ from distpddm import (
 )
 from distpddm.data.glyphs import GlyphSet, load_glyphs
 from distpddm.evaluate import embed
+from distpddm.loss import PAPER_SETTING
 from distpddm.model import SmallCNN
 from distpddm.retrieval import retrieval_metrics
 from distpddm.train.inmemory import fit_in_memory, images_to_tensor
@@ -119,10 +120,6 @@ ROWS: dict[str, tuple[str, dict | str]] = {
 MEMORY_WARMUP = 100
 
 
-#: PDDMLoss's defaults when this study ran (the library's have since changed): rows not naming a key get these
-PAPER = {"alpha": 0.5, "beta": 1.0, "lam": 0.5, "metric_grad": True}
-
-
 def criterion_for(spec):
     if isinstance(spec, str):
         from pytorch_metric_learning import losses, miners
@@ -144,7 +141,7 @@ def criterion_for(spec):
         miner = HardQuadrupletMiner(positives, negatives)
     reducer = AvgNonZeroReducer() if spec.pop("reduction", "mean") == "nonzero" else MeanReducer()
     memory = spec.pop("memory", 0)
-    loss = PDDMLoss(DIM, miner=miner, reducer=reducer, **(PAPER | spec))
+    loss = PDDMLoss(DIM, miner=miner, reducer=reducer, **(PAPER_SETTING | spec))  # the defaults when it ran
     return CrossBatchMemory(loss, memory, MEMORY_WARMUP) if memory else loss
 
 

@@ -7,6 +7,7 @@ import torch
 from distpddm import HardQuadrupletMiner, PDDMLoss
 from distpddm.data.glyphs import load_glyphs
 from distpddm.evaluate import recall_at_k
+from distpddm.loss import PAPER_SETTING
 from distpddm.model import SmallCNN
 from distpddm.train.inmemory import fit_in_memory
 
@@ -22,7 +23,7 @@ def glyphs():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"alpha": 0.5, "beta": 1.0, "metric_grad": True, "miner": HardQuadrupletMiner("hardest")}],
+    [{}, {**PAPER_SETTING, "miner": HardQuadrupletMiner("hardest")}],
     ids=["defaults", "paper-settings"],
 )
 def test_recall_rises_above_untrained_network_and_raw_pixels(glyphs, kwargs):

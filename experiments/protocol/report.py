@@ -132,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     if not any(s["seeds"] for s in summary.values()):
         print(f"error: {source} holds no final test record of the chosen configurations", file=sys.stderr)
         return 1
+    said = verdict(summary)
     print(markdown(summary))
     print()
-    print("\n".join(verdict(summary)))
+    print("\n".join(said))
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "verdict": verdict(summary)}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"summary": summary, "verdict": said}, indent=1) + "\n")
     return 0
 
 
