@@ -33,11 +33,10 @@ from distpddm.extract import LABELS, load_embeddings
 from distpddm.model import load_exported_metric
 from distpddm.retrieval import search
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from choose import read_records  # noqa: E402  -- a missing file reads as no records
+
 QUARTERS = 4
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def _active_key(row: dict) -> str | None:
@@ -146,7 +145,7 @@ def analyse(record: dict, split: str = "val") -> dict:
         "recall@1": record["recall@1"],
         "map@r": record["map@r"],
         "rerank@8/recall@1": record.get("rerank@8/recall@1"),
-        "training": training(read_jsonl(run_dir / "metrics.jsonl"), alpha),
+        "training": training(read_records(run_dir / "metrics.jsonl"), alpha),
     }
     trained = run_dir / "eval-protocol-train" / "metrics.json"  # `distpddm eval RUN --shards <train split>`
     if trained.exists():
@@ -239,14 +238,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             s.add_argument("--json", type=Path, help="also write the diagnosis as JSON")
     args = p.parse_args(argv)
-    records = [r for r in read_jsonl(args.results) if r.get("split") == "val"]
+    records = [r for r in read_records(args.results) if r.get("split") == "val"]
     records = [r for r in records if Path(r["run_dir"]).is_dir()]
     if not records:
         print(f"{args.results}: no validation record whose run folder is here", file=sys.stderr)
         return 1
     results = [analyse(r) for r in records]
     if args.cmd == "plot":
-        plot(results, [read_jsonl(Path(r["run_dir"]) / "metrics.jsonl") for r in records], args.out)
+        plot(results, [read_records(Path(r["run_dir"]) / "metrics.jsonl") for r in records], args.out)
         print(f"-> {args.out}")
         return 0
     print(markdown(results))
