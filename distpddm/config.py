@@ -509,9 +509,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int, base: dict | None = None) 
     return ds
 
 
-def save_config(cfg: RunConfig, path: str | os.PathLike, tree: dict | None = None) -> None:
-    """``cfg`` as YAML (``tree``: its :meth:`RunConfig.to_dict` as the caller completed it)."""
+def save_config(cfg: RunConfig | dict, path: str | os.PathLike) -> None:
+    """``cfg`` as YAML, replaced whole: a config, or its :meth:`RunConfig.to_dict` as the caller completed it
+    (a run folder's, with every part's arguments spelled out)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict() if tree is None else tree, sort_keys=False))
+    tmp.write_text(yaml.safe_dump(cfg.to_dict() if isinstance(cfg, RunConfig) else cfg, sort_keys=False))
     os.replace(tmp, path)

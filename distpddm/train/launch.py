@@ -58,7 +58,7 @@ def claim(cfg: RunConfig, out: RunOutput, *, force: bool = False) -> RunLock:
         lock.__exit__(None, None, None)
         raise
     # after the check: it describes the checkpoints beside it, every part's arguments spelled out
-    save_config(cfg, out.local / "config.yaml", resolved(cfg.to_dict()))
+    save_config(resolved(cfg.to_dict()), out.local / "config.yaml")
     out.remove(ABORTED)  # an earlier attempt's; this one writes its own if it must stop
     stop.clear(out)
     return lock
