@@ -5,6 +5,8 @@
     python experiments/protocol/run.py --dataset fonts --regime scratch --chosen --seeds 0 1 2 \\
         --split test --final                                     # THE final command (clean, committed tree)
     python experiments/protocol/run.py ... --dry-run             # print the commands, run nothing
+    python experiments/protocol/run.py --dataset fonts --regime scratch --config all --split val \\
+        --resume                                                 # the grid, skipping the runs already recorded
 
 Training always validates on the ``val`` classes (its own Recall@K curve); ``--split`` names the classes the
 record's figures come from: ``val`` for every choice, ``test`` only with ``--final`` on a clean tree (every
@@ -112,6 +114,21 @@ def commands(
         "--quiet",
     ]
     return train, evaluate, run_dir, eval_dir
+
+
+def recorded(records: list[dict], method: str, config_id: str, seed: int, split: str, final: bool, commit: str) -> bool:
+    """Whether ``records`` hold this run already (``--resume``): the same method, configuration, seed and
+    classes, no extra overrides; for the final command, also at this commit (a final's seeds are one commit's)."""
+    return any(
+        r.get("method") == method
+        and r.get("config") == config_id
+        and r.get("seed") == seed
+        and r.get("split") == split
+        and not r.get("extra_overrides")
+        and bool(r.get("final")) == final
+        and (not final or r.get("commit") == commit)
+        for r in records
+    )
 
 
 def show(cmd: list[str]) -> str:
@@ -240,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=("val", "test"), default="val", help="the classes the figures come from")
     p.add_argument("--final", action="store_true", help="the one final command: the test split, a clean tree")
     p.add_argument("--dry-run", action="store_true", help="print the product commands; run nothing")
+    p.add_argument("--resume", action="store_true", help="skip the runs the results file already records")
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help=f"run folders (default {DEFAULT_RUNS})")
     p.add_argument(
         "--shards-root", type=Path, help=f"shards built by build.py elsewhere (default {build.DEFAULT_ROOT})"
@@ -261,8 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = tree_state()
         check_allowed(args.split, args.final, state[1] and not args.dry_run, state[2])  # a dry run may preview it
+        results = args.results or results_path(args.dataset, args.regime)
+        done = []
+        if args.resume and results.exists():
+            done = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
         for method, config_id in plan:
             for seed in args.seeds or [args.seed]:
+                if recorded(done, method, config_id, seed, args.split, args.final, state[0]):
+                    print(f"recorded already: {method}:{config_id} seed {seed} on {args.split}", flush=True)
+                    continue
                 run_one(
                     args.dataset,
                     args.regime,

@@ -76,6 +76,28 @@ def test_dry_run_prints_the_product_commands(capsys):
     assert "--local --no-report" in evaluate
 
 
+def test_resume_skips_the_runs_the_results_file_records(tmp_path, capsys):
+    results = tmp_path / "fonts_scratch.jsonl"
+    done = {"method": "pddm", "config": "default", "seed": 0, "split": "val", "final": False, "commit": "c0"}
+    other_seed = done | {"seed": 1}
+    with_override = done | {"config": "allpos", "extra_overrides": ["train.steps=3"]}  # a smoke run, not the grid's
+    results.write_text("".join(json.dumps(r) + "\n" for r in (done, other_seed, with_override)))
+    args = ["--dataset", "fonts", "--regime", "scratch", "--method", "pddm", "--config", "all", "--dry-run",
+            "--results", str(results)]  # fmt: skip
+    assert run.main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "recorded already: pddm:default seed 0 on val" in out
+    assert out.count(" -m distpddm.cli train ") == len(grid.GRID["pddm"]) - 1  # allpos's record had overrides
+    assert "name=fonts-scratch-pddm-allpos-s0-val-" in out
+    assert run.main(args) == 0  # without --resume, every configuration
+    assert capsys.readouterr().out.count(" -m distpddm.cli train ") == len(grid.GRID["pddm"])
+    # the final command's seeds count only at the commit they ran at
+    final = done | {"split": "test", "final": True}
+    assert run.recorded([final], "pddm", "default", 0, "test", True, "c0")
+    assert not run.recorded([final], "pddm", "default", 0, "test", True, "c1")
+    assert not run.recorded([done], "pddm", "default", 0, "test", True, "c0")
+
+
 def test_test_split_refused_without_final(capsys):
     args = ["--dataset", "fonts", "--regime", "scratch", "--method", "pddm", "--split", "test", "--dry-run"]
     assert run.main(args) == 2
