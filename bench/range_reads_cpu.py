@@ -9,6 +9,14 @@ Debian's nginx on loopback (no delay: CPU only) serves a file of random bytes; `
 Process CPU (``time.process_time``) counts the client only: nginx is another process::
 
     .venv/bin/python bench/range_reads_cpu.py [--reads 3000] [--repeats 3]
+
+``--s3``: the client CPU of the S3 API instead. moto's S3 server (another process on loopback) holds a 4 MiB
+object (moto reads the whole object for each ranged GET, so a small one); the same reads through s3fs as the
+readers make them (``ranges.read_async`` on the ``s3://`` URL: botocore builds, signs and parses each request)
+against plain HTTP GETs of a presigned URL of the object (``ranges.read_async`` on it: aiohttp only), both as
+coroutines, 32 in flight. moto's slowness bounds reads/s alike for both; the CPU per read is the client's::
+
+    .venv/bin/python bench/range_reads_cpu.py --s3 [--reads 1500] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +58,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reads", type=int, default=3000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--s3", action="store_true", help="the S3 API's client CPU (moto) instead of nginx's")
     args = p.parse_args()
+    if args.s3:
+        return s3(args)
 
     import fsspec.asyn
 
@@ -100,6 +112,59 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(10)
+    return 0
+
+
+def s3(args) -> int:
+    import os
+    import socket
+
+    from distpddm.data import ranges
+    from tests.fixtures import wait_for_port
+
+    try:
+        import boto3
+        import moto.server  # noqa: F401
+    except ImportError:
+        raise SystemExit("--s3 needs moto[server] and boto3 (pip install -e '.[dev]')") from None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    blob = 4 << 20
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        if not wait_for_port(port, 30):
+            raise SystemExit("moto's server did not start")
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="shards")
+        client.put_object(Bucket="shards", Key="blob.bin", Body=random.Random(0).randbytes(blob))
+        url = "s3://shards/blob.bin"
+        fs, _ = ranges.url_to_fs(url)
+        signed = fs.url("shards/blob.bin", expires=3600)
+        ranges.read_range(signed, 1, SIZE)  # its folder has honoured a range: read_async takes it from now on
+        rng, stop = random.Random(1), threading.Event()
+        reads = [rng.randrange(blob - SIZE) for _ in range(args.reads)]
+        ways = {
+            "s3fs on the s3:// URL (the readers' way): botocore per request": url,
+            "HTTP GETs of a presigned URL (aiohttp only)": signed,
+        }
+        for way in ways.values():
+            timed(lambda u, o: ranges.read_async(u, o, SIZE, stop), [(way, o) for o in reads[:200]])  # warm
+        results: dict[str, list[tuple[float, float]]] = {w: [] for w in ways}
+        for _ in range(args.repeats):
+            for name, way in ways.items():
+                results[name].append(timed(lambda u, o: ranges.read_async(u, o, SIZE, stop), [(way, o) for o in reads]))
+        print(f"{args.reads} ranged GETs of {SIZE} B from moto's S3 server on loopback, {IN_FLIGHT} in flight, "
+              f"{args.repeats} passes")  # fmt: skip
+        print("| way | reads/s (passes) | client CPU ms/read (passes) |\n|---|---|---|")
+        for name, got in results.items():
+            print(f"| {name} | {', '.join(f'{r:.0f}' for r, _ in got)} | {', '.join(f'{c:.3f}' for _, c in got)} |")
+    finally:
+        server.terminate()
+        server.wait(10)
     return 0
 
 

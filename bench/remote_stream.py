@@ -15,6 +15,12 @@ Images: the loader bench's real-photo JPEGs (``bench/loader.py``'s ``make_images
    indexed in place (``distpddm shards index``; over HTTP the index is made from the server's URLs, at 0 ms),
    read by ``ForeignPKDataset`` (class-aware ranged reads, ``in_flight`` per loader worker).
 
+``--stores http s3`` also serves the same files over the S3 API: moto's server (the S3 server the tests use;
+no faster S3-compatible server installs here from apt or PyPI) in ``server``, behind its own delaying relay,
+read through s3fs with the credentials and endpoint in the environment. moto answers each request in Python
+on the same two cores, so its server CPU (in the table) limits these cells; their 0 ms -> delay change is the
+latency's cost.
+
 Per cell: P x K = 16 x 4 batches of 224-px images (decode + RandomResizedCrop + flip; the consumer normalises
 on the CPU, as ``bench/loader.py``), one batch to warm up, then ``--batches`` timed. Bytes: what nginx sent
 (its access log) for the HTTP cells, what the loader workers read (``rchar``) for the local ones. The readers'
@@ -37,6 +43,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -47,7 +54,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 P, K, SIZE = 16, 4, 224
-PORT = 8080
+PORT = 8080  # nginx behind its relay: the relay listens here, nginx on PORT + 1
+S3_PORT = 8090  # moto behind its relay, likewise (moto on S3_PORT + 1)
+S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 PER_TAR = 500  # samples per pre-shuffled shard (timm's hold ~12k; the reads are per image either way)
 
 
@@ -107,21 +116,36 @@ def _trace(path: Path):
 
     HTTPFile._fetch_range = traced_fetch
     HTTPFileSystem._info = traced_info
+    with contextlib.suppress(ImportError):
+        from s3fs import S3FileSystem
+
+        s3_info = S3FileSystem._info
+
+        async def traced_s3_info(self, path, **kwargs):
+            t0 = time.time()
+            out = await s3_info(self, path, **kwargs)
+            log(t0, 0)
+            return out
+
+        S3FileSystem._info = traced_s3_info
     ranges._read_remote = traced_read
     ranges._read_range_async = traced_async
 
 
 def _requests(path: Path, t0: float, t1: float, workers: int) -> dict:
     """The traced requests that ended in [t0, t1]: count, mean latency, mean in flight per loader worker."""
-    spans = []
+    spans, total = [], 0
     for f in path.parent.glob(path.name + ".*"):
         for line in f.read_text().split("\n"):
             if line:
-                a, b, _ = line.split()
+                a, b, n = line.split()
                 spans.append((float(a), float(b)))
+                total += int(n)
     inside = [(a, b) for a, b in spans if t0 <= b <= t1]
     busy = sum(min(b, t1) - max(a, t0) for a, b in spans if b >= t0 and a <= t1)
     return {
+        "traced_requests": len(spans),  # the whole cell, warm-up and read-ahead included
+        "traced_bytes": total,
         "requests": len(inside),
         "latency_ms": 1000 * sum(b - a for a, b in inside) / len(inside) if inside else None,
         "mean_in_flight": busy / (t1 - t0) / workers,
@@ -332,10 +356,42 @@ async def _relay(listen: tuple[str, int], upstream: tuple[str, int], delay: floa
         await server.serve_forever()
 
 
-def start_relay(cluster, ip: str, delay_ms: float):
-    """The relay in the server host, from its link address to nginx on its loopback."""
-    spec = json.dumps({"listen": [ip, PORT], "upstream": ["127.0.0.1", PORT + 1], "delay": delay_ms / 1000})
+def start_relay(cluster, ip: str, delay_ms: float, port: int = PORT):
+    """The relay in the server host, from its link address's ``port`` to the server on its loopback's
+    ``port + 1`` (nginx, or moto)."""
+    spec = json.dumps({"listen": [ip, port], "upstream": ["127.0.0.1", port + 1], "delay": delay_ms / 1000})
     return cluster.popen("server", [sys.executable, __file__, "--relay", spec])
+
+
+def start_s3(cluster, data: Path) -> None:
+    """moto's S3 server on the server host's loopback, with bucket ``shards`` holding ``data``'s class-chunked
+    split and pre-shuffled tars (uploaded on the server host: no relay, no delay)."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        raise SystemExit("--stores s3 needs moto[server] (pip install -e '.[dev]')") from None
+    cluster.popen("server", [sys.executable, "-m", "moto.server", "-p", str(S3_PORT + 1)],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    upload = (
+        "import boto3, pathlib, sys, time\n"
+        "s3 = boto3.client('s3', endpoint_url=sys.argv[1])\n"
+        "for _ in range(100):\n"
+        "    try:\n"
+        "        s3.create_bucket(Bucket='shards'); break\n"
+        "    except Exception:\n"
+        "        time.sleep(0.2)\n"
+        "root = pathlib.Path(sys.argv[2])\n"
+        "for d in ('chunked', 'wds'):\n"
+        "    for f in sorted((root / d).rglob('*')):\n"
+        "        if f.is_file():\n"
+        "            s3.upload_file(str(f), 'shards', str(f.relative_to(root)))\n"
+    )
+    t = time.perf_counter()
+    env = os.environ | S3_ENV
+    r = cluster.run("server", [sys.executable, "-c", upload, f"http://127.0.0.1:{S3_PORT + 1}", str(data)], env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"uploading to moto: {r.stderr[-2000:]}")
+    print(f"uploaded the shards to moto's S3 server in {time.perf_counter() - t:.1f} s", flush=True)
 
 
 def stop(proc) -> None:
@@ -410,7 +466,12 @@ def run(args) -> None:
             cluster.popen("server", [nginx, "-c", str(conf), "-p", str(run_dir), "-g", "daemon off;"])
             base = f"http://{ip}:{PORT}"
             set_rate(cluster, args.rate)
-            relay = start_relay(cluster, ip, 0)
+            relays = {"http": start_relay(cluster, ip, 0)}
+            s3_env = {}
+            if "s3" in args.stores:
+                start_s3(cluster, work / "data")
+                relays["s3"] = start_relay(cluster, ip, 0, S3_PORT)
+                s3_env = S3_ENV | {"AWS_ENDPOINT_URL": f"http://{ip}:{S3_PORT}"}
             for _ in range(100):
                 with contextlib.suppress(RuntimeError):
                     round_trip_ms(cluster, base)
@@ -418,10 +479,12 @@ def run(args) -> None:
                 time.sleep(0.1)
             else:
                 raise RuntimeError(f"nginx or the relay did not start: {(run_dir / 'error.log').read_text()}")
-            env = cluster.ray_env()
-            # The pre-shuffled split indexed in place, from the local files and from the server's URLs (at 0 ms).
+            env = cluster.ray_env(s3_env)
+            # The pre-shuffled split indexed in place, from the local files and from the servers' URLs (at 0 ms).
             indexes = {}
-            for where, src in (("local", str(work / "data" / "wds")), ("http", f"{base}/wds")):
+            sources = {"local": str(work / "data" / "wds"), "http": f"{base}/wds", "s3": "s3://shards/wds"}
+            for where in ["local", *args.stores]:
+                src = sources[where]
                 out = work / f"index-{where}"
                 if not (out / "train" / "index.json").exists():
                     pattern = f"{src}/train-{{0000..{data['tars'] - 1:04d}}}.tar"
@@ -432,19 +495,17 @@ def run(args) -> None:
                         raise RuntimeError(f"shards index {pattern}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
                     print(f"indexed {pattern} in {time.perf_counter() - t:.1f} s", flush=True)
                 indexes[where] = str(out / "train")
-            splits = {
-                ("chunked", "local"): str(work / "data" / "chunked" / "train"),
-                ("chunked", "http"): f"{base}/chunked/train/index.json",
-                ("foreign", "local"): indexes["local"],
-                ("foreign", "http"): indexes["http"],
-            }
+            chunked = {"local": str(work / "data" / "chunked" / "train"), "http": f"{base}/chunked/train/index.json"}
+            chunked["s3"] = "s3://shards/chunked/train/index.json"
+            splits = {("chunked", w): chunked[w] for w in indexes} | {("foreign", w): i for w, i in indexes.items()}
             cells = [("chunked", "train", None), ("chunked", "eval", None)]
             cells += [("foreign", "train", n) for n in args.in_flight] + [("foreign", "eval", None)]
             results, rtts = [], {}
             for repeat in range(args.repeats):
                 for delay in (0, args.delay_ms):
-                    stop(relay)
-                    relay = start_relay(cluster, ip, delay)
+                    for store in list(relays):
+                        stop(relays[store])
+                        relays[store] = start_relay(cluster, ip, delay, PORT if store == "http" else S3_PORT)
                     time.sleep(0.5)
                     rtts[delay] = round_trip_ms(cluster, base)
                     print(
@@ -452,7 +513,7 @@ def run(args) -> None:
                     )
                     for workers in args.workers:
                         for layout, reader, in_flight in cells:
-                            wheres = ["local", "http"] if delay == 0 else ["http"]
+                            wheres = ["local", *args.stores] if delay == 0 else list(args.stores)
                             if in_flight is not None and in_flight != args.in_flight[0] and delay == 0:
                                 wheres = []  # the other in_flight values: at the delay only
                             for where in wheres:
@@ -474,8 +535,9 @@ def run(args) -> None:
                                     raise RuntimeError(f"{spec}: {r.stdout[-2000:]}{r.stderr[-4000:]}")
                                 out = json.loads(r.stdout.strip().split("\n")[-1])
                                 after = sent(run_dir / "access.log")
-                                row = spec | out | {"where": where if where == "local" else f"http {delay:g} ms"}
-                                row |= {"http_requests": after[0] - before[0], "http_bytes": after[1] - before[1]}
+                                row = spec | out | {"where": where if where == "local" else f"{where} {delay:g} ms"}
+                                if where == "http":  # nginx's log; moto logs no bytes (the traced ones stand in)
+                                    row |= {"http_requests": after[0] - before[0], "http_bytes": after[1] - before[1]}
                                 row |= {"server_cpu_s": server_cpu(cluster) - cpu, "repeat": repeat}
                                 results.append(row)
                                 shown = {k: v for k, v in row.items() if k not in ("split", "trace")}
@@ -501,7 +563,7 @@ def report(results: list[dict], args, rtts: dict) -> None:
 
     print(f"\nimages/s: median of {args.repeats} run(s); {args.batches} batches of {P} x {K} timed per cell")
     head = ["layout / reader", "loader workers", "where", "images/s (runs)", "vs local", "MB read (requests)"]
-    head += ["readers' CPU ms/image (server CPU per cell)", "HTTP requests: mean latency, in flight per worker"]
+    head += ["readers' CPU ms/image (server CPU per cell)", "requests: mean latency, in flight per worker"]
     print("\n| " + " | ".join(head) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for (layout, reader, in_flight, workers, where), rows in groups.items():
@@ -513,9 +575,14 @@ def report(results: list[dict], args, rtts: dict) -> None:
         if where == "local":
             read = f"{med(rows, 'rchar') / 1e6:.0f} (disk)"
             lat = ""
-        else:
+        elif where.startswith("http"):
             read = f"{med(rows, 'http_bytes') / 1e6:.0f} ({med(rows, 'http_requests'):.0f})"
-            lat = f"{med(rows, 'latency_ms'):.1f} ms, {med(rows, 'mean_in_flight'):.2f}"
+        else:  # S3: what the readers' traced requests received
+            read = f"{med(rows, 'traced_bytes') / 1e6:.0f} ({med(rows, 'traced_requests'):.0f}, traced)"
+        if where != "local":
+            latency = med(rows, "latency_ms")  # None: no request ended in the timed window
+            lat = f"{latency:.1f} ms, " if latency is not None else "none timed, "
+            lat += f"{med(rows, 'mean_in_flight'):.2f}"
         name = {"chunked": "class-chunked", "foreign": "pre-shuffled"}[layout] + f" / {reader}"
         name += f" (in_flight {in_flight})" if in_flight else ""
         cpu = f"{1000 * med(rows, 'client_cpu_s') / med(rows, 'images'):.2f}"
@@ -535,6 +602,7 @@ def main() -> None:
     p.add_argument("--in-flight", type=int, nargs="+", default=[32], help="ForeignPKDataset's, per worker")
     p.add_argument("--delay-ms", type=float, default=25, help="netem delay, each way")
     p.add_argument("--rate", default="1gbit")
+    p.add_argument("--stores", nargs="+", choices=("http", "s3"), default=["http"], help="what serves the shards")
     p.add_argument("--keep", metavar="DIR", help="keep the data (and reuse it) in DIR")
     p.add_argument("--json", help="write every cell's figures here")
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one cell, in the client host
