@@ -640,6 +640,10 @@ def test_single_image_reads_from_s3_are_http_gets_of_a_presigned_url(source, s3,
     assert s3_reads == [] and len(http_reads) == 4
     assert all("X-Amz-Signature=" in p and f"/shards/{path.name}?" in p for p in http_reads)  # SigV4
     assert len(set(http_reads)) == 1  # signed once, reused
+    with pytest.raises(FileNotFoundError) as missing:  # a key that is not there: a 404 to the presigned GET
+        _read_all(ranges, [("s3://shards/gone.tar", 0, 10)])
+    said = retry.describe_error(missing.value)
+    assert "gone.tar" in said and "Signature=" in said and "Signature=***" in said  # named, its signature hidden
 
 
 def test_a_refused_presigned_url_is_signed_again_then_s3fs_reads_that_bucket(source, s3, monkeypatch, caplog):

@@ -13,6 +13,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from ..redact import redact
+
 log = logging.getLogger("distpddm.data")
 
 
@@ -84,10 +86,11 @@ def is_read_error(error: BaseException) -> bool:
 
 
 def describe_error(error: BaseException) -> str:
-    """``Type: message``, and the HTTP error behind it (fsspec's ``FileNotFoundError`` names only the URL)."""
+    """``Type: message``, and the HTTP error behind it (fsspec's ``FileNotFoundError`` names only the URL);
+    redacted: these lines reach exceptions that Ray prints unfiltered, and a URL may be presigned."""
     text = f"{type(error).__name__}: {error}"
     cause = next((e for e in _causes(error) if _http_error(e)), None)
-    return text if cause is None else f"{text}, from {type(cause).__name__}: {cause}"
+    return redact(text if cause is None else f"{text}, from {type(cause).__name__}: {cause}")
 
 
 def retry_delay(where: str, error: BaseException, attempt: int, stop: threading.Event | None = None) -> float | None:
