@@ -180,3 +180,45 @@ def test_single_reads_over_http_run_as_coroutines_once_ranges_are_known(blob, mo
         stop.set()  # the reader has gone: no retry
         with pytest.raises(Exception, match="503"):
             ranges.read_async(url, 0, 10, stop).result(10)
+
+
+def test_reads_started_together_wake_the_loop_once_and_fail_or_cancel_alone(blob, monkeypatch):
+    """ranges.read_many_async: a batch of reads is handed to the event loop in one call (each hand-over wakes
+    the loop's thread); each read's result or error is its own; a local path gets None (a thread reads it);
+    a read cancelled before it ran never sends its request."""
+    pytest.importorskip("aiohttp")
+    from pathlib import Path
+
+    from tests import fixtures
+
+    path, data = blob
+    stop = threading.Event()
+    with fixtures.http_store(Path(path).parent) as store:
+        url = f"{store.base}/shard.tar"
+        assert ranges.read_range(url, 100, 50) == data[100:150]  # the folder honours ranges
+        fs, _ = ranges.url_to_fs(url)
+        handed, real = [], fs.loop.call_soon_threadsafe
+
+        def counted(callback, *args):
+            handed.append(callback)
+            return real(callback, *args)
+
+        monkeypatch.setattr(fs.loop, "call_soon_threadsafe", counted)
+        reads = [(url, o, 300) for o in range(0, 3000, 300)]
+        futures = ranges.read_many_async([*reads, (path, 0, 10), (url, len(data) - 10, 100)], stop)
+        assert [f.result(10) for f in futures[:10]] == [data[o : o + 300] for _, o, _ in reads]
+        assert futures[10] is None
+        with pytest.raises(ValueError, match="shorter than when it was indexed"):  # the batch's other reads stand
+            futures[11].result(10)
+        assert handed == [ranges._start]  # twelve reads, one wake-up
+        gets = store.requests["shard.tar"]
+        held_back = []
+        monkeypatch.setattr(fs.loop, "call_soon_threadsafe", lambda *args: held_back.append(args))
+        (held,) = ranges.read_many_async([(url, 0, 10)], stop)  # its hand-over held back...
+        assert held.cancel()  # ...and the read cancelled before it started
+        monkeypatch.setattr(fs.loop, "call_soon_threadsafe", real)
+        (late,) = ranges.read_many_async([(url, 20, 10)], stop)
+        assert late.result(10) == data[20:30]
+        real(*held_back[0])  # the held hand-over reaches the loop now
+        time.sleep(0.3)
+        assert store.requests["shard.tar"] == gets + 1  # only `late` was sent

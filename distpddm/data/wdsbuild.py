@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StorageUnavailable
-from .ranges import read_async, read_range, url_to_fs
+from .ranges import read_many_async, read_range, url_to_fs
 from .retry import describe_error, is_transient, retry_after
 from .sources import SourceError, SourcePlan, SplitPlan
 from .wdsindex import INDEX, LAYOUT, etag_of
@@ -69,26 +69,29 @@ class RangeFetcher:
     @contextmanager
     def prefetch(self, sources: list[str]) -> Iterator:
         """A reader of ``sources``, to be asked for them in this order: ``in_flight`` reads run ahead of the
-        caller (coroutines on the filesystem's event loop where it has one, :func:`.ranges.read_async`; else
-        threads), so that at most ``in_flight`` images are held. When the caller is done (or fails), reads not
+        caller (coroutines on the filesystem's event loop where it has one, :func:`.ranges.read_many_async`,
+        started a quarter of ``in_flight`` at a time; else threads), so that at most ``in_flight`` images are
+        held. When the caller is done (or fails), reads not
         started are dropped and running ones stop retrying."""
         pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="wds-read")
         pending: deque[tuple[str, str, Future]] = deque()  # (source, ext, its read)
         upcoming = iter(sources)
         stop = threading.Event()
+        batch = max(1, self.in_flight // 4)  # reads started together: one wake-up of the event loop for them
 
         def top_up() -> None:
-            while len(pending) < self.in_flight:
-                source = next(upcoming, None)
-                if source is None:
-                    return
+            if pending and self.in_flight - len(pending) < batch:
+                return
+            reads, parsed = [], []
+            while len(pending) + len(parsed) < self.in_flight and (source := next(upcoming, None)) is not None:
                 shard, offset, size, ext = parse_source(source)
-                url = self.urls[shard]
-                try:
-                    future = read_async(url, offset, size, stop) or pool.submit(read_range, url, offset, size, stop)
-                except Exception as e:  # noqa: BLE001 -- raised by the read() that asks for this source
-                    future = Future()
-                    future.set_exception(e)
+                parsed.append((source, ext))
+                reads.append((self.urls[shard], offset, size))
+            for (source, ext), (url, offset, size), future in zip(
+                parsed, reads, read_many_async(reads, stop), strict=True
+            ):
+                if future is None:  # no event loop (a local file, ftp): a thread of the pool reads it
+                    future = pool.submit(read_range, url, offset, size, stop)
                 pending.append((source, ext, future))
 
         def read(source: str) -> tuple[bytes, str]:
