@@ -11,10 +11,11 @@ Process CPU (``time.process_time``) counts the client only: nginx is another pro
     .venv/bin/python bench/range_reads_cpu.py [--reads 3000] [--repeats 3]
 
 ``--s3``: the client CPU of the S3 API instead. moto's S3 server (another process on loopback) holds a 4 MiB
-object (moto reads the whole object for each ranged GET, so a small one); the same reads through s3fs's own
-requests (botocore builds, signs and parses each one: the readers' way until 6387e8a) against the readers' way
-since, ``ranges.read_async`` on the ``s3://`` URL (plain HTTP GETs of a presigned URL: aiohttp only), both as
-coroutines, 32 in flight. moto's slowness bounds reads/s alike for both; the CPU per read is the client's::
+object (moto reads the whole object for each ranged GET, so a small one); the same reads as the readers make
+them (``ranges.read_async`` on the ``s3://`` URL: s3fs, whose botocore builds, signs and parses each request)
+against plain HTTP GETs of a presigned URL of the object (``ranges.read_async`` on that URL: aiohttp only; a
+way the readers tried in 6387e8a and dropped, docs/benchmarks.md), both as coroutines, 32 in flight. moto's
+slowness bounds reads/s alike for both; the CPU per read is the client's::
 
     .venv/bin/python bench/range_reads_cpu.py --s3 [--reads 1500] [--repeats 3]
 """
@@ -145,23 +146,18 @@ def s3(args) -> int:
         fs, _ = ranges.url_to_fs(url)
         rng, stop = random.Random(1), threading.Event()
         reads = [rng.randrange(blob - SIZE) for _ in range(args.reads)]
-        key = "shards/blob.bin"
-
-        def s3fs_request(u, o):
-            return asyncio.run_coroutine_threadsafe(ranges._read_range_async(fs, key, u, o, SIZE, stop), fs.loop)
-
+        signed = fs.url("shards/blob.bin", expires=3600)
+        ranges.read_range(signed, 1, SIZE)  # its folder has honoured a range: read_async takes it from now on
         ways = {
-            "s3fs's requests: botocore signs each (the readers until 6387e8a)": s3fs_request,
-            "ranges.read_async: HTTP GETs of a presigned URL (the readers since)": (
-                lambda u, o: ranges.read_async(u, o, SIZE, stop)
-            ),
+            "the readers' way: s3fs's requests, botocore signs each": url,
+            "HTTP GETs of a presigned URL (aiohttp only)": signed,
         }
-        for submit in ways.values():
-            timed(submit, [(url, o) for o in reads[:200]])  # warm: connections open, the URL signed
+        for way in ways.values():
+            timed(lambda u, o: ranges.read_async(u, o, SIZE, stop), [(way, o) for o in reads[:200]])  # warm
         results: dict[str, list[tuple[float, float]]] = {w: [] for w in ways}
         for _ in range(args.repeats):
-            for name, submit in ways.items():
-                results[name].append(timed(submit, [(url, o) for o in reads]))
+            for name, way in ways.items():
+                results[name].append(timed(lambda u, o: ranges.read_async(u, o, SIZE, stop), [(way, o) for o in reads]))
         print(f"{args.reads} ranged GETs of {SIZE} B from moto's S3 server on loopback, {IN_FLIGHT} in flight, "
               f"{args.repeats} passes")  # fmt: skip
         print("| way | reads/s (passes) | client CPU ms/read (passes) |\n|---|---|---|")

@@ -222,3 +222,29 @@ def test_validation_passes_open_the_eval_split_once(split, tmp_path, monkeypatch
     third = foreign.ForeignEvalDataset(str(copy / "train"), 16)
     assert third.split is not first.split and sum(checks.values()) == 2
     assert ForeignPKDataset(str(copy / "train"), 2, 2, image_size=16).split is not third.split
+
+
+def test_a_bad_read_is_described_and_raised_without_a_signed_url_s_secrets():
+    """A shard URL may be presigned (its signature a credential, valid until it expires): a read error is
+    described redacted, and the error raised past the skip threshold does not carry the raw one (Ray prints
+    tracebacks, contexts included, without distpddm's log filter)."""
+    import traceback
+
+    from distpddm.data.foreign import read_image
+    from distpddm.data.retry import describe_error
+    from distpddm.data.stream import SkipCounter
+    from distpddm.errors import BadDataError
+
+    signed = "https://store.example/b/x.tar?X-Amz-Security-Token=T0K3N&X-Amz-Signature=51GN"
+
+    def read(source):
+        raise FileNotFoundError(signed)
+
+    assert "51GN" not in describe_error(FileNotFoundError(signed)) and "X-Amz-Signature=***" in describe_error(
+        FileNotFoundError(signed)
+    )
+    counter = SkipCounter(max_skip_rate=0.0, min_samples=1)
+    with pytest.raises(BadDataError) as raised:
+        read_image(read, "x.tar/s.img@0+10", "https://store.example/b/x.tar@0", lambda raw: raw, counter)
+    shown = "".join(traceback.format_exception(raised.value))
+    assert "x.tar" in shown and "T0K3N" not in shown and "51GN" not in shown

@@ -542,8 +542,6 @@ def _forget_filesystems(s3fs) -> None:
     s3fs.S3FileSystem.clear_instance_cache()
     ranges._FILESYSTEMS.clear()
     ranges._SHARED.clear()
-    ranges._PRESIGNED.clear()  # URLs signed for another test's server
-    ranges._UNSIGNED.clear()
 
 
 @pytest.fixture
@@ -610,70 +608,6 @@ def test_a_range_past_the_end_of_an_s3_object_is_not_retried(source, s3, monkeyp
     with pytest.raises(OSError) as raised:
         ranges.read_range(url, size + 1024, 10)
     assert raised.value.errno == errno.EINVAL and waits == []
-
-
-def _read_all(ranges, reads: list[tuple[str, int, int]]) -> list[bytes]:
-    stop = threading.Event()
-    futures = [ranges.read_async(url, offset, size, stop) for url, offset, size in reads]
-    assert all(f is not None for f in futures)
-    return [f.result(timeout=60) for f in futures]
-
-
-def test_single_image_reads_from_s3_are_http_gets_of_a_presigned_url(source, s3, monkeypatch):
-    """The pre-shuffled readers' reads (ranges.read_async) of an S3 object: the bytes asked for, as plain HTTP
-    GETs of a URL s3fs presigned (botocore signs once per object and half-hour, not once per image)."""
-    from distpddm.data import ranges
-
-    path = sorted(source.glob("*.tar"))[0]
-    s3.put(str(path), f"shards/{path.name}")
-    url, data = f"s3://shards/{path.name}", path.read_bytes()
-    http_reads, s3_reads = [], []
-    read = ranges._read_range_async
-
-    async def counted(fs, fs_path, url_, offset, size, stop):
-        (http_reads if "http" in fs.protocol else s3_reads).append(fs_path)
-        return await read(fs, fs_path, url_, offset, size, stop)
-
-    monkeypatch.setattr(ranges, "_read_range_async", counted)
-    reads = [(url, offset, 700) for offset in (0, 512, 4096, len(data) - 700)]
-    assert _read_all(ranges, reads) == [data[o : o + n] for _, o, n in reads]
-    assert s3_reads == [] and len(http_reads) == 4
-    assert all("X-Amz-Signature=" in p and f"/shards/{path.name}?" in p for p in http_reads)  # SigV4
-    assert len(set(http_reads)) == 1  # signed once, reused
-    with pytest.raises(FileNotFoundError) as missing:  # a key that is not there: a 404 to the presigned GET
-        _read_all(ranges, [("s3://shards/gone.tar", 0, 10)])
-    said = retry.describe_error(missing.value)
-    assert "gone.tar" in said and "Signature=" in said and "Signature=***" in said  # named, its signature hidden
-
-
-def test_a_refused_presigned_url_is_signed_again_then_s3fs_reads_that_bucket(source, s3, monkeypatch, caplog):
-    """A store may refuse presigned requests (a 403: expired temporary credentials, a bucket policy; a 400:
-    customer keys): signed again and tried once more, then s3fs's own requests for that bucket, said once in
-    a warning that names the s3:// URL and no signature."""
-    import aiohttp
-
-    from distpddm.data import ranges
-
-    path = sorted(source.glob("*.tar"))[0]
-    s3.put(str(path), f"shards/{path.name}")
-    url, data = f"s3://shards/{path.name}", path.read_bytes()
-    read, refused = ranges._read_range_async, []
-
-    async def refusing(fs, fs_path, url_, offset, size, stop):
-        if "http" in fs.protocol:
-            refused.append(fs_path)
-            raise aiohttp.ClientResponseError(None, (), status=403, message="Forbidden")
-        return await read(fs, fs_path, url_, offset, size, stop)
-
-    monkeypatch.setattr(ranges, "_read_range_async", refusing)
-    with caplog.at_level(logging.WARNING, logger="distpddm.data.ranges"):
-        assert _read_all(ranges, [(url, 100, 50)]) == [data[100:150]]
-        assert len(refused) == 2  # the first URL, then a fresh signature
-        assert _read_all(ranges, [(url, 200, 50)]) == [data[200:250]]  # s3fs now: no third refusal
-    assert len(refused) == 2
-    assert "shards" in ranges._UNSIGNED and len(ranges._UNSIGNED) == 1
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"{url}: the store refused its presigned URL (HTTP 403); read through s3fs"]
 
 
 def test_no_secret_is_printed_or_logged(source, tmp_path, s3, monkeypatch, capsys, caplog):

@@ -128,10 +128,13 @@ def read_image(read, source: str, where: str, transform, counter: SkipCounter) -
     ``where``) when it does not read or decode; both readers of a foreign split take their images so."""
     try:
         raw, _ = read(source)
+        failed = None
     except Exception as e:
         if isinstance(e, RangesIgnored) or not (is_read_error(e) or isinstance(e, ValueError)):
             raise  # a server without ranges fails every read alike: the run stops, in one line
-        counter.skip(where, f"unreadable ({describe_error(e)})", unanswered=is_transient(e, where))
+        failed = (f"unreadable ({describe_error(e)})", is_transient(e, where))
+    if failed is not None:  # counted outside the except: an error raised past the threshold does not carry
+        counter.skip(where, failed[0], unanswered=failed[1])  # the raw one (and the URL it names) as context
         return None
     try:
         img = transform(raw)

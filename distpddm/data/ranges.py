@@ -13,17 +13,13 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import logging
 import os
 import sys
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..errors import DeterministicError
 from .retry import retry_after, retry_after_async
-
-log = logging.getLogger(__name__)
 
 #: Read-ahead of a run of samples: bytes per ranged GET, and GETs in flight (so ~8 MiB held per open run; a
 #: class-chunked reader holds two: stream._NextRange opens the next range while one is read).
@@ -111,15 +107,13 @@ S3_CONNECTIONS = 64
 
 def _options(url: str) -> dict:
     """Storage options the readers add to the user's (fsspec's config): a connection pool for S3 as deep as the
-    reads they keep in flight, and SigV4 for presigned URLs (:func:`_presigned`; botocore signs them SigV2 in
-    us-east-1 unless told, which buckets created since 2020 refuse), unless the user's config sets them."""
+    reads they keep in flight, unless the user's config sets one."""
     if url.split("://", 1)[0] not in ("s3", "s3a"):
         return {}
     import fsspec.config
 
     config = dict(fsspec.config.conf.get("s3", {}).get("config_kwargs", {}))
     config.setdefault("max_pool_connections", S3_CONNECTIONS)
-    config.setdefault("signature_version", "s3v4")  # requests are SigV4 anyway; presigned URLs would be SigV2
     return {"config_kwargs": config}
 
 
@@ -212,8 +206,7 @@ def read_range(url: str, offset: int, size: int, stop: threading.Event | None = 
 def read_async(url: str, offset: int, size: int, stop: threading.Event) -> Future | None:
     """:func:`read_range`, started as a coroutine on the event loop of the URL's async fsspec filesystem (HTTP
     once its folder has honoured a range, S3), with no thread blocked on it: half the client CPU per read of a
-    thread waiting in fsspec's sync wrapper (bench/range_reads_cpu.py). None for other URLs. An S3 object is
-    read as plain HTTP GETs of a presigned URL (:func:`_presigned`)."""
+    thread waiting in fsspec's sync wrapper (bench/range_reads_cpu.py). None for other URLs."""
     return read_many_async([(url, offset, size)], stop)[0]
 
 
@@ -251,9 +244,6 @@ def _coroutine(url: str, offset: int, size: int, stop: threading.Event) -> tuple
         "http" in fs.protocol and url.rsplit("/", 1)[0] not in _RANGES_HONOURED
     ):
         return None
-    if "s3" in fs.protocol and (signed := _presigned(fs, path, url)) is not None:
-        http_fs, http_path = url_to_fs(signed)
-        return _read_presigned(http_fs, http_path, fs, path, url, offset, size, stop), http_fs.loop
     return _read_range_async(fs, path, url, offset, size, stop), fs.loop
 
 
@@ -284,65 +274,6 @@ def _settle(task: asyncio.Task, future: Future) -> None:
             future.set_exception(task.exception())
         else:
             future.set_result(task.result())
-
-
-#: How long the presigned URL of an S3 object's single-image reads is valid; it is signed anew at half that.
-PRESIGN_SECONDS = 3600
-_PRESIGNED: dict[str, tuple[float, str]] = {}  # s3 URL -> (sign again after, presigned URL)
-_UNSIGNED: set[str] = set()  # buckets whose presigned reads the store refused: s3fs's own requests for them
-
-
-def _bucket(path: str) -> str:
-    return path.split("/", 1)[0]
-
-
-def _presigned(fs, path: str, url: str) -> str | None:
-    """A presigned GET URL of ``url`` (signed by s3fs with the user's credentials), or None (s3fs reads it).
-    botocore builds, signs and parses every request: ~1.1 ms more client CPU per 47 KB read than an HTTP GET of
-    the same range (bench/range_reads_cpu.py --s3), which a reader of single images pays on every image."""
-    if _bucket(path) in _UNSIGNED:
-        return None
-    found = _PRESIGNED.get(url)
-    if found is not None and time.monotonic() < found[0]:
-        return found[1]
-    try:
-        signed = fs.url(path, expires=PRESIGN_SECONDS)
-    except Exception as e:  # noqa: BLE001 -- a store or credentials that cannot presign: s3fs reads it
-        log.info("%s: no presigned URL (%s); read through s3fs", url, type(e).__name__)
-        _UNSIGNED.add(_bucket(path))
-        return None
-    _PRESIGNED[url] = (time.monotonic() + PRESIGN_SECONDS / 2, signed)
-    return signed
-
-
-def _refused(error: BaseException) -> bool:
-    """An HTTP 400 or 403: a presigned URL the store does not take (expired credentials, requester pays,
-    customer keys, a policy that denies presigned requests)."""
-    return getattr(error, "status", None) in (400, 403)
-
-
-async def _read_presigned(http_fs, http_path: str, fs, path: str, url: str, offset: int, size: int,
-                          stop: threading.Event) -> bytes:  # fmt: skip
-    """A range of ``url`` by its presigned URL; refused, signed once more and tried again (temporary
-    credentials may have been renewed), then through s3fs for this bucket from now on. Messages name ``url``,
-    never the presigned one (its signature is a credential)."""
-    try:
-        return await _read_range_async(http_fs, http_path, url, offset, size, stop)
-    except Exception as e:
-        if not _refused(e):
-            raise
-    try:
-        signed = await fs._url(path, expires=PRESIGN_SECONDS)
-        _PRESIGNED[url] = (time.monotonic() + PRESIGN_SECONDS / 2, signed)
-        http_fs, http_path = url_to_fs(signed)
-        return await _read_range_async(http_fs, http_path, url, offset, size, stop)
-    except Exception as e:
-        if not _refused(e):
-            raise
-        if _bucket(path) not in _UNSIGNED:
-            _UNSIGNED.add(_bucket(path))
-            log.warning("%s: the store refused its presigned URL (HTTP %s); read through s3fs", url, e.status)
-    return await _read_range_async(fs, path, url, offset, size, stop)
 
 
 async def _read_range_async(fs, path: str, url: str, offset: int, size: int, stop: threading.Event) -> bytes:

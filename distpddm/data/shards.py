@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ..durable import atomic_write_text, fsync_dir, fsync_file
 from ..errors import DeterministicError
 from .images import IMAGE_EXTENSIONS
+from .retry import describe_error
 from .sources import SourcePlan, SplitPlan
 from .tarindex import SampleWriter, idx_name, index_tar, load_shard_index, save_index
 
@@ -272,7 +273,7 @@ def write_shard(task: ShardTask, reader: Callable[[str], tuple[bytes, str]] | No
                 except Exception as e:  # noqa: BLE001 -- whatever PIL or the file system raises
                     if isinstance(e, DeterministicError):  # the store's fault (no range requests), not this image's
                         raise
-                    why = f"{type(e).__name__}: {e}"
+                    why = describe_error(e)  # redacted: it is kept in the sidecar and index.json
                     if not options.skip_bad:
                         raise BadSourceError(
                             f"{task.root / source}: cannot read or decode it ({why}). Remove or replace the "
