@@ -174,7 +174,7 @@ def measure(spec: dict) -> dict:
     _trace(trace)
     workers = spec["workers"]
     if spec["reader"] == "eval":
-        ds = eval_dataset(spec["split"], image_size=SIZE)  # EvalDataset, or ForeignEvalDataset (32 in flight)
+        ds = eval_dataset(spec["split"], image_size=SIZE)  # EvalDataset, or ForeignEvalDataset (its default)
         loader = torch.utils.data.DataLoader(ds, batch_size=P * K, num_workers=workers)
     else:
         if spec["layout"] == "foreign":
@@ -599,7 +599,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--in-flight", type=int, nargs="+", default=[32], help="ForeignPKDataset's, per worker")
+    p.add_argument("--in-flight", type=int, nargs="+", default=[64], help="ForeignPKDataset's, per worker")
     p.add_argument("--delay-ms", type=float, default=25, help="netem delay, each way")
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--stores", nargs="+", choices=("http", "s3"), default=["http"], help="what serves the shards")

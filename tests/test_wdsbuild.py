@@ -277,7 +277,7 @@ def test_training_and_evaluation_read_from_s3(source, tmp_path, s3, monkeypatch)
     )
     assert len(local) == 3 and all(_same(x, y) for x, y in zip(local, remote, strict=True))
     fs, _ = ranges.url_to_fs(f"s3://shards/{SHARDS[0]}")  # the client those reads went through
-    assert fs.s3.meta.config.max_pool_connections == ranges.S3_CONNECTIONS  # not aiobotocore's 10: 32 in flight
+    assert fs.s3.meta.config.max_pool_connections == ranges.S3_CONNECTIONS  # not aiobotocore's 10: 64 in flight
     local, remote = (
         sorted((int(p), int(y), k) for _, y, p, k in ForeignEvalDataset(str(tmp_path / where / "val"), 16))
         for where in ("local", "s3")

@@ -54,8 +54,10 @@ from .stream import (
 from .transforms import eval_transform, train_transform
 from .wdsbuild import RangeFetcher, member_fields, read_selection, shard_rows, shard_urls
 
-#: Image reads in flight per reader (threads of one loader worker).
-IN_FLIGHT = 32
+#: Image reads in flight per reader (one loader worker). A reader delivers at most in_flight / round trip images/s
+#: (Little's law): at a 50 ms round trip, 32 held one at 420-470 images/s, below its CPU's rate; 64 let it reach
+#: 480-500 (bench/remote_stream.py, docs/benchmarks.md). An image in flight holds its bytes only.
+IN_FLIGHT = 64
 #: Keys looked up at once by the eval reader.
 KEY_BLOCK = 1024
 

@@ -101,7 +101,7 @@ os.register_at_fork(before=_snapshot, after_in_parent=_SNAPSHOT.clear, after_in_
 
 
 #: Connections an S3 filesystem of the readers may hold: aiobotocore's default, 10, is below one pre-shuffled
-#: reader's 32 reads in flight, and would cap it at 10 reads a round trip.
+#: reader's 64 reads in flight (foreign.IN_FLIGHT), and would cap it at 10 reads a round trip.
 S3_CONNECTIONS = 64
 
 
