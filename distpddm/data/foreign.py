@@ -13,9 +13,10 @@ order its groups come (a group whose class is already in every open batch opens 
 at the epoch's end are left out). The plan is labels only, so the batches are a pure function of (seed, epoch,
 reader, readers), and a resumed reader skips to its next batch without reading an image: the position is the
 same :class:`.stream.StreamState` the class-chunked stream saves in checkpoints (epoch and batch index per
-loader worker). Images of the coming batches are fetched ``in_flight`` at a time (threads), decoded and
-transformed as :class:`.stream.PKBatchDataset` does; a sample that does not read or decode is replaced by
-another image of its class in the batch, and skipped and counted (:class:`.stream.SkipCounter`).
+loader worker). Images of the coming batches are fetched ``in_flight`` at a time (coroutines on fsspec's loop
+for a remote shard, threads for a local one), decoded and transformed as :class:`.stream.PKBatchDataset` does;
+a sample that does not read or decode is replaced by another image of its class in the batch, and skipped and
+counted (:class:`.stream.SkipCounter`).
 
 Memory: the split is held as numpy arrays, sorted by class -- shard number (int32), image offset (int64),
 image size (int32) and the sample's position in the split (int32): 20 bytes a sample, 240 MB for 12M samples,
