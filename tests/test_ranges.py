@@ -1,6 +1,7 @@
 """Byte ranges of shards (distpddm/data/ranges.py): ReadAhead gives exactly a plain file's bytes, fetches only
 the spans asked for, keeps several parts in flight, and leaves retrying to its caller."""
 
+import asyncio
 import threading
 import time
 
@@ -219,6 +220,8 @@ def test_reads_started_together_wake_the_loop_once_and_fail_or_cancel_alone(blob
         monkeypatch.setattr(fs.loop, "call_soon_threadsafe", real)
         (late,) = ranges.read_many_async([(url, 20, 10)], stop)
         assert late.result(10) == data[20:30]
-        real(*held_back[0])  # the held hand-over reaches the loop now
-        time.sleep(0.3)
+        real(*held_back[0])  # the held hand-over reaches the loop now...
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), fs.loop).result(10)  # ...and has run
+        ((coro, _),) = held_back[0][2]
+        assert coro.cr_frame is None and coro.cr_await is None  # closed, never started
         assert store.requests["shard.tar"] == gets + 1  # only `late` was sent

@@ -231,7 +231,12 @@ def read_many_async(reads: list[tuple[str, int, int]], stop: threading.Event) ->
             starts.setdefault(made[1], []).append((made[0], future))
         out.append(future)
     for loop, batch in starts.items():
-        loop.call_soon_threadsafe(_start, loop, batch)
+        try:
+            loop.call_soon_threadsafe(_start, loop, batch)
+        except Exception as e:  # noqa: BLE001 -- a closed loop: each read of the batch fails alone, in order
+            for coro, future in batch:
+                coro.close()
+                future.set_exception(e)
     return out
 
 
@@ -253,8 +258,15 @@ def _start(loop, batch: list) -> None:
     for coro, future in batch:
         if future.cancelled():
             coro.close()
+            future.set_running_or_notify_cancel()  # waiters (concurrent.futures.wait) see it done
             continue
-        task = loop.create_task(coro)
+        try:
+            task = loop.create_task(coro)
+        except BaseException as e:  # noqa: BLE001 -- no future of the batch may be left pending
+            coro.close()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(e)
+            continue
         task.add_done_callback(lambda task, future=future: _settle(task, future))
         future.add_done_callback(lambda future, task=task: _cancel(loop, task, future))
 
@@ -269,6 +281,7 @@ def _cancel(loop, task: asyncio.Task, future: Future) -> None:
 def _settle(task: asyncio.Task, future: Future) -> None:
     if task.cancelled():
         future.cancel()
+        future.set_running_or_notify_cancel()
     elif future.set_running_or_notify_cancel():  # False: cancelled meanwhile, by its reader
         if task.exception() is not None:
             future.set_exception(task.exception())

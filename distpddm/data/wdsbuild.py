@@ -73,7 +73,7 @@ class RangeFetcher:
         started a quarter of ``in_flight`` at a time; else threads), so that at most ``in_flight`` images are
         held. When the caller is done (or fails), reads not
         started are dropped and running ones stop retrying."""
-        pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="wds-read")
+        pool = ThreadPoolExecutor(min(self.in_flight, 32), thread_name_prefix="wds-read")  # local or sync reads
         pending: deque[tuple[str, str, Future]] = deque()  # (source, ext, its read)
         upcoming = iter(sources)
         stop = threading.Event()
@@ -87,6 +87,8 @@ class RangeFetcher:
                 shard, offset, size, ext = parse_source(source)
                 parsed.append((source, ext))
                 reads.append((self.urls[shard], offset, size))
+            if not reads:
+                return
             for (source, ext), (url, offset, size), future in zip(
                 parsed, reads, read_many_async(reads, stop), strict=True
             ):
