@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO))
 P, K, SIZE = 16, 4, 224
 PORT = 8080  # nginx behind its relay: the relay listens here, nginx on PORT + 1
 S3_PORT = 8090  # moto behind its relay, likewise (moto on S3_PORT + 1)
+PORTS = {"http": PORT, "s3": S3_PORT}
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 PER_TAR = 500  # samples per pre-shuffled shard (timm's hold ~12k; the reads are per image either way)
 
@@ -470,7 +471,7 @@ def run(args) -> None:
             s3_env = {}
             if "s3" in args.stores:
                 start_s3(cluster, work / "data")
-                relays["s3"] = start_relay(cluster, ip, 0, S3_PORT)
+                relays["s3"] = start_relay(cluster, ip, 0, PORTS["s3"])
                 s3_env = S3_ENV | {"AWS_ENDPOINT_URL": f"http://{ip}:{S3_PORT}"}
             for _ in range(100):
                 with contextlib.suppress(RuntimeError):
@@ -495,8 +496,8 @@ def run(args) -> None:
                         raise RuntimeError(f"shards index {pattern}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
                     print(f"indexed {pattern} in {time.perf_counter() - t:.1f} s", flush=True)
                 indexes[where] = str(out / "train")
-            chunked = {"local": str(work / "data" / "chunked" / "train"), "http": f"{base}/chunked/train/index.json"}
-            chunked["s3"] = "s3://shards/chunked/train/index.json"
+            chunked = {"local": str(work / "data" / "chunked" / "train"), "http": f"{base}/chunked/train/index.json",
+                       "s3": "s3://shards/chunked/train/index.json"}  # fmt: skip
             splits = {("chunked", w): chunked[w] for w in indexes} | {("foreign", w): i for w, i in indexes.items()}
             cells = [("chunked", "train", None), ("chunked", "eval", None)]
             cells += [("foreign", "train", n) for n in args.in_flight] + [("foreign", "eval", None)]
@@ -505,7 +506,7 @@ def run(args) -> None:
                 for delay in (0, args.delay_ms):
                     for store in list(relays):
                         stop(relays[store])
-                        relays[store] = start_relay(cluster, ip, delay, PORT if store == "http" else S3_PORT)
+                        relays[store] = start_relay(cluster, ip, delay, PORTS[store])
                     time.sleep(0.5)
                     rtts[delay] = round_trip_ms(cluster, base)
                     print(
@@ -599,7 +600,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--in-flight", type=int, nargs="+", default=[64], help="ForeignPKDataset's, per worker")
+    p.add_argument("--in-flight", type=int, nargs="+", help="ForeignPKDataset's, per worker (default: its own)")
     p.add_argument("--delay-ms", type=float, default=25, help="netem delay, each way")
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--stores", nargs="+", choices=("http", "s3"), default=["http"], help="what serves the shards")
@@ -617,6 +618,10 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
         return
+    if args.in_flight is None:
+        from distpddm.data.foreign import IN_FLIGHT
+
+        args.in_flight = [IN_FLIGHT]
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores", flush=True)
     run(args)
 

@@ -223,13 +223,11 @@ def read_many_async(reads: list[tuple[str, int, int]], stop: threading.Event) ->
             made = _coroutine(url, offset, size, stop)
         except Exception as e:  # noqa: BLE001 -- this read's (a URL fsspec cannot open): raised by its result()
             future.set_exception(e)
-            made = False
-        if made is None:
-            out.append(None)
+            out.append(future)
             continue
-        if made:
+        if made is not None:
             starts.setdefault(made[1], []).append((made[0], future))
-        out.append(future)
+        out.append(future if made is not None else None)
     for loop, batch in starts.items():
         try:
             loop.call_soon_threadsafe(_start, loop, batch)

@@ -71,8 +71,7 @@ class RangeFetcher:
         """A reader of ``sources``, to be asked for them in this order: ``in_flight`` reads run ahead of the
         caller (coroutines on the filesystem's event loop where it has one, :func:`.ranges.read_many_async`,
         started a quarter of ``in_flight`` at a time; else threads), so that at most ``in_flight`` images are
-        held. When the caller is done (or fails), reads not
-        started are dropped and running ones stop retrying."""
+        held. When the caller is done (or fails), reads not started are dropped and running ones stop retrying."""
         pool = ThreadPoolExecutor(min(self.in_flight, 32), thread_name_prefix="wds-read")  # local or sync reads
         pending: deque[tuple[str, str, Future]] = deque()  # (source, ext, its read)
         upcoming = iter(sources)

@@ -24,12 +24,6 @@ import run  # noqa: E402
 TUNING_SEED = 0
 
 
-def read_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def choose(records: list[dict], seed: int = TUNING_SEED) -> dict[str, dict]:
     """method -> {config, recall@1, map@r, commit, tried, complete}: the best validation configuration. A
     configuration run more than once at the tuning seed counts by its latest record."""
@@ -64,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help="write chosen/<dataset>_<regime>.json")
     args = p.parse_args(argv)
     source = args.results or run.results_path(args.dataset, args.regime)
-    picked = choose(read_records(source))
+    picked = choose(run.read_records(source))
     if not picked:
         print(f"no tuning records in {source} (split val, seed 0, no --set overrides)", file=sys.stderr)
         return 1

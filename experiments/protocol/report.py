@@ -21,7 +21,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import choose  # noqa: E402
 import run  # noqa: E402
 
 METRICS = ("recall@1", "map@r")
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = json.loads(chosen_file.read_text())["chosen"]
     source = args.results or run.results_path(args.dataset, args.regime)
     try:
-        summary = summarise(choose.read_records(source), chosen)
+        summary = summarise(run.read_records(source), chosen)
     except ValueError as e:
         print(f"error: {source}: {e}", file=sys.stderr)
         return 1

@@ -66,6 +66,13 @@ def results_path(dataset: str, regime: str) -> Path:
     return RESULTS / f"{dataset}_{regime}.jsonl"
 
 
+def read_records(path: Path) -> list[dict]:
+    """A jsonl file's records (a results file, a run's metrics.jsonl); a missing file holds none."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def chosen_path(dataset: str, regime: str) -> Path:
     return CHOSEN / f"{dataset}_{regime}.json"
 
@@ -280,9 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         state = tree_state()
         check_allowed(args.split, args.final, state[1] and not args.dry_run, state[2])  # a dry run may preview it
         results = args.results or results_path(args.dataset, args.regime)
-        done = []
-        if args.resume and results.exists():
-            done = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        done = read_records(results) if args.resume else []
         for method, config_id in plan:
             for seed in args.seeds or [args.seed]:
                 if recorded(done, method, config_id, seed, args.split, args.final, state[0]):

@@ -34,7 +34,7 @@ from distpddm.model import load_exported_metric
 from distpddm.retrieval import search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from choose import read_records  # noqa: E402  -- a missing file reads as no records
+from run import read_records  # noqa: E402  -- a missing file reads as no records
 
 QUARTERS = 4
 
