@@ -501,6 +501,7 @@ def run(args) -> None:
             splits = {("chunked", w): chunked[w] for w in indexes} | {("foreign", w): i for w, i in indexes.items()}
             cells = [("chunked", "train", None), ("chunked", "eval", None)]
             cells += [("foreign", "train", n) for n in args.in_flight] + [("foreign", "eval", None)]
+            cells = [c for c in cells if c[1] in args.readers]
             results, rtts = [], {}
             for repeat in range(args.repeats):
                 for delay in (0, args.delay_ms):
@@ -603,6 +604,7 @@ def main() -> None:
     p.add_argument("--in-flight", type=int, nargs="+", help="ForeignPKDataset's, per worker (default: its own)")
     p.add_argument("--delay-ms", type=float, default=25, help="netem delay, each way")
     p.add_argument("--rate", default="1gbit")
+    p.add_argument("--readers", nargs="+", choices=("train", "eval"), default=["train", "eval"], help="which to time")
     p.add_argument("--stores", nargs="+", choices=("http", "s3"), default=["http"], help="what serves the shards")
     p.add_argument("--keep", metavar="DIR", help="keep the data (and reuse it) in DIR")
     p.add_argument("--json", help="write every cell's figures here")

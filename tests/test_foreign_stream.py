@@ -179,7 +179,12 @@ def test_eval_reads_every_sample_once_across_ranks_and_workers(split, reads):
     assert any(name.startswith(keys[7] + ".") for name in names)  # the key is the sample's tar key
     assert not reads  # the loader workers read (in their processes); here, one reader in this one:
     assert len(list(ForeignEvalDataset(str(split), 16))) == SHARDS * PER_SHARD
-    assert len(reads) == len(set(reads)) == SHARDS * PER_SHARD  # one range read per image, none twice
+    assert len(reads) == len(set(reads)) == SHARDS  # a shard's neighbouring images in one read (under a MiB)
+    reads.clear()
+    single = list(ForeignEvalDataset(str(split), 16, span_bytes=1))  # each image its own read
+    assert len(reads) == len(set(reads)) == SHARDS * PER_SHARD
+    assert [(p, key) for _, _, p, key in single] == [(p, key) for _, _, p, key in ForeignEvalDataset(str(split), 16)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(single, ForeignEvalDataset(str(split), 16), strict=True))
     assert ForeignEvalDataset(str(split), 16, limit=10).samples == 10
     thumbs = read_images(str(split), [0, 7])
     assert all(t is not None and max(t.size) <= 64 for t in thumbs)
@@ -248,3 +253,37 @@ def test_a_bad_read_is_described_and_raised_without_a_signed_url_s_secrets():
         read_image(read, "x.tar/s.img@0+10", "https://store.example/b/x.tar@0", lambda raw: raw, counter)
     shown = "".join(traceback.format_exception(raised.value))
     assert "x.tar" in shown and "T0K3N" not in shown and "51GN" not in shown
+
+
+def test_spans_join_neighbouring_images_of_a_shard_up_to_a_size():
+    from distpddm.data.foreign import spans
+
+    shard = np.array([0, 0, 0, 0, 1, 1, 1])
+    offset = np.array([0, 110, 5000, 5100, 0, 100, 200])
+    size = np.array([100, 100, 100, 100, 100, 100, 900])
+    assert spans(shard, offset, size, gap=1000, most=10**6).tolist() == [0, 2, 4]  # a gap, a new shard
+    assert spans(shard, offset, size, gap=10**6, most=10**6).tolist() == [0, 4]
+    assert spans(shard, offset, size, gap=1000, most=200).tolist() == [0, 1, 2, 4, 6]  # 210 bytes > 200, 200 not
+    assert spans(shard, offset, size, gap=1000, most=300).tolist() == [0, 2, 4, 6]  # the 900-byte image alone
+    assert spans(shard[:0], offset[:0], size[:0]).tolist() == []
+
+
+def test_eval_skips_and_counts_each_image_of_a_failed_read(split, monkeypatch, caplog):
+    """A read of several images that fails (retries spent) skips each of them, named, and the rest are read
+    (the skip-rate threshold applies from 200 samples on: SkipCounter's)."""
+    from distpddm.data.foreign import ForeignEvalDataset
+
+    ds = ForeignEvalDataset(str(split), 16)
+    bad = ds.split.urls[ds.split.names[int(ds.split.shard[ds.order[0]])]]  # the first shard read
+    real = wdsbuild.read_range
+
+    def failing(url, offset, size, stop=None):
+        if url == bad:
+            raise ConnectionResetError("reset by peer")
+        return real(url, offset, size, stop)
+
+    monkeypatch.setattr(wdsbuild, "read_range", failing)
+    in_bad = int((ds.split.shard == ds.split.shard[ds.order[0]]).sum())
+    got = list(ForeignEvalDataset(str(split), 16, max_skip_rate=0.5))
+    assert len(got) == SHARDS * PER_SHARD - in_bad
+    assert sum("skipping" in r.message and "reset by peer" in r.message for r in caplog.records) == in_bad

@@ -61,6 +61,11 @@ from .wdsbuild import RangeFetcher, member_fields, read_selection, shard_rows, s
 IN_FLIGHT = 64
 #: Keys looked up at once by the eval reader.
 KEY_BLOCK = 1024
+#: The eval reader reads a shard's neighbouring images in one request: images at most SPAN_GAP bytes apart (a
+#: sample's own small members and tar headers lie between), up to SPAN_BYTES a request. A request costs the
+#: reader ~0.6 ms of CPU over HTTP (docs/benchmarks.md), as much as decoding a small image.
+SPAN_GAP = 16 * 1024
+SPAN_BYTES = 1 << 20
 
 
 class ForeignSplit:
@@ -126,18 +131,29 @@ def _opened(split_dir: str, rows: bool, stamp: tuple) -> ForeignSplit:
     return ForeignSplit(split_dir, rows)
 
 
-def read_image(read, source: str, where: str, transform, counter: SkipCounter) -> torch.Tensor | None:
-    """One sample's transformed image through a prefetching reader, or None (skipped and counted, named by
-    ``where``) when it does not read or decode; both readers of a foreign split take their images so."""
+def read_bytes(read, source: str, where: str) -> bytes | tuple[str, bool]:
+    """``source``'s bytes through a prefetching reader, or why not: (reason, whether the store did not answer).
+    Returned, not raised: the caller counts it outside any except block, so an error raised past the skip
+    threshold does not carry the raw one (and the URL it names) as context."""
     try:
-        raw, _ = read(source)
-        failed = None
+        return read(source)[0]
     except Exception as e:
         if isinstance(e, RangesIgnored) or not (is_read_error(e) or isinstance(e, ValueError)):
             raise  # a server without ranges fails every read alike: the run stops, in one line
-        failed = (f"unreadable ({describe_error(e)})", is_transient(e, where))
-    if failed is not None:  # counted outside the except: an error raised past the threshold does not carry
-        counter.skip(where, failed[0], unanswered=failed[1])  # the raw one (and the URL it names) as context
+        return f"unreadable ({describe_error(e)})", is_transient(e, where)
+
+
+def read_image(read, source: str, where: str, transform, counter: SkipCounter) -> torch.Tensor | None:
+    """One sample's transformed image through a prefetching reader, or None (skipped and counted, named by
+    ``where``) when it does not read or decode; both readers of a foreign split take their images so."""
+    raw = read_bytes(read, source, where)
+    return decode_image(raw, where, transform, counter)
+
+
+def decode_image(raw: bytes | tuple[str, bool], where: str, transform, counter: SkipCounter) -> torch.Tensor | None:
+    """``transform(raw)``, or None (skipped and counted) when ``raw`` is a failed read's reason or does not decode."""
+    if isinstance(raw, tuple):
+        counter.skip(where, raw[0], unanswered=raw[1])
         return None
     try:
         img = transform(raw)
@@ -294,12 +310,31 @@ def _fill(classes: list[int], P: int) -> list[int]:
     return done
 
 
+def spans(shard: np.ndarray, offset: np.ndarray, size: np.ndarray, gap: int = SPAN_GAP, most: int = SPAN_BYTES):
+    """Where each ranged read starts, for samples in shard and offset order: read ``r`` covers samples
+    ``starts[r]`` to ``starts[r + 1] - 1``. A sample starts a read when it is in another shard than the one
+    before, more than ``gap`` bytes after its end, or would take the read past ``most`` bytes (a sample larger
+    than ``most`` is read alone)."""
+    n = len(offset)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    end = offset + size
+    apart = np.ones(n, bool)
+    apart[1:] = (shard[1:] != shard[:-1]) | (offset[1:] - end[:-1] > gap)
+    starts, first = [], 0
+    for j, (new, off, stop) in enumerate(zip(apart.tolist(), offset.tolist(), end.tolist(), strict=True)):
+        if new or stop - first > most:
+            starts.append(j)
+            first = off
+    return np.asarray(starts, np.int64)
+
+
 class ForeignEvalDataset(torch.utils.data.IterableDataset):
     """Every sample of a foreign split once, as :class:`.evalset.EvalDataset` yields a built split's:
     ``(image uint8 (3, S, S), label, position in the split, key)``. The samples are read in shard and offset
-    order (neighbouring byte ranges together), each reader (rank x loader worker) a contiguous run of that
-    order, by single range reads, ``in_flight`` at once, each image decoded as it arrives. ``limit`` reads only
-    the samples at split positions below it."""
+    order, each reader (rank x loader worker) a contiguous run of that order, neighbouring images together by
+    one range read (:func:`spans`), ``in_flight`` reads at once, each image decoded as it is taken. ``limit``
+    reads only the samples at split positions below it."""
 
     def __init__(
         self,
@@ -312,6 +347,7 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
         rank: int | None = None,
         world: int | None = None,
         in_flight: int = IN_FLIGHT,
+        span_bytes: int = SPAN_BYTES,
     ):
         super().__init__()
         shard_set = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
@@ -319,11 +355,14 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"{shards}: not a split that `distpddm shards index` wrote; use EvalDataset")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        if span_bytes < 1:
+            raise ValueError(f"span_bytes must be >= 1, got {span_bytes}")
         self.split = ForeignSplit.open(shard_set.split_dir, rows=True)
         split = self.split
         chosen = np.flatnonzero(split.position < limit) if limit is not None else np.arange(len(split))
         self.order = chosen[np.lexsort((split.offset[chosen], split.shard[chosen]))].astype(np.int64)
         self.max_skip_rate, self.rank, self.world, self.in_flight = max_skip_rate, rank, world, in_flight
+        self.span_bytes = span_bytes
         self.transform = transform or eval_transform(image_size)
 
     @property
@@ -347,20 +386,33 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         readers, reader = world * workers, rank * workers + worker
         mine = self.order[len(self.order) * reader // readers : len(self.order) * (reader + 1) // readers]
-        counter = SkipCounter(self.max_skip_rate)
-        labels = np.searchsorted(self.split.class_start, mine, side="right") - 1
-        with RangeFetcher(self.split.urls, self.in_flight).prefetch(self.split.source(int(i)) for i in mine) as read:
+        split, counter = self.split, SkipCounter(self.max_skip_rate)
+        labels = np.searchsorted(split.class_start, mine, side="right") - 1
+        starts = spans(split.shard[mine], split.offset[mine], split.size[mine], most=self.span_bytes)
+        sources = [self._source(mine, starts, r) for r in range(len(starts))]  # a few per MiB of images
+        read_no, raw, first = 0, b"", 0  # the current read's bytes (or why it failed) and its first byte's offset
+        with RangeFetcher(split.urls, self.in_flight).prefetch(sources) as read:
             for start in range(0, len(mine), KEY_BLOCK):  # keys a block at a time: no list of every key held
                 block = mine[start : start + KEY_BLOCK]
                 labs = labels[start : start + KEY_BLOCK].tolist()
-                for i, label, key in zip(block.tolist(), labs, self.keys(block), strict=True):
-                    img = self._image(i, key, read, counter)
+                for n, (i, label, key) in enumerate(zip(block.tolist(), labs, self.keys(block), strict=True)):
+                    where = f"{split.url(i)}@{split.offset[i]} ({key})"
+                    if read_no < len(starts) and start + n == starts[read_no]:
+                        raw, first = read_bytes(read, sources[read_no], where), int(split.offset[i])
+                        read_no += 1
+                    at = int(split.offset[i]) - first
+                    piece = raw if isinstance(raw, tuple) else raw[at : at + int(split.size[i])]
+                    img = decode_image(piece, where, self.transform, counter)
                     if img is not None:
-                        yield img, label, int(self.split.position[i]), key
+                        yield img, label, int(split.position[i]), key
 
-    def _image(self, i: int, key: str, read, counter: SkipCounter) -> torch.Tensor | None:
+    def _source(self, mine: np.ndarray, starts: np.ndarray, r: int) -> str:
+        """What :class:`.wdsbuild.RangeFetcher` reads for read ``r``: its samples' bytes, first to last."""
         split = self.split
-        return read_image(read, split.source(i), f"{split.url(i)}@{split.offset[i]} ({key})", self.transform, counter)
+        a = int(mine[starts[r]])
+        b = int(mine[starts[r + 1] - 1]) if r + 1 < len(starts) else int(mine[-1])
+        size = int(split.offset[b] + split.size[b] - split.offset[a])
+        return f"{split.names[split.shard[a]]}/s.img@{split.offset[a]}+{size}"
 
     def raw(self, positions) -> list[bytes | None]:
         """The encoded images at these split positions (None where unreadable): for reports, a few dozen."""
