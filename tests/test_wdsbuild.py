@@ -401,3 +401,38 @@ def test_reads_are_in_flight_together_and_in_the_builders_order(indexed, tmp_pat
     assert sorted(order) == sorted(written) and len(order) == index["samples"] == len(set(order))
     position = {sample: n for n, sample in enumerate(written)}
     assert all(abs(position[sample] - n) < 4 for n, sample in enumerate(order))  # in the shards' order
+
+
+def test_a_byte_budget_bounds_the_bytes_read_ahead(tmp_path, monkeypatch):
+    """``prefetch(sources, max_bytes)``: reads start while the pending ones hold less than the budget (one at
+    least, however large), and every source is still read once, in order."""
+    import threading
+    import time
+
+    blob = tmp_path / "blob.tar"
+    blob.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    real, lock = wdsbuild.read_range, threading.Lock()
+    started, most = [], [0]
+
+    def slow(url, offset, size, stop=None):
+        with lock:
+            started.append(offset)
+        time.sleep(0.01)
+        return real(url, offset, size, stop)
+
+    monkeypatch.setattr(wdsbuild, "read_range", slow)
+    sizes = [1000] * 20 + [300_000] + [1000] * 5
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    sources = [f"blob.tar/s.img@{o}+{n}" for o, n in zip(offsets, sizes, strict=True)]
+    fetcher = wdsbuild.RangeFetcher({"blob.tar": str(blob)}, in_flight=16)
+    got = []
+    with fetcher.prefetch(sources, max_bytes=4000) as read:
+        for n, source in enumerate(sources):
+            with lock:
+                ahead = [offsets.index(o) for o in started if o >= offsets[n]]  # started, not yet taken
+            if ahead:  # what they held before the last of them started
+                most[0] = max(most[0], sum(sizes[i] for i in ahead) - sizes[max(ahead)])
+            got.append(read(source)[0])
+    assert got == [blob.read_bytes()[o : o + n] for o, n in zip(offsets, sizes, strict=True)]
+    assert sorted(started) == offsets  # each once
+    assert 1000 <= most[0] < 4000  # reads ahead, none started past the budget (16 of 1000 bytes without it)

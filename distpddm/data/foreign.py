@@ -66,6 +66,8 @@ KEY_BLOCK = 1024
 #: reader ~0.6 ms of CPU over HTTP (docs/benchmarks.md), as much as decoding a small image.
 SPAN_GAP = 16 * 1024
 SPAN_BYTES = 1 << 20
+#: ... and holds at most this many bytes in flight (16 reads of whole spans; 64 single images of 256 KiB).
+EVAL_BYTES_IN_FLIGHT = 16 << 20
 
 
 class ForeignSplit:
@@ -391,7 +393,7 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
         starts = spans(split.shard[mine], split.offset[mine], split.size[mine], most=self.span_bytes)
         sources = [self._source(mine, starts, r) for r in range(len(starts))]  # a few per MiB of images
         read_no, raw, first = 0, b"", 0  # the current read's bytes (or why it failed) and its first byte's offset
-        with RangeFetcher(split.urls, self.in_flight).prefetch(sources) as read:
+        with RangeFetcher(split.urls, self.in_flight).prefetch(sources, EVAL_BYTES_IN_FLIGHT) as read:
             for start in range(0, len(mine), KEY_BLOCK):  # keys a block at a time: no list of every key held
                 block = mine[start : start + KEY_BLOCK]
                 labs = labels[start : start + KEY_BLOCK].tolist()

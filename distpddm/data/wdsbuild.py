@@ -67,25 +67,34 @@ class RangeFetcher:
         return read_range(self.urls[shard], offset, size, stop), ext
 
     @contextmanager
-    def prefetch(self, sources: list[str]) -> Iterator:
+    def prefetch(self, sources: list[str], max_bytes: int | None = None) -> Iterator:
         """A reader of ``sources``, to be asked for them in this order: ``in_flight`` reads run ahead of the
         caller (coroutines on the filesystem's event loop where it has one, :func:`.ranges.read_many_async`,
-        started a quarter of ``in_flight`` at a time; else threads), so that at most ``in_flight`` images are
-        held. When the caller is done (or fails), reads not started are dropped and running ones stop retrying."""
+        started a quarter of ``in_flight`` at a time; else threads), so that at most ``in_flight`` reads are
+        held, and, with ``max_bytes``, no more bytes than that but for one read. When the caller is done (or
+        fails), reads not started are dropped and running ones stop retrying."""
         pool = ThreadPoolExecutor(min(self.in_flight, 32), thread_name_prefix="wds-read")  # local or sync reads
-        pending: deque[tuple[str, str, Future]] = deque()  # (source, ext, its read)
+        pending: deque[tuple[str, str, Future, int]] = deque()  # (source, ext, its read, its size)
         upcoming = iter(sources)
         stop = threading.Event()
         batch = max(1, self.in_flight // 4)  # reads started together: one wake-up of the event loop for them
+        held = [0]  # bytes of the pending reads
+        budget = max_bytes if max_bytes is not None else float("inf")
 
         def top_up() -> None:
-            if pending and self.in_flight - len(pending) < batch:
+            if pending and (self.in_flight - len(pending) < batch or held[0] >= budget):
                 return
             reads, parsed = [], []
-            while len(pending) + len(parsed) < self.in_flight and (source := next(upcoming, None)) is not None:
+
+            def room() -> bool:  # for one more read: below in_flight and, but for the first, the byte budget
+                n = len(pending) + len(parsed)
+                return n < self.in_flight and (n == 0 or held[0] < budget)
+
+            while room() and (source := next(upcoming, None)) is not None:
                 shard, offset, size, ext = parse_source(source)
                 parsed.append((source, ext))
                 reads.append((self.urls[shard], offset, size))
+                held[0] += size
             if not reads:
                 return
             for (source, ext), (url, offset, size), future in zip(
@@ -93,11 +102,12 @@ class RangeFetcher:
             ):
                 if future is None:  # no event loop (a local file, ftp): a thread of the pool reads it
                     future = pool.submit(read_range, url, offset, size, stop)
-                pending.append((source, ext, future))
+                pending.append((source, ext, future, size))
 
         def read(source: str) -> tuple[bytes, str]:
             top_up()
-            expected, ext, future = pending.popleft()
+            expected, ext, future, size = pending.popleft()
+            held[0] -= size
             if expected != source:
                 raise RuntimeError(f"prefetched {expected!r}, asked for {source!r}: sources read out of order")
             try:
@@ -109,7 +119,7 @@ class RangeFetcher:
             yield read
         finally:  # a build stopped part-way (a bad image, ^C): reads not started are dropped, running ones end
             stop.set()
-            for _, _, future in pending:
+            for _, _, future, _ in pending:
                 future.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
 
