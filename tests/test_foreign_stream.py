@@ -261,29 +261,63 @@ def test_spans_join_neighbouring_images_of_a_shard_up_to_a_size():
     shard = np.array([0, 0, 0, 0, 1, 1, 1])
     offset = np.array([0, 110, 5000, 5100, 0, 100, 200])
     size = np.array([100, 100, 100, 100, 100, 100, 900])
-    assert spans(shard, offset, size, gap=1000, most=10**6).tolist() == [0, 2, 4]  # a gap, a new shard
-    assert spans(shard, offset, size, gap=10**6, most=10**6).tolist() == [0, 4]
-    assert spans(shard, offset, size, gap=1000, most=200).tolist() == [0, 1, 2, 4, 6]  # 210 bytes > 200, 200 not
-    assert spans(shard, offset, size, gap=1000, most=300).tolist() == [0, 2, 4, 6]  # the 900-byte image alone
-    assert spans(shard[:0], offset[:0], size[:0]).tolist() == []
+
+    def starts(**kw):
+        return spans(shard, offset, size, **kw)[0].tolist()
+
+    assert starts(gap=1000, most=10**6) == [0, 2, 4]  # a gap, a new shard
+    assert spans(shard, offset, size, gap=1000, most=10**6)[1].tolist() == [210, 5200, 1100]  # each read's end
+    assert starts(gap=10**6, most=10**6) == [0, 4]
+    assert starts(gap=1000, most=200) == [0, 1, 2, 4, 6]  # 210 bytes > 200, 200 not
+    assert starts(gap=1000, most=300) == [0, 2, 4, 6]  # the 900-byte image alone
+    nested = spans(np.array([0, 0, 0]), np.array([0, 10, 500]), np.array([400, 10, 10]), gap=50)
+    assert nested[0].tolist() == [0, 2] and nested[1].tolist() == [400, 510]  # the furthest end, not the last's
+    assert [a.tolist() for a in spans(shard[:0], offset[:0], size[:0])] == [[], []]
 
 
-def test_eval_skips_and_counts_each_image_of_a_failed_read(split, monkeypatch, caplog):
-    """A read of several images that fails (retries spent) skips each of them, named, and the rest are read
-    (the skip-rate threshold applies from 200 samples on: SkipCounter's)."""
+@pytest.mark.parametrize("span_bytes", [1, 150_000, 10**6])
+def test_eval_reads_the_same_images_however_they_are_joined(split, monkeypatch, span_bytes):
+    """Reads of a few images each, cut at KEY_BLOCK boundaries and between 3 ranks, give what one read per image
+    gives."""
+    from distpddm.data import foreign
+
+    def read_all(**kw):
+        return [(p, key, img) for rank in range(3) for img, _, p, key in
+                foreign.ForeignEvalDataset(str(split), 16, rank=rank, world=3, **kw)]  # fmt: skip
+
+    single = read_all(span_bytes=1)
+    monkeypatch.setattr(foreign, "KEY_BLOCK", 5)
+    joined = read_all(span_bytes=span_bytes)
+    assert [(p, k) for p, k, _ in joined] == [(p, k) for p, k, _ in single] and len(single) == SHARDS * PER_SHARD
+    assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(joined, single, strict=True))
+
+
+def test_a_failed_read_of_several_images_is_read_again_image_by_image(split, monkeypatch, caplog):
+    """A joined read that fails (retries spent) costs no image when each image reads alone; where the store
+    does not answer those either, its images are skipped, each named, after one try of the first alone."""
     from distpddm.data.foreign import ForeignEvalDataset
 
     ds = ForeignEvalDataset(str(split), 16)
     bad = ds.split.urls[ds.split.names[int(ds.split.shard[ds.order[0]])]]  # the first shard read
-    real = wdsbuild.read_range
+    in_bad = int((ds.split.shard == ds.split.shard[ds.order[0]]).sum())
+    real, tries = wdsbuild.read_range, []
 
-    def failing(url, offset, size, stop=None):
-        if url == bad:
+    def joined_reads_fail(url, offset, size, stop=None):
+        if url == bad and size > 200_000:  # a read of several images (each ~50 KB)
             raise ConnectionResetError("reset by peer")
         return real(url, offset, size, stop)
 
-    monkeypatch.setattr(wdsbuild, "read_range", failing)
-    in_bad = int((ds.split.shard == ds.split.shard[ds.order[0]]).sum())
+    monkeypatch.setattr(wdsbuild, "read_range", joined_reads_fail)
+    assert len(list(ForeignEvalDataset(str(split), 16))) == SHARDS * PER_SHARD  # none lost
+
+    def shard_down(url, offset, size, stop=None):
+        if url == bad:
+            tries.append(size)
+            raise ConnectionResetError("reset by peer")
+        return real(url, offset, size, stop)
+
+    monkeypatch.setattr(wdsbuild, "read_range", shard_down)
     got = list(ForeignEvalDataset(str(split), 16, max_skip_rate=0.5))
     assert len(got) == SHARDS * PER_SHARD - in_bad
     assert sum("skipping" in r.message and "reset by peer" in r.message for r in caplog.records) == in_bad
+    assert len(tries) == 1 + 1  # the joined read, then its first image alone: the rest are not tried

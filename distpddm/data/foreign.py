@@ -312,23 +312,27 @@ def _fill(classes: list[int], P: int) -> list[int]:
     return done
 
 
-def spans(shard: np.ndarray, offset: np.ndarray, size: np.ndarray, gap: int = SPAN_GAP, most: int = SPAN_BYTES):
-    """Where each ranged read starts, for samples in shard and offset order: read ``r`` covers samples
-    ``starts[r]`` to ``starts[r + 1] - 1``. A sample starts a read when it is in another shard than the one
-    before, more than ``gap`` bytes after its end, or would take the read past ``most`` bytes (a sample larger
-    than ``most`` is read alone)."""
-    n = len(offset)
-    if n == 0:
-        return np.zeros(0, np.int64)
-    end = offset + size
-    apart = np.ones(n, bool)
-    apart[1:] = (shard[1:] != shard[:-1]) | (offset[1:] - end[:-1] > gap)
-    starts, first = [], 0
-    for j, (new, off, stop) in enumerate(zip(apart.tolist(), offset.tolist(), end.tolist(), strict=True)):
-        if new or stop - first > most:
+def spans(
+    shard: np.ndarray, offset: np.ndarray, size: np.ndarray, gap: int = SPAN_GAP, most: int = SPAN_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ranged reads that cover samples in shard and offset order: ``(starts, ends)``, read ``r`` covering
+    samples ``starts[r]`` to ``starts[r + 1] - 1``, from the first one's offset to byte ``ends[r]`` (the
+    furthest end among them). A sample starts a read when it is in another shard than the one before, more than
+    ``gap`` bytes past the read's end, or would take the read past ``most`` bytes (a larger one is read alone)."""
+    starts: list[int] = []
+    ends: list[int] = []
+    first = reach = prev = 0
+    for j, (s, off, end) in enumerate(zip(shard.tolist(), offset.tolist(), (offset + size).tolist(), strict=True)):
+        if j == 0 or s != prev or off - reach > gap or max(reach, end) - first > most:
+            if j:
+                ends.append(reach)
             starts.append(j)
-            first = off
-    return np.asarray(starts, np.int64)
+            first, reach, prev = off, end, s
+        else:
+            reach = max(reach, end)
+    if starts:
+        ends.append(reach)
+    return np.asarray(starts, np.int64), np.asarray(ends, np.int64)
 
 
 class ForeignEvalDataset(torch.utils.data.IterableDataset):
@@ -390,9 +394,14 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
         mine = self.order[len(self.order) * reader // readers : len(self.order) * (reader + 1) // readers]
         split, counter = self.split, SkipCounter(self.max_skip_rate)
         labels = np.searchsorted(split.class_start, mine, side="right") - 1
-        starts = spans(split.shard[mine], split.offset[mine], split.size[mine], most=self.span_bytes)
-        sources = [self._source(mine, starts, r) for r in range(len(starts))]  # a few per MiB of images
+        starts, ends = spans(split.shard[mine], split.offset[mine], split.size[mine], most=self.span_bytes)
+        sources = [  # a few per MiB of images
+            f"{split.names[split.shard[mine[a]]]}/s.img@{split.offset[mine[a]]}+{end - split.offset[mine[a]]}"
+            for a, end in zip(starts.tolist(), ends.tolist(), strict=True)
+        ]
+        images = np.diff(np.append(starts, len(mine))).tolist()  # per read
         read_no, raw, first = 0, b"", 0  # the current read's bytes (or why it failed) and its first byte's offset
+        single = RangeFetcher(split.urls)  # a failed read's images, one at a time
         with RangeFetcher(split.urls, self.in_flight).prefetch(sources, EVAL_BYTES_IN_FLIGHT) as read:
             for start in range(0, len(mine), KEY_BLOCK):  # keys a block at a time: no list of every key held
                 block = mine[start : start + KEY_BLOCK]
@@ -401,20 +410,21 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
                     where = f"{split.url(i)}@{split.offset[i]} ({key})"
                     if read_no < len(starts) and start + n == starts[read_no]:
                         raw, first = read_bytes(read, sources[read_no], where), int(split.offset[i])
+                        if isinstance(raw, tuple) and images[read_no] > 1:
+                            raw = None  # each of its images read alone: one bad range costs one image
                         read_no += 1
-                    at = int(split.offset[i]) - first
-                    piece = raw if isinstance(raw, tuple) else raw[at : at + int(split.size[i])]
+                    if raw is None:
+                        piece = read_bytes(single, split.source(i), where)
+                        if isinstance(piece, tuple) and piece[1]:  # the store does not answer: the rest alike
+                            raw = piece
+                    elif isinstance(raw, tuple):
+                        piece = raw
+                    else:
+                        at = int(split.offset[i]) - first
+                        piece = raw[at : at + int(split.size[i])]
                     img = decode_image(piece, where, self.transform, counter)
                     if img is not None:
                         yield img, label, int(split.position[i]), key
-
-    def _source(self, mine: np.ndarray, starts: np.ndarray, r: int) -> str:
-        """What :class:`.wdsbuild.RangeFetcher` reads for read ``r``: its samples' bytes, first to last."""
-        split = self.split
-        a = int(mine[starts[r]])
-        b = int(mine[starts[r + 1] - 1]) if r + 1 < len(starts) else int(mine[-1])
-        size = int(split.offset[b] + split.size[b] - split.offset[a])
-        return f"{split.names[split.shard[a]]}/s.img@{split.offset[a]}+{size}"
 
     def raw(self, positions) -> list[bytes | None]:
         """The encoded images at these split positions (None where unreadable): for reports, a few dozen."""

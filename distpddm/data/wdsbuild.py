@@ -80,9 +80,10 @@ class RangeFetcher:
         batch = max(1, self.in_flight // 4)  # reads started together: one wake-up of the event loop for them
         held = [0]  # bytes of the pending reads
         budget = max_bytes if max_bytes is not None else float("inf")
+        low = budget - budget / 4  # ... and reads start again once they hold this little: a few per wake-up
 
         def top_up() -> None:
-            if pending and (self.in_flight - len(pending) < batch or held[0] >= budget):
+            if pending and (self.in_flight - len(pending) < batch or held[0] > low):
                 return
             reads, parsed = [], []
 
