@@ -2,6 +2,8 @@
 
     python experiments/protocol/choose.py fonts scratch            # print the choice
     python experiments/protocol/choose.py fonts scratch --write    # -> chosen/fonts_scratch.json (commit it)
+    python experiments/protocol/choose.py --defaults scratch       # PDDM's defaults for a regime: best mean
+                                                                   # val Recall@1 over its data sets
 
 Only ``split == "val"`` records of the tuning seed (0) count, and only those of the configurations grid.py still
 lists; a method whose row is not complete is reported as such (its choice is still the best so far). The final
@@ -50,7 +52,33 @@ def choose(records: list[dict], seed: int = TUNING_SEED) -> dict[str, dict]:
     return out
 
 
+def across(per_dataset: dict[str, list[dict]], method: str = "pddm", seed: int = TUNING_SEED) -> list[dict]:
+    """The rule for a regime's defaults (README, "how a regime's defaults follow two data sets"): ``method``'s
+    configurations ranked by validation Recall@1 averaged over the data sets (ties: mean MAP@R), only those
+    run on every one of them. Each row: {config, recall@1, map@r, per_dataset: {name: (recall@1, map@r)}}."""
+    found: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, records in per_dataset.items():
+        latest = {}
+        for r in records:
+            tuning = r.get("split") == "val" and r.get("seed") == seed and not r.get("extra_overrides")
+            if tuning and r["method"] == method and r["config"] in grid.GRID[method]:
+                latest[r["config"]] = (r["recall@1"], r["map@r"])
+        for config, figures in latest.items():
+            found.setdefault(config, {})[name] = figures
+    rows = []
+    for config, figures in found.items():
+        if len(figures) == len(per_dataset):
+            r1 = sum(f[0] for f in figures.values()) / len(figures)
+            mapr = sum(f[1] for f in figures.values()) / len(figures)
+            rows.append({"config": config, "recall@1": r1, "map@r": mapr, "per_dataset": figures})
+    return sorted(rows, key=lambda row: (-row["recall@1"], -row["map@r"]))
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--defaults"]:
+        return defaults_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dataset")
     p.add_argument("regime", choices=run.REGIMES)
@@ -73,6 +101,25 @@ def main(argv: list[str] | None = None) -> int:
         body["evidence"] = picked
         out.write_text(json.dumps(body, indent=1) + "\n")
         print(f"-> {out}")
+    return 0
+
+
+def defaults_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="choose.py --defaults", description=across.__doc__.split(".")[0])
+    p.add_argument("regime", choices=run.REGIMES)
+    p.add_argument("--datasets", nargs="+", default=["clipart", "fonts"])
+    args = p.parse_args(argv)
+    per = {d: run.read_records(run.results_path(d, args.regime)) for d in args.datasets}
+    rows = across(per)
+    if not rows:
+        print(f"no PDDM configuration has validation records on all of {', '.join(args.datasets)}", file=sys.stderr)
+        return 1
+    for row in rows:
+        each = ", ".join(f"{d} {r1:.4f} / {m:.4f}" for d, (r1, m) in row["per_dataset"].items())
+        print(f"{row['config']:<24} mean Recall@1 {row['recall@1']:.4f}  MAP@R {row['map@r']:.4f}  ({each})")
+    missing = [c for c in grid.GRID["pddm"] if c not in {row["config"] for row in rows}]
+    if missing:
+        print(f"not yet on every data set: {', '.join(missing)}")
     return 0
 
 

@@ -128,6 +128,19 @@ def test_choose_best_val_recall_ties_by_map():
     assert picked["contrastive"]["config"] == "neg0.5"
 
 
+def test_defaults_follow_the_mean_val_recall_over_data_sets_run_on_all():
+    def rec(config, r1, mapr, split="val", method="pddm"):
+        return {"method": method, "config": config, "recall@1": r1, "map@r": mapr, "split": split, "seed": 0,
+                "extra_overrides": []}  # fmt: skip
+
+    clipart = [rec("shipped", 0.70, 0.30), rec("a0.1b0.1", 0.66, 0.30), rec("allpos", 0.60, 0.1)]
+    fonts = [rec("shipped", 0.85, 0.5), rec("a0.1b0.1", 0.90, 0.5), rec("default", 0.99, 0.9),
+             rec("allpos", 0.99, 0.9, split="test"), rec("nomg", 0.99, 0.9, method="triplet_margin")]  # fmt: skip
+    rows = choose.across({"clipart": clipart, "fonts": fonts})
+    assert [r["config"] for r in rows] == ["a0.1b0.1", "shipped"]  # 0.78 > 0.775; default: on fonts only
+    assert rows[0]["per_dataset"] == {"clipart": (0.66, 0.30), "fonts": (0.90, 0.5)}
+
+
 def _final(method, config, seed, r1, mapr, commit="c", dirty=False, split="test", final=True):
     return {"method": method, "config": config, "seed": seed, "recall@1": r1, "map@r": mapr, "commit": commit,
             "dirty": dirty, "split": split, "final": final}  # fmt: skip
