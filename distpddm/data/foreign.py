@@ -122,10 +122,12 @@ class ForeignSplit:
         """Sample ``i``'s shard's URL."""
         return self.urls[self.names[self.shard[i]]]
 
-    def source(self, i: int) -> str:
+    def source(self, i: int, end: int | None = None) -> str:
         """What :class:`.wdsbuild.RangeFetcher` reads for sample ``i``: ``<shard>/<key>.<ext>@<offset>+<size>``
-        (the key and ext are not needed to read a range)."""
-        return f"{self.names[self.shard[i]]}/s.img@{self.offset[i]}+{self.size[i]}"
+        (the key and ext are not needed to read a range); with ``end``, its shard's bytes from the sample's
+        offset to ``end`` (a read of neighbouring images)."""
+        size = self.size[i] if end is None else end - self.offset[i]
+        return f"{self.names[self.shard[i]]}/s.img@{self.offset[i]}+{size}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -395,10 +397,7 @@ class ForeignEvalDataset(torch.utils.data.IterableDataset):
         split, counter = self.split, SkipCounter(self.max_skip_rate)
         labels = np.searchsorted(split.class_start, mine, side="right") - 1
         starts, ends = spans(split.shard[mine], split.offset[mine], split.size[mine], most=self.span_bytes)
-        sources = [  # a few per MiB of images
-            f"{split.names[split.shard[mine[a]]]}/s.img@{split.offset[mine[a]]}+{end - split.offset[mine[a]]}"
-            for a, end in zip(starts.tolist(), ends.tolist(), strict=True)
-        ]
+        sources = [split.source(i, end) for i, end in zip(mine[starts].tolist(), ends.tolist(), strict=True)]
         images = np.diff(np.append(starts, len(mine))).tolist()  # per read
         read_no, raw, first = 0, b"", 0  # the current read's bytes (or why it failed) and its first byte's offset
         single = RangeFetcher(split.urls)  # a failed read's images, one at a time
