@@ -26,15 +26,21 @@ import run  # noqa: E402
 TUNING_SEED = 0
 
 
-def choose(records: list[dict], seed: int = TUNING_SEED) -> dict[str, dict]:
-    """method -> {config, recall@1, map@r, commit, tried, complete}: the best validation configuration. A
-    configuration run more than once at the tuning seed counts by its latest record."""
+def tuning(records: list[dict], seed: int = TUNING_SEED) -> dict[tuple[str, str], dict]:
+    """(method, config) -> its tuning record: validation, the tuning seed, no extra overrides, a configuration
+    grid.py still lists; one run more than once counts by its latest record."""
     latest: dict[tuple[str, str], dict] = {}
     for r in records:
         if r.get("split") != "val" or r.get("seed") != seed or r.get("extra_overrides"):
             continue
         if r["method"] in grid.GRID and r["config"] in grid.GRID[r["method"]]:
             latest[(r["method"], r["config"])] = r
+    return latest
+
+
+def choose(records: list[dict], seed: int = TUNING_SEED) -> dict[str, dict]:
+    """method -> {config, recall@1, map@r, commit, tried, complete}: the best validation configuration."""
+    latest = tuning(records, seed)
     out = {}
     for method in grid.METHODS:
         rows = [r for (m, _), r in latest.items() if m == method]
@@ -58,13 +64,9 @@ def across(per_dataset: dict[str, list[dict]], method: str = "pddm", seed: int =
     run on every one of them. Each row: {config, recall@1, map@r, per_dataset: {name: (recall@1, map@r)}}."""
     found: dict[str, dict[str, tuple[float, float]]] = {}
     for name, records in per_dataset.items():
-        latest = {}
-        for r in records:
-            tuning = r.get("split") == "val" and r.get("seed") == seed and not r.get("extra_overrides")
-            if tuning and r["method"] == method and r["config"] in grid.GRID[method]:
-                latest[r["config"]] = (r["recall@1"], r["map@r"])
-        for config, figures in latest.items():
-            found.setdefault(config, {})[name] = figures
+        for (m, config), r in tuning(records, seed).items():
+            if m == method:
+                found.setdefault(config, {})[name] = (r["recall@1"], r["map@r"])
     rows = []
     for config, figures in found.items():
         if len(figures) == len(per_dataset):
